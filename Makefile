@@ -1,0 +1,34 @@
+# Two commands for a fresh clone: `make demo` (the main job on a built-in default) and `make test`.
+# Both set up a local virtual environment first. torch is pinned to the CPU build 2.13.0: any other
+# request pulls a CUDA build of several GB.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH := torch==2.13.0
+HYPOTHESIS_PROFILE ?= ci
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[test]"
+	touch $@
+
+demo: setup
+	$(PY) -m mantranet_cli demo
+
+test: setup
+	$(PY) -m ruff check .
+	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: setup
+	$(PY) benchmarks/bench_inference.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,24 @@
+"""Official ManTraNet Keras HDF5 files to PyTorch weights, with h5py alone (no TensorFlow)."""
+
+from .convert import Conversion, convert_h5, output_paths, save_conversion, write_official_h5
+from .errors import ConversionError
+from .keras_h5 import FULL_MODEL, WEIGHTS_ONLY, KerasWeights, read_keras_h5
+from .mapping import MAPPING, keras_to_torch, torch_to_keras
+from .synthetic import synthetic_keras_weights
+
+__all__ = [
+    "FULL_MODEL",
+    "MAPPING",
+    "WEIGHTS_ONLY",
+    "Conversion",
+    "ConversionError",
+    "KerasWeights",
+    "convert_h5",
+    "keras_to_torch",
+    "output_paths",
+    "read_keras_h5",
+    "save_conversion",
+    "synthetic_keras_weights",
+    "torch_to_keras",
+    "write_official_h5",
+]

@@ -1,0 +1,143 @@
+"""Keras HDF5 to PyTorch: read, identify, map, verify, then save with a provenance manifest."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
+from mantranet_torch.weights import encode_pt, encode_safetensors
+
+from .atomic import refuse_existing, write_bytes_atomic
+from .errors import ConversionError
+from .keras_h5 import WEIGHTS_ONLY, KerasWeights, read_keras_h5, write_keras_h5
+from .mapping import REGULAR_KERNEL, keras_to_torch, official_layers, torch_to_keras, uses_frozen_order
+from .releases import Digests, Identification, bytes_digest, file_digests, resolve_variant, weights_dir
+
+TOOL_NAME = "mantranet-torch"
+FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
+MANIFEST_SUFFIX = ".json"
+PROBE_SIZE = 9  # a probe image large enough to exercise every padding path, small enough to be instant
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version(TOOL_NAME)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class Conversion:
+    source: Path
+    keras: KerasWeights
+    digests: Digests
+    identification: Identification
+    config: ManTraNetConfig
+    state_dict: dict[str, torch.Tensor]
+
+    def provenance(self) -> dict:
+        release = self.identification.release
+        return {
+            "source": {
+                "name": self.source.name,
+                "size": self.digests.size,
+                "sha256": self.digests.sha256,
+                "git_blob_sha1": self.digests.git_blob_sha1,
+                "layout": self.keras.layout,
+            },
+            "release": None if release is None else {"index": release.index, "file": release.file},
+            "variant": self.identification.index,
+            "identified_by": self.identification.by,
+            "config": self.config.to_dict(),
+            "tool": {"name": TOOL_NAME, "version": tool_version()},
+        }
+
+
+def first_block_filters(arrays: dict[str, np.ndarray]) -> int | None:
+    """b1c1's width, read off the regular kernel (HWIO, out = width - 12)."""
+    kernel = arrays.get(REGULAR_KERNEL)
+    return None if kernel is None or kernel.ndim != 4 else int(kernel.shape[3]) + 12
+
+
+def convert_h5(path: str | Path, variant: int | None = None) -> Conversion:
+    """Read and map an official-layout file; raises ConversionError naming what is wrong."""
+    path = Path(path)
+    keras = read_keras_h5(path)
+    digests = file_digests(path)
+    ident = resolve_variant(path, digests, first_block_filters(keras.arrays), variant)
+    config = RELEASES[ident.index]
+    state = keras_to_torch(keras.arrays, config, str(path))
+    conversion = Conversion(path, keras, digests, ident, config, state)
+    verify(conversion)
+    return conversion
+
+
+def verify(conversion: Conversion) -> None:
+    """The model takes the state dict strictly, maps back to the file's arrays bit for bit, and runs finite."""
+    model = ManTraNet(conversion.config)
+    model.load_state_dict(conversion.state_dict, strict=True)
+    for path, value in torch_to_keras(conversion.state_dict).items():
+        if not np.array_equal(value, conversion.keras.arrays[path].astype(np.float32)):
+            raise AssertionError(f"mapping round trip changed {path}")
+    probe = torch.linspace(-1.0, 1.0, 3 * PROBE_SIZE * PROBE_SIZE).reshape(1, 3, PROBE_SIZE, PROBE_SIZE)
+    with torch.inference_mode():
+        out = model.eval()(probe)
+    if not torch.isfinite(out).all():
+        raise ConversionError(f"{conversion.source}: the converted model gives non-finite outputs on a probe image")
+
+
+def output_paths(source: Path, out: str | Path | None, fmt: str) -> tuple[Path, Path]:
+    """The weight file and its manifest. ``out`` may be a file, a directory, or None (the weights folder)."""
+    if fmt not in FORMATS:
+        raise ConversionError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    suffix = FORMATS[fmt]
+    if out is None:
+        target = weights_dir() / (source.stem + suffix)
+    else:
+        out = Path(out)
+        target = out / (source.stem + suffix) if out.is_dir() else out
+    if target.suffix != suffix:
+        raise ConversionError(f"{target}: a {fmt} output must end in {suffix}")
+    return target, target.with_name(target.name + MANIFEST_SUFFIX)
+
+
+def save_conversion(conversion: Conversion, target: Path, manifest_path: Path, force: bool = False) -> dict:
+    """Write the weight file and its manifest atomically; returns the manifest."""
+    refuse_existing([target, manifest_path], force)
+    provenance = conversion.provenance()
+    encode = encode_pt if target.suffix == FORMATS["pt"] else encode_safetensors
+    data = encode(conversion.state_dict, conversion.config, provenance)
+    manifest = {**provenance, "output": {"name": target.name, "sha256": bytes_digest(data), "size": len(data)}}
+    existed = target.exists()
+    write_bytes_atomic(target, data, force)
+    try:
+        write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), force)
+    except ConversionError:
+        if not existed:
+            target.unlink(missing_ok=True)  # no weight file without its manifest
+        raise
+    return manifest
+
+
+def write_official_h5(
+    path: str | Path,
+    arrays: dict[str, np.ndarray],
+    config: ManTraNetConfig,
+    layout: str = WEIGHTS_ONLY,
+    str_attrs: bool = False,
+    frozen_first_layers: bool | None = None,
+) -> None:
+    """Write Keras arrays as an official-layout file (35 arrays, 10 layer groups).
+
+    ``frozen_first_layers`` defaults to what the official loader expects for ``config``.
+    """
+    if frozen_first_layers is None:
+        frozen_first_layers = uses_frozen_order(config)
+    keras_to_torch(arrays, config, "arrays")  # the same strict checks as reading
+    write_keras_h5(path, official_layers(arrays, frozen_first_layers), layout=layout, str_attrs=str_attrs)

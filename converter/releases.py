@@ -1,0 +1,161 @@
+"""Which file is which: the release table in ``weights/releases.json``, content hashes, and variant choice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from mantranet_torch import RELEASES, ManTraNetConfig
+
+from .errors import ConversionError
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+RELEASES_JSON = WEIGHTS_DIR / "releases.json"
+RELEASE_NAME = re.compile(r"^ManTraNet_Ptrain(\d)\.h5$")
+_CHUNK = 1 << 20
+
+
+def weights_dir() -> Path:
+    """Where converted and downloaded weights go: $MANTRANET_WEIGHTS_DIR, else the project's weights/."""
+    return Path(os.environ.get("MANTRANET_WEIGHTS_DIR", WEIGHTS_DIR))
+
+
+@dataclass(frozen=True)
+class OfficialRelease:
+    index: int
+    file: str
+    git_blob_sha1: str
+    url: str
+    config: ManTraNetConfig
+
+
+@dataclass(frozen=True)
+class PortCheckpoint:
+    """A checkpoint of the earlier PyTorch port."""
+
+    file: str
+    git_blob_sha1: str
+    holds: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Digests:
+    size: int
+    sha256: str
+    git_blob_sha1: str
+
+
+def file_digests(path: str | Path) -> Digests:
+    """Size, SHA-256 and git blob SHA-1 (``sha1(b'blob <size>\\0' + content)``) in one read."""
+    path = Path(path)
+    size = path.stat().st_size
+    sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha256.update(chunk)
+            sha1.update(chunk)
+    return Digests(size, sha256.hexdigest(), sha1.hexdigest())
+
+
+def bytes_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict:
+    return json.loads(RELEASES_JSON.read_text())
+
+
+def official_releases() -> list[OfficialRelease]:
+    out = []
+    for r in _table()["official"]:
+        config = ManTraNetConfig(r["first_block_filters"], r["transform_activation"], tuple(r["window_sizes"]))
+        if config != RELEASES[r["index"]]:
+            raise RuntimeError(f"{RELEASES_JSON}: release {r['index']} disagrees with mantranet_torch.RELEASES")
+        out.append(OfficialRelease(r["index"], r["file"], r["git_blob_sha1"], r["url"], config))
+    return out
+
+
+def port_checkpoints() -> list[PortCheckpoint]:
+    return [
+        PortCheckpoint(c["file"], c["git_blob_sha1"], c["holds"], c["url"]) for c in _table()["earlier_pytorch_port"]
+    ]
+
+
+def official_release(index: int) -> OfficialRelease:
+    for r in official_releases():
+        if r.index == index:
+            return r
+    raise ConversionError(f"no official release {index}; releases are 0 to {len(official_releases()) - 1}")
+
+
+def release_by_hash(git_blob_sha1: str) -> OfficialRelease | None:
+    return next((r for r in official_releases() if r.git_blob_sha1 == git_blob_sha1), None)
+
+
+def release_by_name(name: str) -> int | None:
+    m = RELEASE_NAME.match(name)
+    return int(m.group(1)) if m and int(m.group(1)) in RELEASES else None
+
+
+def releases_fitting(first_block_filters: int) -> list[int]:
+    return [i for i, c in sorted(RELEASES.items()) if c.first_block_filters == first_block_filters]
+
+
+@dataclass(frozen=True)
+class Identification:
+    index: int
+    by: str  # "content hash", "file name" or "--variant"
+    release: OfficialRelease | None  # set when the content is an official file
+
+
+def resolve_variant(
+    path: Path, digests: Digests, first_block_filters: int | None, variant: int | None
+) -> Identification:
+    """Decide the release a file is: content hash, then file name, then the user's ``variant``.
+
+    Sources that disagree are an error, and so is a choice the file's shapes rule out.
+    """
+    by_hash = release_by_hash(digests.git_blob_sha1)
+    by_name = release_by_name(path.name)
+    if variant is not None and variant not in RELEASES:
+        raise ConversionError(f"--variant {variant}: no such release; releases are {sorted(RELEASES)}")
+    if by_hash is not None:
+        if variant is not None and variant != by_hash.index:
+            raise ConversionError(
+                f"{path}: by its content this is {by_hash.file} (release {by_hash.index}); "
+                f"--variant {variant} contradicts it"
+            )
+        ident = Identification(by_hash.index, "content hash", by_hash)
+    elif variant is not None:
+        if by_name is not None and by_name != variant:
+            raise ConversionError(
+                f"{path}: its name says release {by_name} but --variant says {variant}; rename the file or drop one"
+            )
+        ident = Identification(variant, "--variant", None)
+    elif by_name is not None:
+        ident = Identification(by_name, "file name", None)
+    else:
+        fits = releases_fitting(first_block_filters) if first_block_filters is not None else sorted(RELEASES)
+        raise ConversionError(
+            f"{path}: cannot tell which release this is: its content hash is not an official file's and its name "
+            f"is not ManTraNet_Ptrain<N>.h5; its shapes fit releases {_join(fits)}, which differ in settings the "
+            f"weights do not record (window sizes, transform activation). Choose one with --variant N"
+        )
+    expected = RELEASES[ident.index].first_block_filters
+    if first_block_filters is not None and first_block_filters != expected:
+        raise ConversionError(
+            f"{path}: release {ident.index} (by {ident.by}) has {expected} first-block filters, but the file's b1c1 "
+            f"has {first_block_filters}, which fits releases {_join(releases_fitting(first_block_filters)) or 'none'}"
+        )
+    return ident
+
+
+def _join(indices: list[int]) -> str:
+    return ", ".join(str(i) for i in indices)

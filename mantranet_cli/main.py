@@ -1,0 +1,38 @@
+"""Entry point: ``mantranet <command> ...``; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from converter import ConversionError
+from mantranet_torch import WeightFileError
+
+from . import convert_cmd
+from .errors import CommandError
+
+COMMANDS = (convert_cmd,)
+EXPECTED_ERRORS = (CommandError, ConversionError, WeightFileError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mantranet", description="Official ManTraNet weights in PyTorch: convert, verify, debug, detect."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except EXPECTED_ERRORS as e:
+        print(f"mantranet {args.command}: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    except KeyboardInterrupt:
+        print(f"mantranet {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,20 @@
+"""ManTraNet in PyTorch: the model, its five official releases, and inference."""
+
+from .config import RELEASES, ManTraNetConfig, release_config
+from .image import scale_pixels, to_model_input
+from .model import LAYERS, AnomalyDetector, Featex, ManTraNet
+from .weights import WeightFileError, load
+
+__all__ = [
+    "LAYERS",
+    "RELEASES",
+    "AnomalyDetector",
+    "Featex",
+    "ManTraNet",
+    "ManTraNetConfig",
+    "WeightFileError",
+    "load",
+    "release_config",
+    "scale_pixels",
+    "to_model_input",
+]

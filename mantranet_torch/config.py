@@ -1,0 +1,76 @@
+"""Architecture settings of ManTraNet and the five official releases."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+FIXED_FIRST_LAYER_FILTERS = 12  # 9 SRM + 3 Bayar filters in b1c1; the rest are regular kernels
+
+
+@dataclass(frozen=True)
+class ManTraNetConfig:
+    """What the weights alone do not say: the official releases differ in these three settings.
+
+    first_block_filters: output channels of b1c1 (32 for Ptrain0/1, 16 for Ptrain2/3/4).
+    transform_activation: "tanh" for Ptrain0, None (linear) otherwise.
+    window_sizes: the local-mean windows of the anomaly detector, smallest first.
+    """
+
+    first_block_filters: int = 16
+    transform_activation: str | None = None
+    window_sizes: tuple[int, ...] = (7, 15, 31)
+
+    def __post_init__(self) -> None:
+        if self.first_block_filters <= FIXED_FIRST_LAYER_FILTERS:
+            raise ValueError(
+                f"first_block_filters must exceed {FIXED_FIRST_LAYER_FILTERS}, got {self.first_block_filters}"
+            )
+        if self.transform_activation not in (None, "tanh"):
+            raise ValueError(f"transform_activation must be None or 'tanh', got {self.transform_activation!r}")
+        sizes = tuple(int(k) for k in self.window_sizes)
+        if not sizes or any(k < 1 or k % 2 == 0 for k in sizes):
+            raise ValueError(f"window_sizes must be odd positive integers, got {self.window_sizes!r}")
+        object.__setattr__(self, "window_sizes", sizes)
+
+    @property
+    def regular_filters(self) -> int:
+        return self.first_block_filters - FIXED_FIRST_LAYER_FILTERS
+
+    @property
+    def time_steps(self) -> int:
+        """ConvLSTM steps: one per window, plus the global mean."""
+        return len(self.window_sizes) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["window_sizes"] = list(self.window_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ManTraNetConfig:
+        unknown = set(d) - {"first_block_filters", "transform_activation", "window_sizes"}
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(
+            first_block_filters=int(d["first_block_filters"]),
+            transform_activation=d["transform_activation"],
+            window_sizes=tuple(d["window_sizes"]),
+        )
+
+
+RELEASES: dict[int, ManTraNetConfig] = {
+    0: ManTraNetConfig(32, "tanh", (7, 15, 31, 63)),
+    1: ManTraNetConfig(32, None, (7, 15, 31, 63)),
+    2: ManTraNetConfig(16, None, (7, 15, 31, 63)),
+    3: ManTraNetConfig(16, None, (7, 15, 31, 63)),
+    4: ManTraNetConfig(16, None, (7, 15, 31)),
+}
+
+
+def release_config(index: int) -> ManTraNetConfig:
+    """Config of the official release ``ManTraNet_Ptrain{index}.h5``."""
+    try:
+        return RELEASES[index]
+    except KeyError:
+        raise ValueError(f"no official release {index}; releases are {sorted(RELEASES)}") from None

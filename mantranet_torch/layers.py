@@ -1,0 +1,270 @@
+"""The custom pieces of ManTraNet, each computing what the Keras 2.2 / TensorFlow 1.8 original computes.
+
+Every TensorFlow behaviour the original relies on is spelled out here as a named constant or function
+rather than left to a PyTorch default that happens to differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BN_EPSILON = 1e-3  # Keras BatchNormalization default epsilon
+L2_EPSILON = 1e-12  # tf.nn.l2_normalize clamps the *squared* norm at this value
+STD_FLOOR = 1e-6  # GlobalStd2D adds min_std_val / 10 = 1e-5 / 10 to the stored min_std
+BAYAR_EPSILON = 1e-7  # keras.backend.epsilon(), used by the Bayar constraint
+HARD_SIGMOID_SLOPE = 0.2  # Keras 2 hard sigmoid: clip(0.2 x + 0.5, 0, 1); Keras 3 and torch use 1/6
+HARD_SIGMOID_OFFSET = 0.5
+
+
+def hard_sigmoid_keras2(x: Tensor) -> Tensor:
+    """Keras 2's hard sigmoid, ``clip(0.2 x + 0.5, 0, 1)`` (not ``torch.nn.functional.hardsigmoid``)."""
+    return torch.clamp(x * HARD_SIGMOID_SLOPE + HARD_SIGMOID_OFFSET, 0.0, 1.0)
+
+
+def l2_normalize_tf(x: Tensor, dim: int = 1) -> Tensor:
+    """``tf.nn.l2_normalize``: ``x * rsqrt(max(sum(x^2), 1e-12))``.
+
+    ``torch.nn.functional.normalize`` clamps the norm instead of its square, which differs for
+    near-zero vectors.
+    """
+    square_sum = x.square().sum(dim=dim, keepdim=True)
+    return x * torch.rsqrt(torch.clamp(square_sum, min=L2_EPSILON))
+
+
+def _symmetric_index(size: int, pad: int, device: torch.device) -> Tensor:
+    """Indices of the periodic symmetric extension (as numpy's ``mode='symmetric'``)."""
+    idx = torch.arange(-pad, size + pad, device=device) % (2 * size)
+    return torch.where(idx < size, idx, 2 * size - 1 - idx)
+
+
+def _symmetric_pad_dim(x: Tensor, pad: int, dim: int) -> Tensor:
+    size = x.shape[dim]
+    if pad <= size:  # the only case tf.pad accepts: two mirrored slices, no gather
+        head = x.narrow(dim, 0, pad).flip(dim)
+        tail = x.narrow(dim, size - pad, pad).flip(dim)
+        return torch.cat([head, x, tail], dim=dim)
+    # Wider than the image (a 1-pixel side under the 5x5 layer): continue the mirroring periodically.
+    return x.index_select(dim, _symmetric_index(size, pad, x.device))
+
+
+def symmetric_pad(x: Tensor, pad: int) -> Tensor:
+    """Pad H and W (the last two dims) by ``pad`` on each side as ``tf.pad(mode='SYMMETRIC')`` does.
+
+    The edge pixel is repeated: ``[b a | a b c ... y z | z y]``. For pad 1 this equals replicate
+    padding; it never equals PyTorch's ``reflect``.
+    """
+    if pad == 0:
+        return x
+    return _symmetric_pad_dim(_symmetric_pad_dim(x, pad, -1), pad, -2)
+
+
+_ACTIVATIONS = {None: nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+class SymmetricConv2d(nn.Conv2d):
+    """Keras ``Conv2DSymPadding``: symmetric padding of k//2, a 'valid' stride-1 convolution, activation."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        bias: bool = True,
+        activation: str | None = "relu",
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, bias=bias)
+        self.act = _ACTIVATIONS[activation]()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = symmetric_pad(x, self.kernel_size[0] // 2)
+        return self.act(F.conv2d(x, self.weight, self.bias))
+
+
+def srm_kernels() -> Tensor:
+    """The nine fixed SRM filters, OIHW (9, 3, 5, 5): channel 3*i + c applies SRM filter i to input channel c."""
+    # float32 throughout, so each tap is the float32 quotient the original computes
+    srm1 = np.zeros((5, 5), dtype=np.float32)
+    srm1[1:-1, 1:-1] = [[-1, 2, -1], [2, -4, 2], [-1, 2, -1]]
+    srm1 /= np.float32(4)
+    srm2 = np.array(
+        [[-1, 2, -2, 2, -1], [2, -6, 8, -6, 2], [-2, 8, -12, 8, -2], [2, -6, 8, -6, 2], [-1, 2, -2, 2, -1]],
+        dtype=np.float32,
+    )
+    srm2 /= np.float32(12)
+    srm3 = np.zeros((5, 5), dtype=np.float32)
+    srm3[2, 1:-1] = [1, -2, 1]
+    srm3 /= np.float32(2)
+    kernel = np.zeros((9, 3, 5, 5), dtype=np.float32)
+    for i, srm in enumerate((srm1, srm2, srm3)):
+        for c in range(3):
+            kernel[3 * i + c, c] = srm
+    return torch.from_numpy(kernel)
+
+
+def bayar_constraint(kernel: Tensor) -> Tensor:
+    """The Bayar constraint on an OIHW kernel: centre tap -1, the other taps summing to 1.
+
+    The original applies it in the optimiser after each training step, never at inference; trained
+    files hold kernels that already satisfy it. Returns a new tensor.
+    """
+    kh, kw = kernel.shape[-2:]
+    mask = torch.zeros_like(kernel)
+    mask[..., kh // 2, kw // 2] = 1.0
+    w = kernel * (1.0 - mask)
+    w = w / (w.sum(dim=(2, 3), keepdim=True) + BAYAR_EPSILON)
+    return w - mask
+
+
+class CombinedConv2d(nn.Module):
+    """Keras ``CombinedConv2D`` (b1c1): regular, SRM and Bayar 5x5 kernels side by side, no bias, relu.
+
+    The SRM kernels are a constant buffer, rebuilt from their definition and never saved; the Bayar
+    kernel is used as stored.
+    """
+
+    kernel_size = 5
+
+    def __init__(self, out_channels: int, in_channels: int = 3) -> None:
+        super().__init__()
+        k = self.kernel_size
+        self.regular_kernel = nn.Parameter(torch.empty(out_channels - 12, in_channels, k, k))
+        self.register_buffer("srm_kernel", srm_kernels(), persistent=False)
+        self.bayar_kernel = nn.Parameter(torch.empty(3, in_channels, k, k))
+
+    @property
+    def kernel(self) -> Tensor:
+        return torch.cat([self.regular_kernel, self.srm_kernel.to(self.regular_kernel), self.bayar_kernel])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(F.conv2d(symmetric_pad(x, self.kernel_size // 2), self.kernel))
+
+
+class InferenceBatchNorm(nn.Module):
+    """Keras ``BatchNormalization(center=False, scale=False)`` at inference: ``(x - mean) / sqrt(var + 1e-3)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("moving_mean", torch.zeros(channels))
+        self.register_buffer("moving_variance", torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        inv_std = torch.rsqrt(self.moving_variance + BN_EPSILON)
+        return (x - self.moving_mean[:, None, None]) * inv_std[:, None, None]
+
+
+@dataclass
+class ImageStatistics:
+    """Per-image, per-channel mean and population std over H and W, float64, each (N, C)."""
+
+    mean: Tensor
+    std: Tensor
+
+    @classmethod
+    def of(cls, x: Tensor) -> ImageStatistics:
+        xd = x.to(torch.float64)
+        mean = xd.mean(dim=(2, 3))
+        var = (xd - mean[:, :, None, None]).square().mean(dim=(2, 3))
+        return cls(mean, var.sqrt())
+
+
+class GlobalStd(nn.Module):
+    """Keras ``GlobalStd2D`` (glbStd): per-image std, clamped below at ``1e-6 + min_std``. Returns (N, C, 1, 1)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.min_std = nn.Parameter(torch.empty(channels))
+
+    def forward(self, x: Tensor, stats: ImageStatistics | None = None) -> Tensor:
+        std = (stats or ImageStatistics.of(x)).std.to(x.dtype)
+        return torch.maximum(std, STD_FLOOR + self.min_std)[:, :, None, None]
+
+
+def window_means(x: Tensor, window_sizes: tuple[int, ...]) -> Iterator[Tensor]:
+    """Mean of x over each k x k window centred on each pixel, counting only pixels inside the image.
+
+    Equals average pooling with padding k//2 and ``count_include_pad=False``, in O(1) per pixel: one
+    float64 integral image serves every window, so the rounding error does not grow with image size
+    as the original's float32 integral image does. Yields one float64 tensor per window.
+    """
+    h, w = x.shape[-2:]
+    r = max(window_sizes) // 2
+    # One extra zero row/column in front makes ii[i] the sum of everything before padded index i.
+    ii = F.pad(x.to(torch.float64), (r + 1, r, r + 1, r)).cumsum(dim=-2).cumsum(dim=-1)
+    for k in window_sizes:
+        q = k // 2
+        lo, hi = r - q, r + q + 1  # window rows y-q .. y+q are padded rows y+r+1-q .. y+r+1+q
+        box = (
+            ii[..., hi : hi + h, hi : hi + w]
+            - ii[..., lo : lo + h, hi : hi + w]
+            - ii[..., hi : hi + h, lo : lo + w]
+            + ii[..., lo : lo + h, lo : lo + w]
+        )
+        yield box / (_window_counts(h, q, x.device)[:, None] * _window_counts(w, q, x.device))
+
+
+def _window_counts(size: int, q: int, device: torch.device) -> Tensor:
+    """How many of the positions y-q .. y+q lie inside [0, size), for each y."""
+    y = torch.arange(size, device=device, dtype=torch.float64)
+    return torch.clamp(y + q, max=size - 1) - torch.clamp(y - q, min=0) + 1
+
+
+class WindowDeviations(nn.Module):
+    """Keras ``NestedWindowAverageFeatExtrator`` (nestedAvgFeatex, minus_original=True).
+
+    For each window k: local mean minus x; then the per-image global mean minus x. Stacked along a new
+    time axis: (N, T, C, H, W) with T = len(window_sizes) + 1.
+    """
+
+    def __init__(self, window_sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.window_sizes = tuple(window_sizes)
+
+    def forward(self, x: Tensor, stats: ImageStatistics | None = None) -> Tensor:
+        mean = (stats or ImageStatistics.of(x)).mean
+        xd = x.to(torch.float64)
+        out = x.new_empty((x.shape[0], len(self.window_sizes) + 1, *x.shape[1:]))
+        for step, m in enumerate(window_means(x, self.window_sizes)):
+            out[:, step] = m - xd
+        out[:, -1] = mean[:, :, None, None] - xd
+        return out
+
+    def extra_repr(self) -> str:
+        return f"window_sizes={self.window_sizes}"
+
+
+class ConvLSTM2d(nn.Module):
+    """Keras ``ConvLSTM2D`` returning the last hidden state, with zero 'same' padding.
+
+    Gates in Keras order i, f, c, o along the output channels of ``kernel`` (input-to-state, with bias)
+    and ``recurrent_kernel`` (state-to-state); the recurrent activation is Keras 2's hard sigmoid.
+    Input (N, T, C, H, W), output (N, hidden, H, W).
+    """
+
+    def __init__(self, in_channels: int, hidden: int, kernel_size: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.padding = kernel_size // 2
+        self.kernel = nn.Parameter(torch.empty(4 * hidden, in_channels, kernel_size, kernel_size))
+        self.recurrent_kernel = nn.Parameter(torch.empty(4 * hidden, hidden, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(4 * hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t = x.shape[:2]
+        # The input-to-state convolution does not depend on the state: run all steps as one batch.
+        z_input = F.conv2d(x.flatten(0, 1), self.kernel, self.bias, padding=self.padding).unflatten(0, (n, t))
+        h = c = None
+        for step in range(t):
+            z = z_input[:, step]
+            if h is not None:  # the state starts at zero, and so does its convolution
+                z = z + F.conv2d(h, self.recurrent_kernel, padding=self.padding)
+            z_i, z_f, z_c, z_o = z.split(self.hidden, dim=1)
+            i = hard_sigmoid_keras2(z_i)
+            c = i * torch.tanh(z_c) if c is None else hard_sigmoid_keras2(z_f) * c + i * torch.tanh(z_c)
+            h = hard_sigmoid_keras2(z_o) * torch.tanh(c)
+        return h

@@ -1,0 +1,170 @@
+"""ManTraNet (Wu, AbdAlmageed and Natarajan, CVPR 2019) in PyTorch, matching the official Keras 2.2 model.
+
+Module names mirror the Keras layer names, so ``featex.b4c2`` is Keras' ``Featex/b4c2`` and
+``detector.outlier_trans`` is Keras' ``outlierTrans``. ``stages`` yields every named layer's output
+under its Keras name, which is how parity tools line the two frameworks up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .config import ManTraNetConfig, release_config
+from .image import ImageLike, to_model_input
+from .layers import (
+    CombinedConv2d,
+    ConvLSTM2d,
+    GlobalStd,
+    ImageStatistics,
+    InferenceBatchNorm,
+    SymmetricConv2d,
+    WindowDeviations,
+    bayar_constraint,
+    l2_normalize_tf,
+)
+
+# (Keras name, in channels, out channels) of the 3x3 convolutions after b1c1, in network order.
+FEATEX_CONVS: tuple[tuple[str, int, int], ...] = (
+    ("b1c2", -1, 32),  # -1: takes b1c1's output, whose width depends on the release
+    ("b2c1", 32, 64),
+    ("b2c2", 64, 64),
+    ("b3c1", 64, 128),
+    ("b3c2", 128, 128),
+    ("b3c3", 128, 128),
+    ("b4c1", 128, 256),
+    ("b4c2", 256, 256),
+    ("b4c3", 256, 256),
+    ("b5c1", 256, 256),
+    ("b5c2", 256, 256),
+)
+FEATURE_CHANNELS = 256
+DETECTOR_CHANNELS = 64
+LSTM_HIDDEN = 8
+LSTM_KERNEL = 7
+PRED_KERNEL = 7
+
+FEATEX_LAYERS = ("b1c1", *(name for name, _, _ in FEATEX_CONVS), "transform", "L2")
+DETECTOR_LAYERS = ("outlierTrans", "bnorm", "glbStd", "nestedAvgFeatex", "divStd", "cLSTM", "pred")
+LAYERS = FEATEX_LAYERS + DETECTOR_LAYERS  # every tapped output, in network order, by Keras name
+
+
+class Featex(nn.Module):
+    """The manipulation-trace feature extractor: b1c1 .. b5c2, transform, then L2 normalisation."""
+
+    def __init__(self, config: ManTraNetConfig) -> None:
+        super().__init__()
+        self.b1c1 = CombinedConv2d(config.first_block_filters)
+        for name, cin, cout in FEATEX_CONVS:
+            self.add_module(name, SymmetricConv2d(config.first_block_filters if cin < 0 else cin, cout))
+        self.transform = SymmetricConv2d(FEATURE_CHANNELS, FEATURE_CHANNELS, activation=config.transform_activation)
+
+    def stages(self, x: Tensor) -> Iterator[tuple[str, Tensor]]:
+        for name in FEATEX_LAYERS[:-1]:
+            x = getattr(self, name)(x)
+            yield name, x
+        yield "L2", l2_normalize_tf(x, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _last(self.stages(x))
+
+
+class AnomalyDetector(nn.Module):
+    """The local anomaly detector: outlierTrans, bnorm, glbStd, nestedAvgFeatex, divStd, cLSTM, pred."""
+
+    def __init__(self, config: ManTraNetConfig) -> None:
+        super().__init__()
+        self.outlier_trans = nn.Conv2d(FEATURE_CHANNELS, DETECTOR_CHANNELS, 1, bias=False)
+        self.bnorm = InferenceBatchNorm(DETECTOR_CHANNELS)
+        self.glb_std = GlobalStd(DETECTOR_CHANNELS)
+        self.nested_avg = WindowDeviations(config.window_sizes)
+        self.clstm = ConvLSTM2d(DETECTOR_CHANNELS, LSTM_HIDDEN, LSTM_KERNEL)
+        self.pred = nn.Conv2d(LSTM_HIDDEN, 1, PRED_KERNEL, padding=PRED_KERNEL // 2)
+
+    def stages(self, features: Tensor, stats: ImageStatistics | None = None) -> Iterator[tuple[str, Tensor]]:
+        """``stats``: the bnorm output's per-image statistics, when they come from elsewhere (tiling)."""
+        x = self.outlier_trans(features)
+        yield "outlierTrans", x
+        x = self.bnorm(x)
+        yield "bnorm", x
+        stats = stats or ImageStatistics.of(x)
+        sigma = self.glb_std(x, stats)
+        yield "glbStd", sigma
+        dev = self.nested_avg(x, stats)
+        yield "nestedAvgFeatex", dev
+        dev = torch.abs(dev / sigma[:, None])
+        yield "divStd", dev
+        h = self.clstm(dev)
+        yield "cLSTM", h
+        yield "pred", torch.sigmoid(self.pred(h))
+
+    def forward(self, features: Tensor, stats: ImageStatistics | None = None) -> Tensor:
+        return _last(self.stages(features, stats))
+
+
+class ManTraNet(nn.Module):
+    """ManTraNet: ``model(x)`` maps N x 3 x H x W inputs scaled to [-1, 1] to N x 1 x H x W likelihoods.
+
+    Every statistic is per image, so a batch gives the same maps as its images one by one.
+    """
+
+    def __init__(self, config: ManTraNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ManTraNetConfig()
+        self.featex = Featex(self.config)
+        self.detector = AnomalyDetector(self.config)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Keras' initialisers: Glorot-uniform kernels, zero biases (forget gate 1), min_std 1e-5."""
+        for p in self.parameters():
+            if p.dim() == 4:
+                nn.init.xavier_uniform_(p)
+            else:
+                p.zero_()
+        b1c1 = self.featex.b1c1
+        b1c1.bayar_kernel.copy_(bayar_constraint(b1c1.bayar_kernel))
+        self.detector.glb_std.min_std.fill_(1e-5)
+        self.detector.clstm.bias[LSTM_HIDDEN : 2 * LSTM_HIDDEN] = 1.0
+
+    @classmethod
+    def from_release(cls, index: int) -> ManTraNet:
+        """An uninitialised model shaped as the official ``ManTraNet_Ptrain{index}.h5``."""
+        return cls(release_config(index))
+
+    def stages(self, x: Tensor) -> Iterator[tuple[str, Tensor]]:
+        """Each named layer's output in network order, keyed by its Keras name (see ``LAYERS``)."""
+        features = None
+        for name, out in self.featex.stages(x):
+            features = out
+            yield name, out
+        yield from self.detector.stages(features)
+
+    def trace(self, x: Tensor) -> dict[str, Tensor]:
+        """All named outputs at once (memory grows with the image: use on small inputs)."""
+        return dict(self.stages(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an N x 3 x H x W tensor, got shape {tuple(x.shape)}")
+        return self.detector(self.featex(x))
+
+    @torch.inference_mode()
+    def predict(self, image: ImageLike) -> np.ndarray:
+        """Forgery likelihood of one uint8 RGB image (H x W x 3 array or PIL image): float32 H x W."""
+        param = next(self.parameters())
+        x = to_model_input(image).to(device=param.device, dtype=param.dtype)
+        if x.shape[0] != 1:
+            raise ValueError(f"predict takes one image, got a batch of {x.shape[0]}")
+        return self(x)[0, 0].float().cpu().numpy()
+
+
+def _last(stages: Iterator[tuple[str, Tensor]]) -> Tensor:
+    out = None
+    for _, stage_out in stages:
+        out = stage_out
+    return out

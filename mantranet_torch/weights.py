@@ -1,0 +1,93 @@
+"""The PyTorch weight files: safetensors (default) or a plain .pt state dict, each carrying its config.
+
+A safetensors file keeps the architecture in its string metadata; a .pt file keeps it in the state
+dict's own ``_metadata`` (what ``torch.load(weights_only=True)`` restores and ``load_state_dict``
+ignores), so either file alone is enough to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+from .config import ManTraNetConfig
+from .model import ManTraNet
+
+CONFIG_KEY = "mantranet.config"
+PROVENANCE_KEY = "mantranet.provenance"
+SAFETENSORS_SUFFIX = ".safetensors"
+PT_SUFFIXES = (".pt", ".pth")
+
+
+class WeightFileError(ValueError):
+    """A weight file that cannot be read as ManTraNet weights; the message names the file."""
+
+
+def encode_safetensors(state_dict: dict[str, Tensor], config: ManTraNetConfig, provenance: dict) -> bytes:
+    metadata = {CONFIG_KEY: _dumps(config.to_dict()), PROVENANCE_KEY: _dumps(provenance)}
+    return safetensors_save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata)
+
+
+def encode_pt(state_dict: dict[str, Tensor], config: ManTraNetConfig, provenance: dict) -> bytes:
+    sd = OrderedDict((k, v.contiguous()) for k, v in state_dict.items())
+    sd._metadata = OrderedDict({"": {CONFIG_KEY: _dumps(config.to_dict()), PROVENANCE_KEY: _dumps(provenance)}})
+    buf = io.BytesIO()  # saving to a buffer keeps the archive's inner names, and so the bytes, fixed
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and string metadata of a .safetensors or .pt file (metadata may be empty)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightFileError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable), dict(f.metadata() or {})
+        except (SafetensorError, OSError) as e:
+            raise WeightFileError(f"{path}: not a readable safetensors file ({e})") from None
+    if suffix in PT_SUFFIXES:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for corrupt or code-carrying pickles
+            raise WeightFileError(f"{path}: not a loadable weights-only PyTorch file ({e})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+            raise WeightFileError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
+        metadata = getattr(sd, "_metadata", {}).get("", {})
+        return dict(sd), {k: v for k, v in metadata.items() if isinstance(v, str)}
+    if suffix in (".h5", ".hdf5"):
+        raise WeightFileError(f"{path}: a Keras HDF5 file; convert it first with `mantranet convert {path}`")
+    raise WeightFileError(f"{path}: unknown weight format {suffix!r} (expected .safetensors, .pt or .pth)")
+
+
+def load(
+    path: str | Path, config: ManTraNetConfig | None = None, map_location: str | torch.device = "cpu"
+) -> ManTraNet:
+    """The model in eval mode, its architecture read from the file (or ``config``, which takes precedence)."""
+    tensors, metadata = read_weights(path)
+    if config is None:
+        if CONFIG_KEY not in metadata:
+            raise WeightFileError(f"{path}: carries no ManTraNet config in its metadata; pass config=")
+        try:
+            config = ManTraNetConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise WeightFileError(f"{path}: malformed ManTraNet config in its metadata ({e})") from None
+    model = ManTraNet(config)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise WeightFileError(f"{path}: does not fit {config}: {e}") from None
+    return model.to(map_location).eval()
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
