@@ -1,6 +1,6 @@
 """Official ManTraNet Keras HDF5 files to PyTorch weights, with h5py alone (no TensorFlow)."""
 
-from .convert import Conversion, convert_h5, output_paths, save_conversion, write_official_h5
+from .convert import Conversion, convert_h5, identify_keras_file, output_paths, save_conversion, write_official_h5
 from .errors import ConversionError
 from .keras_h5 import FULL_MODEL, WEIGHTS_ONLY, KerasWeights, read_keras_h5
 from .mapping import MAPPING, keras_to_torch, torch_to_keras
@@ -14,6 +14,7 @@ __all__ = [
     "ConversionError",
     "KerasWeights",
     "convert_h5",
+    "identify_keras_file",
     "keras_to_torch",
     "output_paths",
     "read_keras_h5",

@@ -65,13 +65,21 @@ def first_block_filters(arrays: dict[str, np.ndarray]) -> int | None:
     return None if kernel is None or kernel.ndim != 4 else int(kernel.shape[3]) + 12
 
 
-def convert_h5(path: str | Path, variant: int | None = None) -> Conversion:
-    """Read and map an official-layout file; raises ConversionError naming what is wrong."""
+def identify_keras_file(
+    path: str | Path, variant: int | None = None
+) -> tuple[KerasWeights, Digests, Identification, ManTraNetConfig]:
+    """Read a Keras file and decide its release as every tool here does: hash, then name, then ``variant``."""
     path = Path(path)
     keras = read_keras_h5(path)
     digests = file_digests(path)
     ident = resolve_variant(path, digests, first_block_filters(keras.arrays), variant)
-    config = RELEASES[ident.index]
+    return keras, digests, ident, RELEASES[ident.index]
+
+
+def convert_h5(path: str | Path, variant: int | None = None) -> Conversion:
+    """Read and map an official-layout file; raises ConversionError naming what is wrong."""
+    path = Path(path)
+    keras, digests, ident, config = identify_keras_file(path, variant)
     state = keras_to_torch(keras.arrays, config, str(path))
     conversion = Conversion(path, keras, digests, ident, config, state)
     verify(conversion)
