@@ -132,8 +132,11 @@ def write_keras_h5(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
-    def text(items: list[str]) -> object:
-        return items if str_attrs else [s.encode("utf8") for s in items]
+    def text(items: list[str]) -> np.ndarray:
+        # Keras 2.2 stored np.asarray(list of bytes): fixed-length byte strings. str becomes variable-length.
+        if str_attrs:
+            return np.array(items, dtype=h5py.string_dtype())
+        return np.asarray([s.encode("utf8") for s in items])
 
     def scalar(s: str) -> object:
         return s if str_attrs else s.encode("utf8")

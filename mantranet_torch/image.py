@@ -27,7 +27,7 @@ def to_model_input(image: ImageLike) -> Tensor:
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got PIL mode {image.mode!r}; convert it with .convert('RGB')")
-        image = np.asarray(image)
+        image = np.array(image)  # a writable copy: PIL hands out read-only buffers
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected a uint8 H x W x 3 array, got {image.dtype} array of shape {image.shape}")
