@@ -3,6 +3,7 @@
 from .convert import Conversion, convert_h5, identify_keras_file, output_paths, save_conversion, write_official_h5
 from .errors import ConversionError
 from .keras_h5 import FULL_MODEL, WEIGHTS_ONLY, KerasWeights, read_keras_h5
+from .legacy import EarlierPortWarning, load_earlier_port
 from .mapping import MAPPING, keras_to_torch, torch_to_keras
 from .synthetic import synthetic_keras_weights
 
@@ -12,10 +13,12 @@ __all__ = [
     "WEIGHTS_ONLY",
     "Conversion",
     "ConversionError",
+    "EarlierPortWarning",
     "KerasWeights",
     "convert_h5",
     "identify_keras_file",
     "keras_to_torch",
+    "load_earlier_port",
     "output_paths",
     "read_keras_h5",
     "save_conversion",

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,6 +31,15 @@ def tool_version() -> str:
         return metadata.version(TOOL_NAME)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+class Converted(Protocol):
+    """What ``save_conversion`` writes: an HDF5 ``Conversion`` or an import from the earlier port."""
+
+    config: ManTraNetConfig
+    state_dict: dict[str, torch.Tensor]
+
+    def provenance(self) -> dict: ...
 
 
 @dataclass
@@ -115,7 +125,7 @@ def output_paths(source: Path, out: str | Path | None, fmt: str) -> tuple[Path, 
     return target, target.with_name(target.name + MANIFEST_SUFFIX)
 
 
-def save_conversion(conversion: Conversion, target: Path, manifest_path: Path, force: bool = False) -> dict:
+def save_conversion(conversion: Converted, target: Path, manifest_path: Path, force: bool = False) -> dict:
     """Write the weight file and its manifest atomically; returns the manifest."""
     refuse_existing([target, manifest_path], force)
     provenance = conversion.provenance()

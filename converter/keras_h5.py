@@ -139,7 +139,7 @@ def write_keras_h5(
         return np.asarray([s.encode("utf8") for s in items])
 
     def scalar(s: str) -> object:
-        return s if str_attrs else s.encode("utf8")
+        return s if str_attrs else np.bytes_(s.encode("utf8"))  # fixed-length, as h5py 2 stored bytes
 
     with h5py.File(path, "w") as f:
         root = f

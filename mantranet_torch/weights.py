@@ -24,6 +24,7 @@ CONFIG_KEY = "mantranet.config"
 PROVENANCE_KEY = "mantranet.provenance"
 SAFETENSORS_SUFFIX = ".safetensors"
 PT_SUFFIXES = (".pt", ".pth")
+MODEL_PARTS = ("featex", "detector")
 
 
 class WeightFileError(ValueError):
@@ -32,7 +33,20 @@ class WeightFileError(ValueError):
 
 def encode_safetensors(state_dict: dict[str, Tensor], config: ManTraNetConfig, provenance: dict) -> bytes:
     metadata = {CONFIG_KEY: _dumps(config.to_dict()), PROVENANCE_KEY: _dumps(provenance)}
-    return safetensors_save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata)
+    data = safetensors_save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata)
+    return _canonical_header(data)
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """Rewrite a safetensors header with sorted keys: safetensors orders metadata keys at random.
+
+    Layout: an 8-byte little-endian header length, the JSON header (space-padded to a multiple of 8),
+    then the tensor data, whose offsets are relative to its own start and so stay valid.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
 
 
 def encode_pt(state_dict: dict[str, Tensor], config: ManTraNetConfig, provenance: dict) -> bytes:
@@ -52,7 +66,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if suffix == SAFETENSORS_SUFFIX:
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable), dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
+                return tensors, dict(f.metadata() or {})
         except (SafetensorError, OSError) as e:
             raise WeightFileError(f"{path}: not a readable safetensors file ({e})") from None
     if suffix in PT_SUFFIXES:
@@ -74,6 +89,13 @@ def load(
 ) -> ManTraNet:
     """The model in eval mode, its architecture read from the file (or ``config``, which takes precedence)."""
     tensors, metadata = read_weights(path)
+    absent = [p for p in MODEL_PARTS if not any(k.startswith(p + ".") for k in tensors)]
+    if absent and len(absent) < len(MODEL_PARTS):
+        present = next(p for p in MODEL_PARTS if p not in absent)
+        raise WeightFileError(
+            f"{path}: holds only the model's {present} (a partial import), not a full model; load its tensors "
+            f"into ManTraNet(config).{present} without the '{present}.' prefix"
+        )
     if config is None:
         if CONFIG_KEY not in metadata:
             raise WeightFileError(f"{path}: carries no ManTraNet config in its metadata; pass config=")

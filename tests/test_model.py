@@ -48,10 +48,10 @@ def test_batch_gives_the_same_maps_as_single_images() -> None:
         batch = model(x)
         singles = torch.cat([model(x[i : i + 1]) for i in range(3)])
     # A leak of statistics between images would move the maps by O(0.1). What remains is float32
-    # reordering inside the batched convolutions (measured <= 1e-6 on the ordinary images), which the
-    # near-flat image amplifies by dividing deviations by its ~100x smaller std (measured 6.8e-6).
-    torch.testing.assert_close(batch[[0, 2]], singles[[0, 2]], rtol=0, atol=2e-6)
-    torch.testing.assert_close(batch[1], singles[1], rtol=0, atol=2e-5)
+    # reordering inside oneDNN's batched convolutions (measured 2.8e-6 on the ordinary images), which
+    # the near-flat image amplifies by dividing deviations by its ~100x smaller std (measured 6.8e-6).
+    torch.testing.assert_close(batch[[0, 2]], singles[[0, 2]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(batch[1], singles[1], rtol=0, atol=3e-5)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (6, 1), (2, 3), (5, 64)])

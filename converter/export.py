@@ -1,0 +1,67 @@
+"""Our weight files back to an official-layout Keras HDF5 file, which the original code loads as it loads
+the official releases (weights fine-tuned in PyTorch go back to Keras this way)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mantranet_torch import ManTraNetConfig
+from mantranet_torch.weights import CONFIG_KEY, MODEL_PARTS, PROVENANCE_KEY, read_weights
+
+from .atomic import publish, refuse_existing, staged_path
+from .convert import write_official_h5
+from .errors import ConversionError
+from .keras_h5 import LAYOUTS, WEIGHTS_ONLY
+from .mapping import torch_to_keras, uses_frozen_order
+
+H5_SUFFIXES = (".h5", ".hdf5")
+
+
+@dataclass
+class Export:
+    target: Path
+    config: ManTraNetConfig
+    layout: str
+    arrays: int
+    frozen_order: bool  # Featex's first layers listed last, as the official loader expects for this config
+    provenance: dict | None
+
+
+def export_keras(weights: str | Path, target: str | Path, layout: str = WEIGHTS_ONLY, force: bool = False) -> Export:
+    """Write ``weights`` (our .safetensors or .pt) as an official-layout HDF5 file, atomically."""
+    weights, target = Path(weights), Path(target)
+    if layout not in LAYOUTS:
+        raise ConversionError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if target.suffix.lower() not in H5_SUFFIXES:
+        raise ConversionError(f"{target}: a Keras weight file must end in .h5 or .hdf5")
+    refuse_existing([target], force)
+    tensors, metadata = read_weights(weights)
+    present = [p for p in MODEL_PARTS if any(k.startswith(p + ".") for k in tensors)]
+    if len(present) == 1:
+        raise ConversionError(
+            f"{weights}: holds only the model's {present[0]} (a partial import); an official file needs both parts"
+        )
+    if CONFIG_KEY not in metadata:
+        raise ConversionError(f"{weights}: carries no ManTraNet config in its metadata; convert it with this tool")
+    try:
+        config = ManTraNetConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{weights}: malformed ManTraNet config in its metadata ({e})") from None
+    try:
+        arrays = torch_to_keras(tensors)
+    except ConversionError as e:
+        raise ConversionError(f"{weights}: {e}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with staged_path(target) as tmp:
+            try:
+                write_official_h5(tmp, arrays, config, layout=layout)  # checks every shape and value first
+            except ConversionError as e:
+                raise ConversionError(f"{weights}: {str(e).removeprefix('arrays: ')}") from None
+            publish(tmp, target, force)
+    except OSError as e:
+        raise ConversionError(f"{target}: cannot write ({e.strerror or e})") from None
+    provenance = json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else None
+    return Export(target, config, layout, len(arrays), uses_frozen_order(config), provenance)

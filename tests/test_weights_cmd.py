@@ -1,0 +1,147 @@
+"""``mantranet weights list|identify|fetch`` as a user runs them, against a local HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+import mantranet_torch
+from converter import convert_h5
+from mantranet_cli.main import main
+from tests.helpers import SEED_PORT, official_file
+from tests.weights_server import TRUNCATE, release_table, serve
+
+RELEASE = 4
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def fixture_files(tmp_path_factory):
+    """Official-layout files: the stand-in for release 4, and another file of the same shapes."""
+    folder = tmp_path_factory.mktemp("fixtures")
+    official_file(folder / "release.h5", RELEASE, seed=0)
+    official_file(folder / "other.h5", RELEASE, seed=1)
+    return folder
+
+
+@pytest.fixture
+def site(tmp_path, fixture_files, monkeypatch):
+    """A server holding the stand-in as release 4's official URL, a release table that trusts it, a weights folder."""
+    body = (fixture_files / "release.h5").read_bytes()
+    monkeypatch.setenv("MANTRANET_WEIGHTS_DIR", str(tmp_path / "weights"))
+    with serve() as server:
+        url = server.add("/pretrained_weights/ManTraNet_Ptrain4.h5", body)
+        with release_table(tmp_path, RELEASE, git_blob_sha1(body), url):
+            yield server, body
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_fetch_downloads_verifies_converts_and_lists(site, tmp_path, capsys) -> None:
+    _, body = site
+    weights = tmp_path / "weights"
+    code, out, err = run(capsys, "weights", "fetch", "4")
+    assert code == 0, err
+    assert f"downloaded {weights / 'ManTraNet_Ptrain4.h5'} ({len(body)} bytes): verified, release 4" in out
+    assert "converted as release 4 (identified by content hash)" in out
+    assert "ManTraNet_Ptrain4.h5 [##############################] 100%" in err  # the progress bar, on stderr
+    assert sorted(p.name for p in weights.iterdir()) == [
+        "ManTraNet_Ptrain4.h5",
+        "ManTraNet_Ptrain4.safetensors",
+        "ManTraNet_Ptrain4.safetensors.json",
+    ]
+    assert (weights / "ManTraNet_Ptrain4.h5").read_bytes() == body
+    model = mantranet_torch.load(weights / "ManTraNet_Ptrain4.safetensors")
+    expected = convert_h5(weights / "ManTraNet_Ptrain4.h5").state_dict
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    manifest = json.loads((weights / "ManTraNet_Ptrain4.safetensors.json").read_text())
+    assert manifest["source"]["git_blob_sha1"] == git_blob_sha1(body) and manifest["release"]["index"] == 4
+    # Again: nothing to do.
+    code, out, _ = run(capsys, "weights", "fetch", "4")
+    assert code == 0 and "already present, verified" in out and "already converted from this file" in out
+    code, out, _ = run(capsys, "weights", "list")
+    assert code == 0 and f"weights folder: {weights}" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:1].isdigit()}
+    assert rows["4"] == ["4", "ManTraNet_Ptrain4.h5", "16", "linear", "7,15,31", "verified", "safetensors"]
+    assert rows["0"] == ["0", "ManTraNet_Ptrain0.h5", "32", "tanh", "7,15,31,63", "-", "-"]
+
+
+def test_fetch_refuses_content_that_is_not_the_release(site, fixture_files, tmp_path, capsys) -> None:
+    server, _ = site
+    mirror = server.add("/mirror/ManTraNet_Ptrain4.h5", (fixture_files / "other.h5").read_bytes())
+    out_dir = tmp_path / "elsewhere"
+    code, _, err = run(capsys, "weights", "fetch", "4", "--url", mirror, "-o", str(out_dir))
+    assert code == 1
+    message = err.splitlines()[-1]  # after the progress bar's lines
+    assert message.startswith(f"mantranet weights: error: {mirror}: the downloaded file is not the expected one")
+    assert "deleted it. Pass --allow-unknown" in message
+    assert not out_dir.exists()  # nothing left behind but the message
+    code, out, _ = run(capsys, "weights", "fetch", "4", "--url", mirror, "-o", str(out_dir), "--allow-unknown")
+    assert code == 0 and "NOT release 4's content" in out and "kept, as --allow-unknown asks" in out
+    assert "converted as release 4 (identified by file name)" in out
+
+
+def test_fetch_failures_are_one_line_messages(site, tmp_path, capsys) -> None:
+    server, body = site
+    code, _, err = run(capsys, "weights", "fetch", "4", "--url", server.base_url + "/nowhere.h5")
+    assert code == 1 and err == f"mantranet weights: error: {server.base_url}/nowhere.h5: HTTP 404 Not Found\n"
+    cut = server.add("/cut/ManTraNet_Ptrain4.h5", body, TRUNCATE)
+    code, _, err = run(capsys, "weights", "fetch", "4", "--url", cut, "--no-convert")
+    assert code == 1 and f"the transfer ended after {len(body) // 2} of {len(body)} bytes" in err
+    code, _, err = run(capsys, "weights", "fetch", "9")
+    assert code == 1 and "no official release 9" in err
+    assert not (tmp_path / "weights" / "ManTraNet_Ptrain4.h5").exists()
+
+
+def test_identify_official_fixture_and_shapes(site, fixture_files, tmp_path, capsys) -> None:
+    shutil.copy(fixture_files / "release.h5", tmp_path / "renamed.bin")
+    code, out, _ = run(capsys, "weights", "identify", str(tmp_path / "renamed.bin"))
+    assert code == 0
+    assert "content: official release 4 (ManTraNet_Ptrain4.h5), 16 first-block filters, transform linear" in out
+    assert "format: Keras HDF5, weights-only layout, 35 arrays in 10 layers, attributes as bytes" in out
+    assert "`mantranet convert` takes it as release 4 (by content hash)" in out
+    # A four-window file of unknown content: its shapes fit three releases, its Featex order only two.
+    official_file(tmp_path / "mine.h5", 2, seed=3, layout="full-model")
+    code, out, _ = run(capsys, "weights", "identify", str(tmp_path / "mine.h5"))
+    assert "content: unknown" in out and "full-model layout, 35 arrays" in out
+    assert "shapes: fit releases 2, 3, 4" in out
+    assert "first layers listed last (as Keras saves a Featex with them frozen), as the official loader reads " in out
+    assert "releases 2, 3\n" in out and "needs --variant N" in out
+
+
+def test_identify_converted_files_and_the_rest(site, fixture_files, tmp_path, capsys) -> None:
+    assert main(["convert", str(fixture_files / "release.h5"), "-o", str(tmp_path), "--format", "pt"]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "weights", "identify", str(tmp_path / "release.pt"))
+    assert code == 0
+    assert "format: PyTorch checkpoint of ManTraNet weights of this project, 35 tensors, full model" in out
+    source_sha1 = git_blob_sha1((fixture_files / "release.h5").read_bytes())
+    assert f"converted from: release.h5 (git blob SHA-1 {source_sha1})" in out
+    assert "release: 4 (ManTraNet_Ptrain4.h5), identified by content hash" in out
+    (tmp_path / "noise").write_bytes(b"neither hdf5 nor anything else")
+    code, out, _ = run(capsys, "weights", "identify", str(tmp_path / "noise"))
+    assert code == 0 and "content: unknown" in out and "format: none known here" in out
+    code, _, err = run(capsys, "weights", "identify", str(tmp_path / "absent.h5"))
+    assert code == 1 and err == f"mantranet weights: error: {tmp_path / 'absent.h5'}: no such file\n"
+
+
+@pytest.mark.skipif(not SEED_PORT.is_file(), reason=f"{SEED_PORT} is absent")
+def test_identify_names_the_real_earlier_port_checkpoint_by_content(tmp_path, capsys) -> None:
+    shutil.copy(SEED_PORT, tmp_path / "weights.dat")  # the name says nothing
+    code, out, _ = run(capsys, "weights", "identify", str(tmp_path / "weights.dat"))
+    assert code == 0
+    assert "git blob SHA-1 63c2da025914e73971c0e779fa305e01f607cfc0" in out
+    assert "content: the earlier PyTorch port's AnomalyDetectorv4.pt (anomaly detector, no prefix)" in out
+    assert "a checkpoint of the earlier PyTorch port by its keys (anomaly detector)" in out

@@ -1,0 +1,108 @@
+"""A real HTTP server on 127.0.0.1 (port 0, in a thread) and a release table pointing at it, for download tests.
+
+Routes serve fixture bytes in one of several behaviours: a normal server honouring Range requests, one
+that ignores them, one that cuts every transfer short, one that drops the first transfer half-way and
+then honours Range (to resume), and anything else is a 404.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from converter import releases
+
+RANGE, NO_RANGE, TRUNCATE, DROP_ONCE = "range", "no-range", "truncate", "drop-once"
+
+
+@dataclass
+class Route:
+    body: bytes
+    mode: str = RANGE
+    served: int = 0  # completed or attempted GETs
+
+
+@dataclass
+class WeightsServer:
+    base_url: str
+    routes: dict[str, Route]
+    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+
+    def add(self, path: str, body: bytes, mode: str = RANGE) -> str:
+        self.routes[path] = Route(body, mode)
+        return self.base_url + path
+
+
+def _handler(server_state: WeightsServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # keep test output clean
+            pass
+
+        def do_GET(self) -> None:
+            range_header = self.headers.get("Range")
+            server_state.requests.append((self.path, range_header))
+            route = server_state.routes.get(self.path)
+            if route is None:
+                self.send_error(404, "Not Found")
+                return
+            route.served += 1
+            body, start = route.body, 0
+            if range_header and route.mode in (RANGE, DROP_ONCE):
+                start = int(range_header.removeprefix("bytes=").split("-")[0])
+                if start >= len(body):
+                    self.send_response(416, "Range Not Satisfiable")
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            cut = route.mode == TRUNCATE or (route.mode == DROP_ONCE and route.served == 1)
+            self.wfile.write(body[start : len(body) // 2] if cut else body[start:])
+            if cut:
+                self.close_connection = True
+
+    return Handler
+
+
+@contextlib.contextmanager
+def serve() -> Iterator[WeightsServer]:
+    state = WeightsServer("", {})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@contextlib.contextmanager
+def release_table(tmp_dir: Path, index: int, git_blob_sha1: str, url: str) -> Iterator[Path]:
+    """Point the release table at a copy in which release ``index`` has this content hash and URL."""
+    table = json.loads(releases.RELEASES_JSON.read_text())
+    for entry in table["official"]:
+        if entry["index"] == index:
+            entry.update(git_blob_sha1=git_blob_sha1, url=url)
+    path = tmp_dir / "releases.json"
+    path.write_text(json.dumps(table))
+    original = releases.RELEASES_JSON
+    releases.RELEASES_JSON = path
+    releases._table.cache_clear()
+    try:
+        yield path
+    finally:
+        releases.RELEASES_JSON = original
+        releases._table.cache_clear()
