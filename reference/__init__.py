@@ -1,0 +1,36 @@
+"""ManTraNet in TensorFlow 2 / Keras 3 with the numerics of the official Keras 2.2 / TensorFlow 1.8 code.
+
+The yardstick the PyTorch port is measured against. It reads and writes the official HDF5 layout with
+the converter's h5py code (never Keras' ``load_weights``, which fails on these files) and imports no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from converter import identify_keras_file, synthetic_keras_weights
+from mantranet_torch.config import ManTraNetConfig, release_config
+
+from .model import LAYERS, ReferenceModel
+
+__all__ = ["LAYERS", "ReferenceModel", "build", "from_keras_arrays", "load"]
+
+
+def load(path: str | Path, variant: int | None = None) -> ReferenceModel:
+    """An official-layout file (either layout, bytes or str attributes), its release decided as the converter
+    decides it: content hash, then file name, then ``variant``. Bad files raise ``ConversionError``."""
+    keras, _, _, config = identify_keras_file(path, variant)
+    return ReferenceModel(keras.arrays, config, source=str(path))
+
+
+def build(variant: int, seed: int = 0) -> ReferenceModel:
+    """Release ``variant``'s architecture with seeded, realistically scaled weights."""
+    config = release_config(variant)
+    return ReferenceModel(synthetic_keras_weights(config, seed), config, source=f"synthetic weights (seed {seed})")
+
+
+def from_keras_arrays(arrays: dict[str, np.ndarray], config: ManTraNetConfig) -> ReferenceModel:
+    """From Keras dataset paths (``converter.mapping.MAPPING``'s left column) to arrays."""
+    return ReferenceModel(arrays, config)
