@@ -98,8 +98,8 @@ def keras_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
     return {path: transform.to_keras(np.empty(shapes[key], dtype=np.float32)).shape for path, key, transform in MAPPING}
 
 
-def keras_to_torch(arrays: dict[str, np.ndarray], config: ManTraNetConfig, source: str) -> dict[str, torch.Tensor]:
-    """The strict mapping: every array lands, nothing is left over, every shape fits, every value is finite."""
+def check_keras_arrays(arrays: dict[str, np.ndarray], config: ManTraNetConfig, source: str) -> None:
+    """Every array of ``config`` present, nothing else, every shape right, every value finite; else ConversionError."""
     expected = keras_shapes(config)
     problems = [f"missing array {p} (expected shape {expected[p]})" for p in expected if p not in arrays]
     problems += [f"unexpected array {p} with shape {tuple(arrays[p].shape)}" for p in arrays if p not in expected]
@@ -109,18 +109,23 @@ def keras_to_torch(arrays: dict[str, np.ndarray], config: ManTraNetConfig, sourc
             problems.append(f"layer {layer}, array {name}: expected shape {shape}, found {tuple(arrays[path].shape)}")
     if problems:
         raise ConversionError(f"{source}: does not match ManTraNet {_describe(config)}: " + "; ".join(problems))
-    state = {}
-    for path, key, transform in MAPPING:
-        value = arrays[path]
-        bad = ~np.isfinite(value)
+    for path in expected:
+        bad = ~np.isfinite(arrays[path])
         if bad.any():
             index = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ConversionError(
                 f"{source}: array {path} holds {int(bad.sum())} non-finite value(s), "
-                f"the first {value[index]} at index {index}"
+                f"the first {arrays[path][index]} at index {index}"
             )
-        state[key] = torch.from_numpy(np.ascontiguousarray(transform.to_torch(value), dtype=np.float32))
-    return state
+
+
+def keras_to_torch(arrays: dict[str, np.ndarray], config: ManTraNetConfig, source: str) -> dict[str, torch.Tensor]:
+    """The strict mapping: every array lands, nothing is left over, every shape fits, every value is finite."""
+    check_keras_arrays(arrays, config, source)
+    return {
+        key: torch.from_numpy(np.ascontiguousarray(transform.to_torch(arrays[path]), dtype=np.float32))
+        for path, key, transform in MAPPING
+    }
 
 
 def torch_to_keras(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -285,5 +285,5 @@ def test_bad_arrays_are_named(tmp_path):
     path = tmp_path / "wrong.h5"
     wide = synthetic_keras_weights(RELEASES[0], seed=0)
     write_keras_h5(path, official_layers(wide | {"Featex/b4c2/kernel:0": np.zeros((3, 3, 256, 255))}, False))
-    with pytest.raises(ConversionError, match=r"array Featex/b4c2/kernel:0: expected shape \(3, 3, 256, 256\)"):
+    with pytest.raises(ConversionError, match=r"layer Featex, array b4c2/kernel:0: expected shape \(3, 3, 256, 256\)"):
         reference.load(path, variant=1)

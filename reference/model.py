@@ -10,10 +10,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from converter import ConversionError, write_official_h5
+from converter import write_official_h5
 from converter.atomic import publish, staged_path
 from converter.keras_h5 import WEIGHTS_ONLY
-from converter.mapping import keras_shapes
+from converter.mapping import check_keras_arrays, keras_shapes
 from mantranet_torch.config import ManTraNetConfig
 
 from .layers import (
@@ -34,28 +34,6 @@ LAYERS = FEATEX_LAYERS + DETECTOR_LAYERS  # every traced output, in network orde
 TRANSFORM_ACTIVATIONS = {None: None, "tanh": tf.tanh}
 
 
-def check_arrays(arrays: dict[str, np.ndarray], config: ManTraNetConfig, source: str) -> None:
-    """All 35 Keras arrays of ``config``, nothing else, each of its shape and finite; else a ConversionError."""
-    expected = keras_shapes(config)
-    problems = [f"missing array {p} (expected shape {expected[p]})" for p in expected if p not in arrays]
-    problems += [f"unexpected array {p} with shape {np.shape(arrays[p])}" for p in arrays if p not in expected]
-    for path, shape in expected.items():
-        if path in arrays and np.shape(arrays[path]) != shape:
-            problems.append(f"array {path}: expected shape {shape}, found {np.shape(arrays[path])}")
-    if problems:
-        raise ConversionError(
-            f"{source}: does not match ManTraNet with {config.first_block_filters} first-block filters: "
-            + "; ".join(problems)
-        )
-    for path in expected:
-        bad = ~np.isfinite(arrays[path])
-        if bad.any():
-            index = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ConversionError(
-                f"{source}: array {path} holds {int(bad.sum())} non-finite value(s), first at {index}"
-            )
-
-
 class ReferenceModel:
     """The official ManTraNet, evaluated by TensorFlow with Keras 2.2 numerics, from Keras-layout arrays.
 
@@ -64,7 +42,7 @@ class ReferenceModel:
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], config: ManTraNetConfig, source: str = "arrays") -> None:
-        check_arrays(arrays, config, source)
+        check_keras_arrays(arrays, config, source)
         self.config = config
         self.source = source
         # float32 copies, as Keras' set_weights stores them, in the official table's order
