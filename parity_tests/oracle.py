@@ -22,6 +22,7 @@ SRM_FILTERS = (
     ),
     (np.pad([[1, -2, 1]], ((2, 2), (1, 1))) / 2),
 )
+IM2COL_BYTES = 64 * 2**20  # the largest unfolded copy conv2d_valid makes at once
 CONV_LAYERS = ("b1c2", "b2c1", "b2c2", "b3c1", "b3c2", "b3c3", "b4c1", "b4c2", "b4c3", "b5c1", "b5c2")
 
 
@@ -31,10 +32,22 @@ def symmetric_pad(x: np.ndarray, pad: int) -> np.ndarray:
 
 
 def conv2d_valid(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Stride-1 'valid' convolution (cross-correlation, as every framework here) of NHWC by HWIO."""
-    kh, kw = kernel.shape[:2]
+    """Stride-1 'valid' convolution (cross-correlation, as every framework here) of NHWC by HWIO.
+
+    As matrix products of the unfolded windows (im2col), 2-4x faster than an einsum over them, a band of
+    output rows at a time so that the unfolded copy stays under IM2COL_BYTES whatever the image size.
+    """
+    kh, kw, cin, cout = kernel.shape
     windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))  # N, H', W', C, kh, kw
-    return np.einsum("nhwcij,ijco->nhwo", windows, kernel, optimize=True)
+    n, ho, wo = windows.shape[:3]
+    taps = cin * kh * kw
+    matrix = kernel.transpose(2, 0, 1, 3).reshape(taps, cout)
+    out = np.empty((n, ho, wo, cout), dtype=np.result_type(x, kernel))
+    rows = max(1, IM2COL_BYTES // (n * wo * taps * x.itemsize))
+    for top in range(0, ho, rows):
+        band = windows[:, top : top + rows]
+        out[:, top : top + rows] = (band.reshape(-1, taps) @ matrix).reshape(*band.shape[:3], cout)
+    return out
 
 
 def conv2d_same_zeros(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -119,6 +132,9 @@ class Oracle:
         steps.append(x.mean(axis=(1, 2), keepdims=True) - x)
         return np.stack(steps, axis=1)
 
+    def div_std(self, dev: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        return np.abs(dev / sigma[:, None])
+
     def clstm(self, seq: np.ndarray) -> np.ndarray:
         kernel, recurrent = self.w["cLSTM/cLSTM/kernel:0"], self.w["cLSTM/cLSTM/recurrent_kernel:0"]
         bias, units = self.w["cLSTM/cLSTM/bias:0"], kernel.shape[-1] // 4
@@ -154,7 +170,7 @@ class Oracle:
         yield "glbStd", sigma
         dev = self.nested_avg(x)
         yield "nestedAvgFeatex", dev
-        dev = np.abs(dev / sigma[:, None])
+        dev = self.div_std(dev, sigma)
         yield "divStd", dev
         h = self.clstm(dev)
         yield "cLSTM", h
@@ -162,6 +178,31 @@ class Oracle:
 
     def trace(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return dict(self.stages(x))
+
+    def layer(self, name: str, *inputs: np.ndarray) -> np.ndarray:
+        """One named layer on its own inputs (NHWC): what it computes from what the other framework fed it.
+
+        The inputs are those of ``stages``: the previous layer's output, except glbStd and nestedAvgFeatex
+        (bnorm's) and divStd (nestedAvgFeatex's and glbStd's).
+        """
+        args = [np.asarray(a, dtype=np.float64) for a in inputs]
+        if name == "b1c1":
+            return self.b1c1(*args)
+        if name in (*CONV_LAYERS, "transform"):
+            return self.conv(name, *args)
+        simple = {
+            "L2": l2_normalize,
+            "outlierTrans": self.outlier_trans,
+            "bnorm": self.bnorm,
+            "glbStd": self.glb_std,
+            "nestedAvgFeatex": self.nested_avg,
+            "divStd": self.div_std,
+            "cLSTM": self.clstm,
+            "pred": self.pred,
+        }
+        if name not in simple:
+            raise KeyError(f"no layer named {name!r}")
+        return simple[name](*args)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """N x H x W x 3 in [-1, 1] to N x H x W x 1, float64."""
