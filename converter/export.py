@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mantranet_torch import ManTraNetConfig
-from mantranet_torch.weights import CONFIG_KEY, MODEL_PARTS, PROVENANCE_KEY, read_weights
+from mantranet_torch.weights import PROVENANCE_KEY, read_model_weights
 
 from .atomic import publish, refuse_existing, staged_path
 from .convert import write_official_h5
@@ -37,18 +37,7 @@ def export_keras(weights: str | Path, target: str | Path, layout: str = WEIGHTS_
     if target.suffix.lower() not in H5_SUFFIXES:
         raise ConversionError(f"{target}: a Keras weight file must end in .h5 or .hdf5")
     refuse_existing([target], force)
-    tensors, metadata = read_weights(weights)
-    present = [p for p in MODEL_PARTS if any(k.startswith(p + ".") for k in tensors)]
-    if len(present) == 1:
-        raise ConversionError(
-            f"{weights}: holds only the model's {present[0]} (a partial import); an official file needs both parts"
-        )
-    if CONFIG_KEY not in metadata:
-        raise ConversionError(f"{weights}: carries no ManTraNet config in its metadata; convert it with this tool")
-    try:
-        config = ManTraNetConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConversionError(f"{weights}: malformed ManTraNet config in its metadata ({e})") from None
+    tensors, config, metadata = read_model_weights(weights)
     try:
         arrays = torch_to_keras(tensors)
     except ConversionError as e:

@@ -84,10 +84,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     raise WeightFileError(f"{path}: unknown weight format {suffix!r} (expected .safetensors, .pt or .pth)")
 
 
-def load(
-    path: str | Path, config: ManTraNetConfig | None = None, map_location: str | torch.device = "cpu"
-) -> ManTraNet:
-    """The model in eval mode, its architecture read from the file (or ``config``, which takes precedence)."""
+def read_model_weights(
+    path: str | Path, config: ManTraNetConfig | None = None
+) -> tuple[dict[str, Tensor], ManTraNetConfig, dict[str, str]]:
+    """A whole model's tensors, its config (``config`` takes precedence over the file's) and the metadata."""
     tensors, metadata = read_weights(path)
     absent = [p for p in MODEL_PARTS if not any(k.startswith(p + ".") for k in tensors)]
     if absent and len(absent) < len(MODEL_PARTS):
@@ -98,11 +98,22 @@ def load(
         )
     if config is None:
         if CONFIG_KEY not in metadata:
-            raise WeightFileError(f"{path}: carries no ManTraNet config in its metadata; pass config=")
+            raise WeightFileError(
+                f"{path}: carries no ManTraNet config in its metadata (files written by `mantranet convert` do); "
+                "in Python, pass config="
+            )
         try:
             config = ManTraNetConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
         except (ValueError, KeyError, TypeError) as e:
             raise WeightFileError(f"{path}: malformed ManTraNet config in its metadata ({e})") from None
+    return tensors, config, metadata
+
+
+def load(
+    path: str | Path, config: ManTraNetConfig | None = None, map_location: str | torch.device = "cpu"
+) -> ManTraNet:
+    """The model in eval mode, its architecture read from the file (or ``config``, which takes precedence)."""
+    tensors, config, _ = read_model_weights(path, config)
     model = ManTraNet(config)
     try:
         model.load_state_dict(tensors, strict=True)
