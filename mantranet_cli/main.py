@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from converter import ConversionError
 from mantranet_torch import WeightFileError
 
-from . import convert_cmd, export_keras_cmd, weights_cmd
+from . import convert_cmd, demo_cmd, detect_cmd, export_keras_cmd, parity_cmd, weights_cmd
 from .errors import CommandError
 
-COMMANDS = (convert_cmd, weights_cmd, export_keras_cmd)
+COMMANDS = (demo_cmd, convert_cmd, weights_cmd, export_keras_cmd, parity_cmd, detect_cmd)
 EXPECTED_ERRORS = (CommandError, ConversionError, WeightFileError)
 
 

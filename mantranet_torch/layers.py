@@ -24,7 +24,7 @@ HARD_SIGMOID_OFFSET = 0.5
 
 def hard_sigmoid_keras2(x: Tensor) -> Tensor:
     """Keras 2's hard sigmoid, ``clip(0.2 x + 0.5, 0, 1)`` (not ``torch.nn.functional.hardsigmoid``)."""
-    return torch.clamp(x * HARD_SIGMOID_SLOPE + HARD_SIGMOID_OFFSET, 0.0, 1.0)
+    return (x * HARD_SIGMOID_SLOPE).add_(HARD_SIGMOID_OFFSET).clamp_(0.0, 1.0)
 
 
 def l2_normalize_tf(x: Tensor, dim: int = 1) -> Tensor:
@@ -64,7 +64,31 @@ def symmetric_pad(x: Tensor, pad: int) -> Tensor:
     return _symmetric_pad_dim(_symmetric_pad_dim(x, pad, -1), pad, -2)
 
 
-_ACTIVATIONS = {None: nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh}
+def symmetric_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A stride-1 'valid' convolution of ``symmetric_pad(x, k // 2)``, computed without the padded copy.
+
+    The convolution runs channels-last (oneDNN's fast layout) with zero padding inside the kernel; then
+    the outermost k//2 rows and columns, the only outputs that see the padding, are recomputed from
+    symmetrically padded strips. Same sums, without a full-size padded copy of every activation.
+    """
+    if x.shape[0] > 1:  # image by image: oneDNN's batched kernels sum in another order than its single-image ones
+        return torch.cat([symmetric_conv2d(x[i : i + 1], weight, bias) for i in range(x.shape[0])])
+    pad = weight.shape[-1] // 2
+    x = x.contiguous(memory_format=torch.channels_last)
+    h, w = x.shape[-2:]
+    if pad == 0 or min(h, w) <= 4 * pad:  # small inputs: the strips would cover most of the image
+        return F.conv2d(symmetric_pad(x, pad), weight, bias)
+    out = F.conv2d(x, weight, bias, padding=pad)
+    strip = 2 * pad  # the rows an edge output row reads, once the padding is mirrored in
+    out[..., :pad, :] = F.conv2d(symmetric_pad(x[..., :strip, :], pad), weight, bias)[..., :pad, :]
+    out[..., -pad:, :] = F.conv2d(symmetric_pad(x[..., -strip:, :], pad), weight, bias)[..., -pad:, :]
+    out[..., :, :pad] = F.conv2d(symmetric_pad(x[..., :, :strip], pad), weight, bias)[..., :, :pad]
+    out[..., :, -pad:] = F.conv2d(symmetric_pad(x[..., :, -strip:], pad), weight, bias)[..., :, -pad:]
+    return out
+
+
+# relu runs in place on the convolution's fresh output: one full-size tensor fewer per layer.
+_ACTIVATIONS = {None: nn.Identity, "relu": lambda: nn.ReLU(inplace=True), "tanh": nn.Tanh}
 
 
 class SymmetricConv2d(nn.Conv2d):
@@ -82,8 +106,7 @@ class SymmetricConv2d(nn.Conv2d):
         self.act = _ACTIVATIONS[activation]()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = symmetric_pad(x, self.kernel_size[0] // 2)
-        return self.act(F.conv2d(x, self.weight, self.bias))
+        return self.act(symmetric_conv2d(x, self.weight, self.bias))
 
 
 def srm_kernels() -> Tensor:
@@ -142,7 +165,7 @@ class CombinedConv2d(nn.Module):
         return torch.cat([self.regular_kernel, self.srm_kernel.to(self.regular_kernel), self.bayar_kernel])
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(F.conv2d(symmetric_pad(x, self.kernel_size // 2), self.kernel))
+        return F.relu_(symmetric_conv2d(x, self.kernel))
 
 
 class InferenceBatchNorm(nn.Module):
@@ -167,9 +190,7 @@ class ImageStatistics:
 
     @classmethod
     def of(cls, x: Tensor) -> ImageStatistics:
-        xd = x.to(torch.float64)
-        mean = xd.mean(dim=(2, 3))
-        var = (xd - mean[:, :, None, None]).square().mean(dim=(2, 3))
+        var, mean = torch.var_mean(x.to(torch.float64), dim=(2, 3), correction=0)
         return cls(mean, var.sqrt())
 
 
@@ -195,17 +216,24 @@ def window_means(x: Tensor, window_sizes: tuple[int, ...]) -> Iterator[Tensor]:
     h, w = x.shape[-2:]
     r = max(window_sizes) // 2
     # One extra zero row/column in front makes ii[i] the sum of everything before padded index i.
-    ii = F.pad(x.to(torch.float64), (r + 1, r, r + 1, r)).cumsum(dim=-2).cumsum(dim=-1)
+    # Built in one float64 buffer in x's memory layout and summed in place (no float64 copies of x).
+    ii = _zeros_in_layout_of(x, (*x.shape[:-2], h + 2 * r + 1, w + 2 * r + 1), torch.float64)
+    ii[..., r + 1 : r + 1 + h, r + 1 : r + 1 + w] = x
+    ii = ii.cumsum_(dim=-2).cumsum_(dim=-1)
     for k in window_sizes:
         q = k // 2
         lo, hi = r - q, r + q + 1  # window rows y-q .. y+q are padded rows y+r+1-q .. y+r+1+q
-        box = (
-            ii[..., hi : hi + h, hi : hi + w]
-            - ii[..., lo : lo + h, hi : hi + w]
-            - ii[..., hi : hi + h, lo : lo + w]
-            + ii[..., lo : lo + h, lo : lo + w]
-        )
-        yield box / (_window_counts(h, q, x.device)[:, None] * _window_counts(w, q, x.device))
+        box = ii[..., hi : hi + h, hi : hi + w] - ii[..., lo : lo + h, hi : hi + w]
+        box -= ii[..., hi : hi + h, lo : lo + w]
+        box += ii[..., lo : lo + h, lo : lo + w]
+        yield box.div_(_window_counts(h, q, x.device)[:, None] * _window_counts(w, q, x.device))
+
+
+def _zeros_in_layout_of(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Zeros of ``shape``, channels-last when x is (elementwise work on mixed layouts is several times slower)."""
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=layout).zero_()
 
 
 def _window_counts(size: int, q: int, device: torch.device) -> Tensor:
@@ -227,15 +255,23 @@ class WindowDeviations(nn.Module):
 
     def forward(self, x: Tensor, stats: ImageStatistics | None = None) -> Tensor:
         mean = (stats or ImageStatistics.of(x)).mean
-        xd = x.to(torch.float64)
-        out = x.new_empty((x.shape[0], len(self.window_sizes) + 1, *x.shape[1:]))
+        out = _steps_in_layout_of(x, len(self.window_sizes) + 1)
+        xd = x.to(torch.float64)  # differences in float64, rounded once to x's dtype
         for step, m in enumerate(window_means(x, self.window_sizes)):
-            out[:, step] = m - xd
-        out[:, -1] = mean[:, :, None, None] - xd
+            out[:, step] = m.sub_(xd)
+        out[:, -1] = torch.sub(mean[:, :, None, None], xd, out=xd)
         return out
 
     def extra_repr(self) -> str:
         return f"window_sizes={self.window_sizes}"
+
+
+def _steps_in_layout_of(x: Tensor, steps: int) -> Tensor:
+    """An empty (N, T, C, H, W) tensor whose every step is laid out as x is (channels-last or not)."""
+    n, c, h, w = x.shape
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.new_empty((n, steps, h, w, c)).permute(0, 1, 4, 2, 3)
+    return x.new_empty((n, steps, c, h, w))
 
 
 class ConvLSTM2d(nn.Module):
@@ -262,7 +298,7 @@ class ConvLSTM2d(nn.Module):
         for step in range(t):
             z = z_input[:, step]
             if h is not None:  # the state starts at zero, and so does its convolution
-                z = z + F.conv2d(h, self.recurrent_kernel, padding=self.padding)
+                z = F.conv2d(h, self.recurrent_kernel, padding=self.padding).add_(z)
             z_i, z_f, z_c, z_o = z.split(self.hidden, dim=1)
             i = hard_sigmoid_keras2(z_i)
             c = i * torch.tanh(z_c) if c is None else hard_sigmoid_keras2(z_f) * c + i * torch.tanh(z_c)

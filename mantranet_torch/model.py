@@ -26,6 +26,8 @@ from .layers import (
     bayar_constraint,
     l2_normalize_tf,
 )
+from .memory import automatic_tile
+from .tiling import Progress, extract_features, last_output, predict_tiled
 
 # (Keras name, in channels, out channels) of the 3x3 convolutions after b1c1, in network order.
 FEATEX_CONVS: tuple[tuple[str, int, int], ...] = (
@@ -69,7 +71,7 @@ class Featex(nn.Module):
         yield "L2", l2_normalize_tf(x, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _last(self.stages(x))
+        return last_output(self.stages(x))
 
 
 class AnomalyDetector(nn.Module):
@@ -90,19 +92,23 @@ class AnomalyDetector(nn.Module):
         yield "outlierTrans", x
         x = self.bnorm(x)
         yield "bnorm", x
+        yield from self.stages_after_bnorm(x, stats)
+
+    def stages_after_bnorm(self, x: Tensor, stats: ImageStatistics | None = None) -> Iterator[tuple[str, Tensor]]:
+        """glbStd .. pred from the bnorm output ``x``, which may be a crop of the image ``stats`` describe."""
         stats = stats or ImageStatistics.of(x)
         sigma = self.glb_std(x, stats)
         yield "glbStd", sigma
         dev = self.nested_avg(x, stats)
         yield "nestedAvgFeatex", dev
-        dev = torch.abs(dev / sigma[:, None])
+        dev = (dev / sigma[:, None]).abs_()
         yield "divStd", dev
         h = self.clstm(dev)
         yield "cLSTM", h
         yield "pred", torch.sigmoid(self.pred(h))
 
     def forward(self, features: Tensor, stats: ImageStatistics | None = None) -> Tensor:
-        return _last(self.stages(features, stats))
+        return last_output(self.stages(features, stats))
 
 
 class ManTraNet(nn.Module):
@@ -154,17 +160,24 @@ class ManTraNet(nn.Module):
         return self.detector(self.featex(x))
 
     @torch.inference_mode()
-    def predict(self, image: ImageLike) -> np.ndarray:
-        """Forgery likelihood of one uint8 RGB image (H x W x 3 array or PIL image): float32 H x W."""
+    def predict(
+        self, image: ImageLike, tile: int | None = None, precision: str = "fp32", progress: Progress | None = None
+    ) -> np.ndarray:
+        """Forgery likelihood of one uint8 RGB image (H x W x 3 array or PIL image): float32 H x W.
+
+        tile: compute the map in tiles of at most tile x tile pixels, in bounded memory and exactly
+        (up to float32 rounding); by default the whole image at once, or the largest tiles that fit
+        when the whole image would not fit in the device's available memory.
+        precision: "fp32", or "bf16" for a bfloat16 feature extractor (faster where supported, less exact).
+        progress: called with (tiles done, tiles in all) during a tiled run.
+        """
         param = next(self.parameters())
         x = to_model_input(image).to(device=param.device, dtype=param.dtype)
         if x.shape[0] != 1:
             raise ValueError(f"predict takes one image, got a batch of {x.shape[0]}")
-        return self(x)[0, 0].float().cpu().numpy()
-
-
-def _last(stages: Iterator[tuple[str, Tensor]]) -> Tensor:
-    out = None
-    for _, stage_out in stages:
-        out = stage_out
-    return out
+        height, width = x.shape[-2:]
+        if tile is None:
+            tile = automatic_tile(self, height, width, x.device, precision)
+        if tile is not None and tile < max(height, width):
+            return predict_tiled(self, x, tile, precision, progress)
+        return self.detector(extract_features(self, x, precision))[0, 0].float().cpu().numpy()

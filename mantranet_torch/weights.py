@@ -96,17 +96,23 @@ def read_model_weights(
             f"{path}: holds only the model's {present} (a partial import), not a full model; load its tensors "
             f"into ManTraNet(config).{present} without the '{present}.' prefix"
         )
+    config = config or metadata_config(path, metadata)
     if config is None:
-        if CONFIG_KEY not in metadata:
-            raise WeightFileError(
-                f"{path}: carries no ManTraNet config in its metadata (files written by `mantranet convert` do); "
-                "in Python, pass config="
-            )
-        try:
-            config = ManTraNetConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise WeightFileError(f"{path}: malformed ManTraNet config in its metadata ({e})") from None
+        raise WeightFileError(
+            f"{path}: carries no ManTraNet config in its metadata (files written by `mantranet convert` do); "
+            "in Python, pass config="
+        )
     return tensors, config, metadata
+
+
+def metadata_config(path: str | Path, metadata: dict[str, str]) -> ManTraNetConfig | None:
+    """The config a weight file's metadata carries, or None when it carries none."""
+    if CONFIG_KEY not in metadata:
+        return None
+    try:
+        return ManTraNetConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightFileError(f"{path}: malformed ManTraNet config in its metadata ({e})") from None
 
 
 def load(

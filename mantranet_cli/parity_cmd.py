@@ -1,0 +1,522 @@
+"""``mantranet parity``: the first layer where the PyTorch model and the TensorFlow reference part ways, on the
+user's own weight file and images.
+
+TensorFlow is imported inside ``run`` only, so every other command works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+
+from converter import ConversionError, convert_h5
+from converter.atomic import write_bytes_atomic
+from converter.convert import Conversion, tool_version
+from converter.legacy import DETECTOR, PART_NAMES, EarlierPortWarning, load_earlier_port
+from mantranet_torch import LAYERS, ManTraNet, WeightFileError, scale_pixels
+from mantranet_torch.config import ManTraNetConfig
+from mantranet_torch.model import DETECTOR_LAYERS
+from mantranet_torch.weights import MODEL_PARTS, SAFETENSORS_SUFFIX, metadata_config, read_weights
+from parity_tests.builtin_images import DEFAULT_SIZE, builtin_images
+from parity_tests.oracle import Oracle
+from parity_tests.report import Attributed, ImageParity, ParityRun, render_table
+from parity_tests.report_page import ReportError, check_target, write_report
+from parity_tests.runner import Reference, run_parity
+from parity_tests.tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES, POLICY, TolerancePolicy
+
+from .errors import CommandError
+from .images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+
+BAD_INPUT = 2  # exit status for input that cannot be compared; 1 is reserved for "layers differ"
+# The float64 feature extractor is the slow part of attribution: one image took 4.0 s with the whole network in
+# float64 and 1.5 s with the detector alone at 48 x 48, 49 s and 33 s at 160 x 160 (2 busy cores). Beyond this size
+# only the detector is evaluated in float64 (its drift, the official window means', grows with the image).
+FULL_ATTRIBUTION_PIXELS = 96 * 96
+# Peak memory of one image's comparison: the reference's trace of every layer, the PyTorch outputs and the
+# float64 comparison buffers. Measured peak resident memory: 1.1 GB for the built-in set, 1.7 GB at 128 x 128,
+# 2.0 GB at 160 x 160, 7.5 GB at 600 x 266: 35-44 KB per pixel over the 1 GB of the two frameworks loaded.
+BYTES_PER_PIXEL = 45_000
+BASE_BYTES = 2**30
+CROP_PATTERN = re.compile(r"^(\d+)x(\d+)(?:\+(\d+)\+(\d+))?$")
+TRACE_STEPS = 10  # the reference's trace, counted as this many layer steps for the progress estimate
+
+
+def torch_threads() -> int:
+    """PyTorch's threads while TensorFlow shares the machine: half the cores. The two alternate layer by layer
+    and TensorFlow's pool keeps spinning between its ops: on 2 cores, 1 PyTorch thread ran the built-in set in
+    29 s and a 160 x 160 image in 29 s, 2 threads in 57 s and 38 s."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "parity",
+        help="compare the PyTorch port with the TensorFlow reference layer by layer, on your weights and images",
+        description="Run the TensorFlow reference on WEIGHTS.h5 and the PyTorch model on the same file converted "
+        "in memory (or on --torch-weights), tap every named layer in both, and compare them per image: max, mean and "
+        "99th-percentile absolute and relative error, the worst element's position, the fraction over tolerance and "
+        "the tolerance that would pass, NaN/Inf differences first. Two modes side by side: cumulative (each "
+        "framework on its own outputs, as in use) and local (each PyTorch layer fed the reference's input, so its "
+        "error is its own); a float64 evaluation says which framework drifted. Without IMAGE, a built-in set is "
+        "used (noise, flat, near-flat, gradient, checkerboard, copy-move forgery). Exit status: 0 every layer "
+        "within tolerance, 1 some layer is not, 2 bad input.",
+    )
+    p.add_argument("weights", type=Path, metavar="WEIGHTS.h5", help="an official-layout ManTraNet Keras file")
+    p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="images to compare on (default: built-in)")
+    p.add_argument(
+        "--torch-weights",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="PyTorch weights instead of WEIGHTS.h5 converted: ours (.safetensors/.pt), or the earlier PyTorch "
+        "port's MantraNetv4.pt, IMTFEv4.pt and AnomalyDetectorv4.pt (give this option twice for the pair); a "
+        "checkpoint of one part is completed with the other part from WEIGHTS.h5",
+    )
+    p.add_argument(
+        "--variant", type=int, metavar="N", help="the release 0-4 of WEIGHTS.h5, when hash and name do not tell"
+    )
+    p.add_argument("--report", type=Path, metavar="DIR", help="write an HTML page with plots and heat maps to DIR")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the machine-readable report to FILE")
+    p.add_argument(
+        "--atol",
+        type=float,
+        metavar="A",
+        help="judge every layer by this absolute tolerance instead of the per-layer policy (an element fails when "
+        f"over both atol and rtol x |reference|; defaults {DEFAULT_ATOL:g} and {DEFAULT_RTOL:g}); in cumulative "
+        "mode the detector's layers from bnorm on still add a bound on the error they inherit",
+    )
+    p.add_argument("--rtol", type=float, metavar="R", help="judge every layer by this relative tolerance (see --atol)")
+    p.add_argument("--local", action="store_true", help="local mode only (default: cumulative and local side by side)")
+    p.add_argument(
+        "--crop",
+        metavar="WxH[+X+Y]",
+        help="compare on a W x H region of each image (centred unless +X+Y gives its top-left corner); the "
+        "comparison keeps every layer's output in memory, about 45 KB per pixel",
+    )
+    p.set_defaults(run=run)
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputImage:
+    name: str
+    source: str
+    pixels: np.ndarray  # uint8 H x W x 3
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class Crop:
+    width: int
+    height: int
+    left: int | None = None
+    top: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Crop:
+        found = CROP_PATTERN.match(text)
+        if not found or int(found.group(1)) < 1 or int(found.group(2)) < 1:
+            raise CommandError(
+                f"--crop {text}: expected WIDTHxHEIGHT or WIDTHxHEIGHT+LEFT+TOP, e.g. 256x256", BAD_INPUT
+            )
+        width, height, left, top = found.groups()
+        return cls(int(width), int(height), None if left is None else int(left), None if top is None else int(top))
+
+    def apply(self, image: InputImage) -> InputImage:
+        height, width = image.pixels.shape[:2]
+        if self.width >= width and self.height >= height and self.left is None:
+            return image
+        w, h = min(self.width, width), min(self.height, height)
+        left = (width - w) // 2 if self.left is None else self.left
+        top = (height - h) // 2 if self.top is None else self.top
+        if left + w > width or top + h > height:
+            raise CommandError(
+                f"{image.source}: --crop {w}x{h}+{left}+{top} reaches beyond the image ({width} x {height})", BAD_INPUT
+            )
+        pixels = np.ascontiguousarray(image.pixels[top : top + h, left : left + w])
+        note = f"cropped to {w} x {h} at left {left}, top {top} (of {width} x {height})"
+        return InputImage(image.name, image.source, pixels, [*image.notes, note])
+
+
+def read_inputs(paths: list[Path], crop: Crop | None) -> list[InputImage]:
+    """The user's images decoded (as ``mantranet detect`` reads them), or the built-in set; all before any work."""
+    if not paths:
+        images = [InputImage(b.name, "built-in: " + b.description, b.pixels, []) for b in builtin_images(DEFAULT_SIZE)]
+    else:
+        images = []
+        for path in paths:
+            try:
+                loaded = read_image(path, DEFAULT_MAX_PIXELS)
+            except ImageReadError as e:
+                raise CommandError(str(e), BAD_INPUT) from None
+            name = path.name if sum(p.name == path.name for p in paths) == 1 else str(path)
+            images.append(InputImage(name, str(path), loaded.pixels, loaded.notes))
+    return [crop.apply(image) for image in images] if crop else images
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes; None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(images: list[InputImage], available: int | None) -> None:
+    if available is None:
+        return
+    for image in images:
+        height, width = image.pixels.shape[:2]
+        need = BASE_BYTES + BYTES_PER_PIXEL * height * width
+        if need > available:
+            side = int(math.sqrt(max(available - BASE_BYTES, 0) / BYTES_PER_PIXEL)) // 16 * 16
+            hint = f"compare on a region with --crop {side}x{side}" if side >= 16 else "free some memory"
+            raise CommandError(
+                f"{image.source}: {width} x {height} needs about {need / 2**30:.1f} GiB for a layer-by-layer "
+                f"comparison, {available / 2**30:.1f} GiB are available; {hint} (every layer shows in any region)",
+                BAD_INPUT,
+            )
+
+
+def tolerance_policy(atol: float | None, rtol: float | None) -> tuple[TolerancePolicy, dict]:
+    """The project's per-layer policy, or one tolerance for every layer when --atol or --rtol is given."""
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise CommandError(f"{flag} {value}: must be a finite number >= 0", BAD_INPUT)
+    if atol is None and rtol is None:
+        return POLICY, {"policy": "project", "table": POLICY.to_dict()}
+    atol = DEFAULT_ATOL if atol is None else atol
+    rtol = DEFAULT_RTOL if rtol is None else rtol
+    policy = TolerancePolicy.uniform(atol, rtol)
+    return policy, {"policy": "uniform", "atol": atol, "rtol": rtol, "table": policy.to_dict()}
+
+
+# --- the PyTorch side ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TorchSide:
+    model: ManTraNet
+    description: str
+    paths: list[str]
+    notes: list[str]
+
+
+def _is_ours(path: Path) -> bool:
+    """A mantranet-torch weight file (keys featex.* / detector.*), as opposed to the earlier port's checkpoint."""
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        return True
+    try:
+        tensors, _ = read_weights(path)
+    except WeightFileError:
+        return False  # the earlier port's reader gives the precise message
+    return any(key.startswith(tuple(p + "." for p in MODEL_PARTS)) for key in tensors)
+
+
+def _complete(state: dict, parts: tuple[str, ...], conversion: Conversion, source: str, notes: list[str]) -> dict:
+    """A one-part state dict completed with the other part of WEIGHTS.h5 (and a note saying so)."""
+    missing = [part for part in MODEL_PARTS if part not in parts]
+    if not missing:
+        return state
+    if not parts:
+        raise CommandError(f"{source}: holds neither part of ManTraNet", BAD_INPUT)
+    taken = {k: v for k, v in conversion.state_dict.items() if k.split(".", 1)[0] in missing}
+    have, other = PART_NAMES[parts[0]], " and ".join(PART_NAMES[m] for m in missing)
+    notes.append(
+        f"{source} holds the {have} only: combined with the {other} of {conversion.source.name}, so layers "
+        f"{'from outlierTrans on' if parts[0] == DETECTOR else 'up to L2'} compare its weights"
+    )
+    return {**state, **taken}
+
+
+def _ours(path: Path, conversion: Conversion) -> tuple[dict, list[str]]:
+    tensors, metadata = read_weights(path)
+    notes: list[str] = []
+    config = metadata_config(path, metadata)
+    if config is not None:
+        _same_architecture(config, conversion, str(path))
+    parts = tuple(p for p in MODEL_PARTS if any(k.startswith(p + ".") for k in tensors))
+    return _complete(tensors, parts, conversion, path.name, notes), notes
+
+
+def _earlier_port(paths: list[Path], conversion: Conversion) -> tuple[dict, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EarlierPortWarning)
+        state, result = load_earlier_port(paths)
+    _same_architecture(result.config, conversion, " and ".join(str(p) for p in paths))
+    names = " and ".join(p.name for p in paths)
+    notes = [f"{names}: the earlier PyTorch port's checkpoint, mapped by its keys"]
+    notes += [str(w.message) for w in caught if not str(w.message).startswith("partial import")]
+    return _complete(state, result.parts, conversion, names, notes), notes
+
+
+def _same_architecture(config: ManTraNetConfig, conversion: Conversion, source: str) -> None:
+    if config != conversion.config:
+        raise CommandError(
+            f"{source}: its architecture {config.to_dict()} is not that of {conversion.source} "
+            f"(release {conversion.identification.index}: {conversion.config.to_dict()}); "
+            "compare weights of one release",
+            BAD_INPUT,
+        )
+
+
+def torch_side(paths: list[Path] | None, conversion: Conversion) -> TorchSide:
+    if not paths:
+        model = _build(conversion.state_dict, conversion.config, str(conversion.source))
+        return TorchSide(model, f"{conversion.source} converted in memory", [str(conversion.source)], [])
+    if len(paths) > 2:
+        raise CommandError("--torch-weights: give one file, or the earlier port's two parts", BAD_INPUT)
+    for path in paths:
+        if not path.is_file():
+            raise CommandError(f"{path}: no such file", BAD_INPUT)
+    if len(paths) == 1 and _is_ours(paths[0]):
+        state, notes = _ours(paths[0], conversion)
+        kind = "mantranet-torch weights"
+    else:
+        state, notes = _earlier_port(paths, conversion)
+        kind = "the earlier PyTorch port's checkpoint"
+    names = " + ".join(str(p) for p in paths)
+    model = _build(state, conversion.config, names)
+    return TorchSide(model, f"{names} ({kind})", [str(p) for p in paths], notes)
+
+
+def _build(state: dict, config: ManTraNetConfig, source: str) -> ManTraNet:
+    model = ManTraNet(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CommandError(f"{source}: does not fit ManTraNet {config.to_dict()}: {e}", BAD_INPUT) from None
+    return model.eval()
+
+
+# --- progress -----------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Layers done for the current image on stderr, with an estimate of the time left: one self-rewriting line on
+    a terminal; elsewhere (a log file) a line as each image starts, as its reference trace and each mode finish."""
+
+    def __init__(self, total_images: int, modes: list[str], stream: TextIO = sys.stderr) -> None:
+        self.total_images, self.modes, self.stream = total_images, modes, stream
+        self.live = stream.isatty()
+        self.steps = TRACE_STEPS + len(modes) * len(LAYERS)
+
+    def start(self, index: int, image: InputImage) -> None:
+        height, width = image.pixels.shape[:2]
+        self.label = f"image {index}/{self.total_images} {image.name} ({width} x {height})"
+        self.started, self.done = time.perf_counter(), 0
+        self._show("tracing the reference", logged=True)
+
+    def traced(self) -> None:
+        self.done = TRACE_STEPS
+        self._show("reference traced", logged=True)
+
+    def layer(self, mode: str, name: str) -> None:
+        self.done += 1
+        if name == LAYERS[-1]:
+            self._show(f"{mode} mode done", logged=True)
+        else:
+            self._show(f"{mode} {LAYERS.index(name) + 1}/{len(LAYERS)} {name}")
+
+    def finish(self) -> None:
+        if self.live:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def _show(self, what: str, logged: bool = False) -> None:
+        elapsed = time.perf_counter() - self.started
+        line = f"{self.label}: {what}, {elapsed:.0f} s"
+        if TRACE_STEPS < self.done < self.steps:
+            line += f", about {elapsed / self.done * (self.steps - self.done):.0f} s left"
+        if self.live:
+            self.stream.write(f"\r\033[K{line}")
+            self.stream.flush()
+        elif logged:
+            print(line, file=self.stream, flush=True)
+
+
+class TracingReference:
+    """The reference as ``run_parity`` sees it, telling the progress display when its trace is done."""
+
+    def __init__(self, reference: Reference, progress: Progress) -> None:
+        self.reference, self.progress = reference, progress
+        self.arrays = reference.arrays
+
+    def trace(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.reference.trace(x)
+        self.progress.traced()
+        return out
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+
+def attribution_for(pixels: int, modes: list[str]) -> tuple[list[str] | None, Attributed]:
+    """``oracle_layers`` for ``run_parity`` and what it covers: every layer on small images, else the detector's,
+    in both modes from the reference's features (``cumulative_from_reference``)."""
+    if pixels <= FULL_ATTRIBUTION_PIXELS:
+        return None, Attributed(list(LAYERS), modes, f"{pixels} pixels: the whole network in float64")
+    reason = (
+        f"{pixels} pixels > {FULL_ATTRIBUTION_PIXELS}: the float64 feature extractor is slow at this size, so the "
+        "float64 detector starts from the reference's features"
+    )
+    return list(DETECTOR_LAYERS), Attributed(list(DETECTOR_LAYERS), modes, reason)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null: TensorFlow's C++ start-up notices bypass Python and its log level."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _import_reference():
+    try:
+        with _native_stderr_silenced():
+            import reference
+    except ImportError as e:
+        raise CommandError(
+            f"the TensorFlow reference needs TensorFlow ({e}); "
+            "install it with: pip install 'mantranet-torch[reference]'",
+            BAD_INPUT,
+        ) from None
+    return reference
+
+
+def _versions() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "mantranet-torch": tool_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def compare_images(
+    parity: ParityRun,
+    images: list[InputImage],
+    ref: Reference,
+    model: ManTraNet,
+    oracle: Oracle,
+    policy: TolerancePolicy,
+    progress: Progress,
+) -> None:
+    """Run the engine on each image in turn, adding its report to ``parity``."""
+    modes = parity.modes
+    for index, image in enumerate(images, start=1):
+        height, width = image.pixels.shape[:2]
+        oracle_layers, attributed = attribution_for(height * width, modes)
+        x = scale_pixels(torch.from_numpy(image.pixels)).numpy()[None]
+        progress.start(index, image)
+        started = time.perf_counter()
+        report = run_parity(
+            TracingReference(ref, progress),
+            model,
+            x,
+            oracle=oracle,
+            oracle_layers=oracle_layers,
+            modes=modes,
+            policy=policy,
+            progress=progress.layer,
+            cumulative_from_reference=True,
+        )
+        progress.finish()
+        seconds = time.perf_counter() - started
+        parity.images.append(
+            ImageParity(image.name, image.source, height, width, image.notes, attributed, report, seconds)
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    policy, tolerance = tolerance_policy(args.atol, args.rtol)
+    modes = [LOCAL] if args.local else list(MODES)
+    crop = Crop.parse(args.crop) if args.crop else None
+    try:
+        if args.report is not None:
+            check_target(args.report)
+        images = read_inputs(args.images, crop)
+        check_memory(images, available_memory())
+        conversion = convert_h5(args.weights, args.variant)
+        side = torch_side(args.torch_weights, conversion)
+        reference = _import_reference()
+        ref = reference.load(args.weights, args.variant)
+    except (ConversionError, WeightFileError, ReportError) as e:
+        raise CommandError(str(e), BAD_INPUT) from None
+    ident = conversion.identification
+    release = ident.release.file if ident.release else f"release {ident.index}"
+    print(f"reference: {args.weights}: {release} (identified by {ident.by}), TensorFlow")
+    print(f"torch: {side.description}")
+    for note in side.notes:
+        print(f"  note: {note}")
+    sys.stdout.flush()
+
+    parity = ParityRun(
+        reference={
+            "path": str(args.weights),
+            "release": release,
+            "variant": ident.index,
+            "identified_by": ident.by,
+            "config": conversion.config.to_dict(),
+        },
+        torch={"description": side.description, "paths": side.paths, "notes": side.notes},
+        tolerance=tolerance,
+        modes=modes,
+        versions=_versions(),
+    )
+    oracle = Oracle(ref.arrays, ref.config)
+    progress = Progress(len(images), modes)
+    with _torch_threads(torch_threads()):
+        compare_images(parity, images, ref, side.model, oracle, policy, progress)
+
+    print()
+    print(render_table(parity))
+    try:
+        if args.json is not None:
+            write_bytes_atomic(args.json, parity.to_json().encode(), force=True)
+            print(f"wrote {args.json}")
+        if args.report is not None:
+            write_report(parity, args.report)
+            print(f"wrote {args.report / 'index.html'}")
+    except (ConversionError, ReportError, OSError) as e:
+        raise CommandError(f"cannot write the report: {e}", BAD_INPUT) from None
+    return 0 if parity.passed else 1

@@ -1,0 +1,323 @@
+"""A parity run over several images: its verdict, the JSON report and the terminal table.
+
+Each image has its own ``ParityReport`` (``runner.run_parity``). Across images, a layer's numbers are the
+worst over the images (largest errors, largest fraction over tolerance), with the image where the worst
+occurred; the run passes when every layer passes in every image and mode, and its first divergent layer is
+the earliest layer in network order that diverges in any image.
+
+JSON (``ParityRun.to_json``; keys are only ever added within one ``schema`` version): ``schema``, ``passed``,
+``first_divergent_layer`` (null when all pass), ``first_divergent`` {mode: layer or null}, ``failing_images``,
+``modes``, ``layers`` (network order; ``name``, ``passed``, ``max_abs``, ``max_rel``, ``worst_index`` with its
+``image``, ``worst_image``, ``failing_images``, ``growth`` and per mode the worst-over-images statistics),
+``images`` (per image: name, source, size, notes, attribution, seconds and the engine's ``ParityReport.to_dict``),
+``reference``, ``torch``, ``tolerance``, ``versions``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mantranet_torch import LAYERS
+
+from .compare import Comparison
+from .runner import LayerResult, ParityReport
+from .tolerances import CUMULATIVE, LOCAL, MODES
+
+SCHEMA = "mantranet-parity/1"
+# Per-mode statistics carried into the run's layer list, each the worst over the images.
+WORST_OF = ("max_abs", "p99_abs", "mean_abs", "max_rel", "p99_rel", "mean_rel", "fraction_over", "min_atol")
+LISTED_FAILURES = 6  # failure messages printed per image; the JSON holds them all
+
+
+@dataclass
+class Attributed:
+    """What the float64 oracle evaluated for one image."""
+
+    layers: list[str]
+    modes: list[str]
+    reason: str
+
+    def describe(self) -> str:
+        which = "every layer" if list(self.layers) == list(LAYERS) else f"{self.layers[0]} .. {self.layers[-1]}"
+        return f"{which}, {' and '.join(self.modes)} mode{'s' if len(self.modes) > 1 else ''} ({self.reason})"
+
+
+@dataclass
+class ImageParity:
+    """One image's comparison: where it came from, what was done to it, and the engine's report."""
+
+    name: str
+    source: str  # the file as given, or "built-in: " and what the image is
+    height: int
+    width: int
+    notes: list[str]
+    attributed: Attributed
+    report: ParityReport
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "height": self.height,
+            "width": self.width,
+            "notes": self.notes,
+            "attribution": vars(self.attributed),
+            "seconds": round(self.seconds, 3),
+            **self.report.to_dict(),  # passed, first_divergent_layer, first_divergent, layers, ...
+        }
+
+
+@dataclass
+class ParityRun:
+    """Every image of one ``mantranet parity`` call, with what was compared under which tolerances."""
+
+    reference: dict[str, Any]  # the HDF5 file, its release and config
+    torch: dict[str, Any]  # the PyTorch weights: their source and notes
+    tolerance: dict[str, Any]
+    modes: list[str]
+    images: list[ImageParity] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(image.passed for image in self.images)
+
+    def first_divergent(self, mode: str | None = None) -> str | None:
+        found = {image.report.first_divergent(mode) for image in self.images} - {None}
+        return next((name for name in LAYERS if name in found), None)
+
+    @property
+    def first_divergent_layer(self) -> str | None:
+        return self.first_divergent()
+
+    def failing_images(self) -> list[str]:
+        return [image.name for image in self.images if not image.passed]
+
+    def layer_summaries(self) -> list[dict[str, Any]]:
+        """Each layer in network order, its numbers the worst over the images."""
+        summaries, previous = [], None
+        for name in LAYERS:
+            results = [(image.name, image.report.layer(name)) for image in self.images]
+            summary = _summarize(name, results, self.modes)
+            cumulative = summary.get(CUMULATIVE)
+            current = None if cumulative is None else cumulative["max_abs"]
+            summary["growth"] = current / previous if current is not None and previous else None
+            previous = current
+            summaries.append(summary)
+        return summaries
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "passed": self.passed,
+            "first_divergent_layer": self.first_divergent_layer,
+            "first_divergent": {mode: self.first_divergent(mode) for mode in self.modes},
+            "failing_images": self.failing_images(),
+            "modes": self.modes,
+            "layers": self.layer_summaries(),
+            "images": [image.to_dict() for image in self.images],
+            "reference": self.reference,
+            "torch": self.torch,
+            "tolerance": self.tolerance,
+            "versions": self.versions,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n"
+
+
+def _summarize(name: str, results: Sequence[tuple[str, LayerResult]], modes: Sequence[str]) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "name": name,
+        "passed": all(result.passed for _, result in results),
+        "failing_images": [image for image, result in results if not result.passed],
+    }
+    for mode in MODES:
+        if mode not in modes:
+            summary[mode] = None
+            continue
+        per_image = [(image, result.comparisons[mode]) for image, result in results]
+        worst_image, worst = max(per_image, key=lambda item: item[1].max_abs)
+        summary[mode] = {
+            "passed": all(c.passed for _, c in per_image),
+            "failing_images": [image for image, c in per_image if not c.passed],
+            **{key: max(getattr(c, key) for _, c in per_image) for key in WORST_OF},
+            "nonfinite_mismatches": sum(c.nonfinite_mismatches for _, c in per_image),
+            "worst_image": worst_image,
+            "worst_index": _with_image(worst.worst_index, worst_image),
+            "shape_mismatch": next((c.shape_mismatch for _, c in per_image if c.shape_mismatch), None),
+        }
+    head = summary[CUMULATIVE] or summary[LOCAL]
+    summary.update(
+        max_abs=head["max_abs"],
+        max_rel=head["max_rel"],
+        worst_index=head["worst_index"],
+        worst_image=head["worst_image"],
+    )
+    return summary
+
+
+def _with_image(index: dict[str, int] | None, image: str) -> dict[str, Any] | None:
+    return None if index is None else {"image": image, **index}
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: non-finite floats (a growth from an infinite error) become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+# --- the terminal table -------------------------------------------------------------------------------------
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "0" if value == 0 else f"{value:.1e}"
+
+
+def _over(c: Comparison) -> str:
+    if c.fraction_over == 0:
+        return "-"
+    return f"{c.fraction_over:.1%}" if c.fraction_over >= 0.001 else f"{c.fraction_over:.0e}"
+
+
+def _where(index: dict[str, int] | None) -> str:
+    if index is None:
+        return "-"
+    parts = [f"r{index['row']}", f"c{index['col']}", f"ch{index['channel']}"]
+    if "time" in index:
+        parts.append(f"t{index['time']}")
+    return " ".join(parts)
+
+
+def further_from_exact(result: LayerResult) -> str | None:
+    """The framework further from the float64 value on this layer: from local mode where it ran (each layer's own
+    error, both fed the same input), else cumulative mode; None where nothing was attributed."""
+    attribution = result.local_attribution or result.cumulative_attribution
+    return None if attribution is None else attribution.further_from_exact
+
+
+def _further(result: LayerResult) -> str:
+    further = further_from_exact(result)
+    return {None: "-", "reference": "ref", "torch": "torch", "neither": "-"}[further]
+
+
+def _status(result: LayerResult) -> str:
+    failed = [mode for mode, c in result.comparisons.items() if not c.passed]
+    if not failed:
+        return "ok*" if any(c.reference_drift for c in result.comparisons.values()) else "ok"
+    if any(result.comparisons[m].nonfinite_mismatches for m in failed):
+        return "NaN/Inf"
+    return "FAIL " + "+".join(m[0] for m in failed)  # c, l or c+l
+
+
+def image_table(image: ImageParity) -> str:
+    """One image: its heading, NaN/Inf differences first, then a row per layer, then the failures in words."""
+    report = image.report
+    head = (
+        f"{image.name}  {image.width} x {image.height}  ({image.source})  "
+        f"{'passed' if image.passed else 'FAILED'}  {image.seconds:.1f} s"
+    )
+    lines = [head]
+    lines += [f"  note: {note}" for note in image.notes]
+    lines.append(f"  float64 attribution: {image.attributed.describe()}")
+    for layer in report.layers:  # differences in finiteness are not numbers: they come before any
+        for mode, c in layer.comparisons.items():
+            if c.nonfinite_mismatches:
+                where = ", ".join(_where(p) for p in c.nonfinite_positions[:3])
+                lines.append(f"  NaN/Inf differ: {layer.name} ({mode}) at {c.nonfinite_mismatches} positions: {where}")
+    cum, loc = CUMULATIVE in report.modes, LOCAL in report.modes
+    columns = f"  {'layer':<16}{'status':<8}"
+    if cum:
+        columns += f"{'cum: max':>9}{'p99':>8}{'max rel':>8}{'over':>7}{'min tol':>8}{'growth':>9}"
+    if loc:
+        columns += f"{'loc: max':>9}{'max rel':>8}{'over':>7}{'min tol':>8}"
+    columns += f"  {'f64 off':<8}worst at"
+    lines += [columns, "  " + "-" * (len(columns) - 2)]
+    for layer in report.layers:
+        row = f"  {layer.name:<16}{_status(layer):<8}"
+        if cum:
+            c = layer.cumulative
+            growth = "-" if layer.growth is None else f"x{layer.growth:.2g}"
+            row += f"{_num(c.max_abs):>9}{_num(c.p99_abs):>8}{_num(c.max_rel):>8}{_over(c):>7}{_num(c.min_atol):>8}"
+            row += f"{growth:>9}"
+        if loc:
+            c = layer.local
+            row += f"{_num(c.max_abs):>9}{_num(c.max_rel):>8}{_over(c):>7}{_num(c.min_atol):>8}"
+        head = layer.headline
+        row += f"  {_further(layer):<8}{_where(head.worst_index) if head.max_abs > 0 else '-'}"
+        lines.append(row)
+    return "\n".join(lines + _failure_lines(report))
+
+
+def _failure_lines(report: ParityReport) -> list[str]:
+    """The failures in words: every mode at the first divergent layer, then the layers that are wrong by
+    themselves (local mode); layers that only inherit an error (cumulative mode alone) are counted, not listed."""
+    first = report.first_divergent_layer
+    if first is None:
+        return []
+    listed = [(first, mode, c) for mode, c in report.layer(first).comparisons.items() if not c.passed]
+    listed += [
+        (layer.name, LOCAL, layer.local)
+        for layer in report.layers
+        if layer.name != first and layer.local is not None and not layer.local.passed
+    ]
+    lines = [f"  [{mode}] {c.message()}" for _, mode, c in listed[:LISTED_FAILURES]]
+    if len(listed) > LISTED_FAILURES:
+        lines.append(f"  ... and {len(listed) - LISTED_FAILURES} more layers wrong by themselves (in the JSON report)")
+    inherited = [
+        layer.name
+        for layer in report.layers
+        if layer.name != first
+        and layer.cumulative is not None
+        and not layer.cumulative.passed
+        and (layer.local is None or layer.local.passed)
+    ]
+    if inherited:
+        lines.append(f"  over tolerance in cumulative mode only (inherited): {', '.join(inherited)}")
+    return lines
+
+
+def verdict(run: ParityRun) -> str:
+    """The last line: the run's verdict and, on failure, its first divergent layer in each mode."""
+    modes = " and ".join(run.modes)
+    count = f"{len(run.images)} image{'s' if len(run.images) != 1 else ''}"
+    if run.passed:
+        return (
+            f"PASSED: all {len(LAYERS)} layers within tolerance on {count} ({modes} mode{'s' * (len(run.modes) > 1)})"
+        )
+    per_mode = ", ".join(f"{mode}: {run.first_divergent(mode) or 'none'}" for mode in run.modes)
+    failing = run.failing_images()
+    return (
+        f"FAILED: first divergent layer {run.first_divergent_layer} ({per_mode}); "
+        f"failing: {len(failing)} of {count} ({', '.join(failing)})"
+    )
+
+
+def render_table(run: ParityRun) -> str:
+    legend = (
+        "cum: cumulative mode (each framework on its own outputs, as in use); loc: local mode (each PyTorch layer fed "
+        "the reference's input: its own error). max, p99: max and 99th-percentile |torch - reference|; max rel: "
+        "relative to |reference|; over: fraction of elements over tolerance; min tol: the smallest atol that would "
+        "pass; growth: max error over the previous layer's; f64 off: the framework whose own output of the layer "
+        "(local mode) is further from the float64 value ('-': both within tolerance of it); worst at: row, column, "
+        "channel (and time step) of the largest difference. ok*: some elements are over tolerance against the "
+        "reference but within it of the float64 value: the reference drifted there, not PyTorch"
+    )
+    blocks = [image_table(image) for image in run.images]
+    return "\n\n".join([*blocks, legend, verdict(run)])
