@@ -141,6 +141,7 @@ def test_bayar_constraint_against_float64_and_idempotent() -> None:
 
 
 def test_combined_conv_uses_the_bayar_kernel_as_stored() -> None:
+    torch.manual_seed(0)
     conv = layers.CombinedConv2d(16)
     torch.nn.init.normal_(conv.regular_kernel)
     torch.nn.init.normal_(conv.bayar_kernel)  # unconstrained on purpose
@@ -154,8 +155,9 @@ def test_combined_conv_uses_the_bayar_kernel_as_stored() -> None:
             conv.kernel.detach().double().permute(2, 3, 1, 0).numpy(),
         )
     )
-    # 75-term float32 dot products of unit-scale values: error ~ sqrt(75) * eps * |terms| << 1e-5.
-    np.testing.assert_allclose(to_nhwc(out), expected, rtol=0, atol=1e-5)
+    # 75-term float32 dot products of unit-normal kernels and inputs, outputs up to ~30: measured worst
+    # 1.2e-5 over 300 random seeds; 3e-5 leaves headroom while a wrong kernel or padding is off by O(1).
+    np.testing.assert_allclose(to_nhwc(out), expected, rtol=0, atol=3e-5)
 
 
 @settings(max_examples=examples(15))

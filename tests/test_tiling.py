@@ -20,7 +20,7 @@ from converter import keras_to_torch, synthetic_keras_weights
 from mantranet_torch import RELEASES, ManTraNet, memory, tiling, to_model_input
 from mantranet_torch.cost import flops_per_pixel, multiply_adds_per_pixel
 from mantranet_torch.layers import ImageStatistics
-from mantranet_torch.model import _last
+from mantranet_torch.tiling import last_output
 from mantranet_torch.tiling import MIN_TILE, StatisticsAccumulator, crop_around, crop_shape, predict_tiled, tile_grid
 from parity_tests.profiles import examples
 from tests.helpers import SAMPLES
@@ -164,8 +164,8 @@ def test_detector_radius_is_the_reach_of_one_pixel(release: int, expected: int) 
     poked[..., centre, centre] += 5.0
     stats = ImageStatistics.of(x)  # whole-image statistics held fixed, as in tiling's second pass
     with torch.inference_mode():
-        before = _last(m.detector.stages_after_bnorm(x, stats))
-        after = _last(m.detector.stages_after_bnorm(poked, stats))
+        before = last_output(m.detector.stages_after_bnorm(x, stats))
+        after = last_output(m.detector.stages_after_bnorm(poked, stats))
     assert farthest_change(before, after, centre) == tiling.detector_radius(m) == expected
 
 
