@@ -20,8 +20,15 @@ from converter import keras_to_torch, synthetic_keras_weights
 from mantranet_torch import RELEASES, ManTraNet, memory, tiling, to_model_input
 from mantranet_torch.cost import flops_per_pixel, multiply_adds_per_pixel
 from mantranet_torch.layers import ImageStatistics
-from mantranet_torch.tiling import last_output
-from mantranet_torch.tiling import MIN_TILE, StatisticsAccumulator, crop_around, crop_shape, predict_tiled, tile_grid
+from mantranet_torch.tiling import (
+    MIN_TILE,
+    StatisticsAccumulator,
+    crop_around,
+    crop_shape,
+    last_output,
+    predict_tiled,
+    tile_grid,
+)
 from parity_tests.profiles import examples
 from tests.helpers import SAMPLES
 
