@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -111,15 +112,16 @@ def verify(conversion: Conversion) -> None:
 
 
 def output_paths(source: Path, out: str | Path | None, fmt: str) -> tuple[Path, Path]:
-    """The weight file and its manifest. ``out`` may be a file, a directory, or None (the weights folder)."""
+    """The weight file and its manifest. ``out`` may be a file, a folder (an existing one, one given with a
+    trailing slash, or a new path without a suffix: created), or None (the weights folder)."""
     if fmt not in FORMATS:
         raise ConversionError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     suffix = FORMATS[fmt]
     if out is None:
         target = weights_dir() / (source.stem + suffix)
     else:
-        out = Path(out)
-        target = out / (source.stem + suffix) if out.is_dir() else out
+        folder = Path(out).is_dir() or str(out).endswith(("/", os.sep)) or not Path(out).suffix
+        target = Path(out) / (source.stem + suffix) if folder else Path(out)
     if target.suffix != suffix:
         raise ConversionError(f"{target}: a {fmt} output must end in {suffix}")
     return target, target.with_name(target.name + MANIFEST_SUFFIX)

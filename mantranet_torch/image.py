@@ -31,6 +31,8 @@ def to_model_input(image: ImageLike) -> Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected a uint8 H x W x 3 array, got {image.dtype} array of shape {image.shape}")
+        if not image.flags.writeable:  # e.g. np.asarray(pil_image); torch wants a buffer it may write
+            image = image.copy()
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
     if not isinstance(image, Tensor):
         raise TypeError(f"expected a numpy array, PIL image or tensor, got {type(image).__name__}")

@@ -259,7 +259,9 @@ class WindowDeviations(nn.Module):
         xd = x.to(torch.float64)  # differences in float64, rounded once to x's dtype
         for step, m in enumerate(window_means(x, self.window_sizes)):
             out[:, step] = m.sub_(xd)
-        out[:, -1] = torch.sub(mean[:, :, None, None], xd, out=xd)
+        # xd is a scratch copy to reuse, unless x was float64 already or autograd needs it kept
+        scratch = xd is not x and not torch.is_grad_enabled()
+        out[:, -1] = torch.sub(mean[:, :, None, None], xd, out=xd) if scratch else mean[:, :, None, None] - xd
         return out
 
     def extra_repr(self) -> str:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -252,6 +253,23 @@ def test_converting_twice_gives_identical_bytes_and_a_true_manifest(tmp_path, fm
     assert manifest["output"]["sha256"] == hashlib.sha256(outputs[0][0]).hexdigest()
     assert manifest["release"] is None and manifest["variant"] == 1 and manifest["identified_by"] == "file name"
     assert manifest["config"] == RELEASES[1].to_dict()
+
+
+@pytest.mark.parametrize(
+    ("out", "expected"),
+    [
+        ("model.safetensors", "model.safetensors"),  # a file
+        ("new-folder/", "new-folder/ManTraNet_Ptrain4.safetensors"),  # a trailing slash: a folder
+        ("new-folder", "new-folder/ManTraNet_Ptrain4.safetensors"),  # no suffix: a folder
+        (".", "ManTraNet_Ptrain4.safetensors"),  # an existing folder
+    ],
+)
+def test_output_may_be_a_file_or_a_folder(tmp_path, monkeypatch, out: str, expected: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    target, manifest = output_paths(Path("ManTraNet_Ptrain4.h5"), out, "safetensors")
+    assert (target, manifest) == (Path(expected), Path(expected + ".json"))
+    with pytest.raises(ConversionError, match=r"model.pt: a safetensors output must end in \.safetensors"):
+        output_paths(Path("ManTraNet_Ptrain4.h5"), "model.pt", "safetensors")
 
 
 def test_existing_outputs_are_kept_unless_forced(tmp_path, capsys) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +76,11 @@ def test_predict_takes_arrays_and_pil_images_and_scales_once() -> None:
     assert from_array.dtype == np.float32 and from_array.shape == (13, 17)
     np.testing.assert_array_equal(from_array, from_pil)
     np.testing.assert_array_equal(from_array, direct.numpy())
+    read_only = np.asarray(Image.fromarray(rgb))  # PIL's buffer: not writable
+    assert not read_only.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a non-writable array unless it is copied first
+        np.testing.assert_array_equal(model.predict(read_only), from_array)
 
 
 def test_scaling_matches_the_official_float32_expression() -> None:
@@ -152,6 +159,27 @@ def test_forward_never_changes_the_weights() -> None:
         model(torch.rand(1, 3, 9, 9))
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_gradients_match_finite_differences() -> None:
+    """Fine-tuning needs a differentiable forward: autograd against central differences, in float64."""
+    model = _model(4, seed=5).double()
+    x = torch.rand(1, 3, 5, 6, dtype=torch.float64) * 2 - 1
+    # gradcheck's own tolerances for float64 (atol 1e-5, rtol 1e-3) fit eps-1e-6 central differences
+    assert torch.autograd.gradcheck(model, (x.requires_grad_(),), eps=1e-6)
+    model.zero_grad()
+    model(x.detach()).mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+def test_a_float64_trace_keeps_every_layer_intact() -> None:
+    """No layer may overwrite an earlier layer's output in place (float64 inputs are not copied on the way)."""
+    model = _model(4, seed=6).double()
+    with torch.no_grad():
+        trace = model.trace(torch.rand(1, 3, 11, 12, dtype=torch.float64) * 2 - 1)
+        bnorm = model.detector.bnorm(model.detector.outlier_trans(trace["L2"]))
+    torch.testing.assert_close(trace["bnorm"], bnorm, rtol=0, atol=0)
 
 
 def _model(release: int, seed: int) -> ManTraNet:
