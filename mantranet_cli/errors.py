@@ -1,5 +1,7 @@
 """Expected failures of a command: shown as one message, never as a traceback."""
 
+BAD_INPUT = 2  # `mantranet parity`'s exit status for input it cannot compare; 1 there means "layers differ"
+
 
 class CommandError(Exception):
     """A failure the user can act on; ``exit_code`` is what the command returns."""

@@ -10,12 +10,9 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import sys
 import time
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -24,33 +21,23 @@ import torch
 
 from converter import ConversionError, convert_h5
 from converter.atomic import write_bytes_atomic
-from converter.convert import Conversion, tool_version
-from converter.legacy import DETECTOR, PART_NAMES, EarlierPortWarning, load_earlier_port
+from converter.convert import tool_version
 from mantranet_torch import LAYERS, ManTraNet, WeightFileError, scale_pixels
-from mantranet_torch.config import ManTraNetConfig
 from mantranet_torch.model import DETECTOR_LAYERS
-from mantranet_torch.weights import MODEL_PARTS, SAFETENSORS_SUFFIX, metadata_config, read_weights
-from parity_tests.builtin_images import DEFAULT_SIZE, builtin_images
 from parity_tests.oracle import Oracle
 from parity_tests.report import Attributed, ImageParity, ParityRun, render_table
 from parity_tests.report_page import ReportError, check_target, write_report
 from parity_tests.runner import Reference, run_parity
 from parity_tests.tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES, POLICY, TolerancePolicy
 
-from .errors import CommandError
-from .images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+from .errors import BAD_INPUT, CommandError
+from .parity_inputs import Crop, InputImage, available_memory, check_memory, read_inputs
+from .parity_torch import torch_side
 
-BAD_INPUT = 2  # exit status for input that cannot be compared; 1 is reserved for "layers differ"
 # The float64 feature extractor is the slow part of attribution: one image took 4.0 s with the whole network in
 # float64 and 1.5 s with the detector alone at 48 x 48, 49 s and 33 s at 160 x 160 (2 busy cores). Beyond this size
 # only the detector is evaluated in float64 (its drift, the official window means', grows with the image).
 FULL_ATTRIBUTION_PIXELS = 96 * 96
-# Peak memory of one image's comparison: the reference's trace of every layer, the PyTorch outputs and the
-# float64 comparison buffers. Measured peak resident memory: 1.1 GB for the built-in set, 1.7 GB at 128 x 128,
-# 2.0 GB at 160 x 160, 7.5 GB at 600 x 266: 35-44 KB per pixel over the 1 GB of the two frameworks loaded.
-BYTES_PER_PIXEL = 45_000
-BASE_BYTES = 2**30
-CROP_PATTERN = re.compile(r"^(\d+)x(\d+)(?:\+(\d+)\+(\d+))?$")
 TRACE_STEPS = 10  # the reference's trace, counted as this many layer steps for the progress estimate
 
 
@@ -109,94 +96,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-# --- inputs ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class InputImage:
-    name: str
-    source: str
-    pixels: np.ndarray  # uint8 H x W x 3
-    notes: list[str]
-
-
-@dataclass(frozen=True)
-class Crop:
-    width: int
-    height: int
-    left: int | None = None
-    top: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Crop:
-        found = CROP_PATTERN.match(text)
-        if not found or int(found.group(1)) < 1 or int(found.group(2)) < 1:
-            raise CommandError(
-                f"--crop {text}: expected WIDTHxHEIGHT or WIDTHxHEIGHT+LEFT+TOP, e.g. 256x256", BAD_INPUT
-            )
-        width, height, left, top = found.groups()
-        return cls(int(width), int(height), None if left is None else int(left), None if top is None else int(top))
-
-    def apply(self, image: InputImage) -> InputImage:
-        height, width = image.pixels.shape[:2]
-        if self.width >= width and self.height >= height and self.left is None:
-            return image
-        w, h = min(self.width, width), min(self.height, height)
-        left = (width - w) // 2 if self.left is None else self.left
-        top = (height - h) // 2 if self.top is None else self.top
-        if left + w > width or top + h > height:
-            raise CommandError(
-                f"{image.source}: --crop {w}x{h}+{left}+{top} reaches beyond the image ({width} x {height})", BAD_INPUT
-            )
-        pixels = np.ascontiguousarray(image.pixels[top : top + h, left : left + w])
-        note = f"cropped to {w} x {h} at left {left}, top {top} (of {width} x {height})"
-        return InputImage(image.name, image.source, pixels, [*image.notes, note])
-
-
-def read_inputs(paths: list[Path], crop: Crop | None) -> list[InputImage]:
-    """The user's images decoded (as ``mantranet detect`` reads them), or the built-in set; all before any work."""
-    if not paths:
-        images = [InputImage(b.name, "built-in: " + b.description, b.pixels, []) for b in builtin_images(DEFAULT_SIZE)]
-    else:
-        images = []
-        for path in paths:
-            try:
-                loaded = read_image(path, DEFAULT_MAX_PIXELS)
-            except ImageReadError as e:
-                raise CommandError(str(e), BAD_INPUT) from None
-            name = path.name if sum(p.name == path.name for p in paths) == 1 else str(path)
-            images.append(InputImage(name, str(path), loaded.pixels, loaded.notes))
-    return [crop.apply(image) for image in images] if crop else images
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes; None where the system does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def check_memory(images: list[InputImage], available: int | None) -> None:
-    if available is None:
-        return
-    for image in images:
-        height, width = image.pixels.shape[:2]
-        need = BASE_BYTES + BYTES_PER_PIXEL * height * width
-        if need > available:
-            side = int(math.sqrt(max(available - BASE_BYTES, 0) / BYTES_PER_PIXEL)) // 16 * 16
-            hint = f"compare on a region with --crop {side}x{side}" if side >= 16 else "free some memory"
-            raise CommandError(
-                f"{image.source}: {width} x {height} needs about {need / 2**30:.1f} GiB for a layer-by-layer "
-                f"comparison, {available / 2**30:.1f} GiB are available; {hint} (every layer shows in any region)",
-                BAD_INPUT,
-            )
-
-
 def tolerance_policy(atol: float | None, rtol: float | None) -> tuple[TolerancePolicy, dict]:
     """The project's per-layer policy, or one tolerance for every layer when --atol or --rtol is given."""
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
@@ -208,104 +107,6 @@ def tolerance_policy(atol: float | None, rtol: float | None) -> tuple[ToleranceP
     rtol = DEFAULT_RTOL if rtol is None else rtol
     policy = TolerancePolicy.uniform(atol, rtol)
     return policy, {"policy": "uniform", "atol": atol, "rtol": rtol, "table": policy.to_dict()}
-
-
-# --- the PyTorch side ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TorchSide:
-    model: ManTraNet
-    description: str
-    paths: list[str]
-    notes: list[str]
-
-
-def _is_ours(path: Path) -> bool:
-    """A mantranet-torch weight file (keys featex.* / detector.*), as opposed to the earlier port's checkpoint."""
-    if path.suffix.lower() == SAFETENSORS_SUFFIX:
-        return True
-    try:
-        tensors, _ = read_weights(path)
-    except WeightFileError:
-        return False  # the earlier port's reader gives the precise message
-    return any(key.startswith(tuple(p + "." for p in MODEL_PARTS)) for key in tensors)
-
-
-def _complete(state: dict, parts: tuple[str, ...], conversion: Conversion, source: str, notes: list[str]) -> dict:
-    """A one-part state dict completed with the other part of WEIGHTS.h5 (and a note saying so)."""
-    missing = [part for part in MODEL_PARTS if part not in parts]
-    if not missing:
-        return state
-    if not parts:
-        raise CommandError(f"{source}: holds neither part of ManTraNet", BAD_INPUT)
-    taken = {k: v for k, v in conversion.state_dict.items() if k.split(".", 1)[0] in missing}
-    have, other = PART_NAMES[parts[0]], " and ".join(PART_NAMES[m] for m in missing)
-    notes.append(
-        f"{source} holds the {have} only: combined with the {other} of {conversion.source.name}, so layers "
-        f"{'from outlierTrans on' if parts[0] == DETECTOR else 'up to L2'} compare its weights"
-    )
-    return {**state, **taken}
-
-
-def _ours(path: Path, conversion: Conversion) -> tuple[dict, list[str]]:
-    tensors, metadata = read_weights(path)
-    notes: list[str] = []
-    config = metadata_config(path, metadata)
-    if config is not None:
-        _same_architecture(config, conversion, str(path))
-    parts = tuple(p for p in MODEL_PARTS if any(k.startswith(p + ".") for k in tensors))
-    return _complete(tensors, parts, conversion, path.name, notes), notes
-
-
-def _earlier_port(paths: list[Path], conversion: Conversion) -> tuple[dict, list[str]]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", EarlierPortWarning)
-        state, result = load_earlier_port(paths)
-    _same_architecture(result.config, conversion, " and ".join(str(p) for p in paths))
-    names = " and ".join(p.name for p in paths)
-    notes = [f"{names}: the earlier PyTorch port's checkpoint, mapped by its keys"]
-    notes += [str(w.message) for w in caught if not str(w.message).startswith("partial import")]
-    return _complete(state, result.parts, conversion, names, notes), notes
-
-
-def _same_architecture(config: ManTraNetConfig, conversion: Conversion, source: str) -> None:
-    if config != conversion.config:
-        raise CommandError(
-            f"{source}: its architecture {config.to_dict()} is not that of {conversion.source} "
-            f"(release {conversion.identification.index}: {conversion.config.to_dict()}); "
-            "compare weights of one release",
-            BAD_INPUT,
-        )
-
-
-def torch_side(paths: list[Path] | None, conversion: Conversion) -> TorchSide:
-    if not paths:
-        model = _build(conversion.state_dict, conversion.config, str(conversion.source))
-        return TorchSide(model, f"{conversion.source} converted in memory", [str(conversion.source)], [])
-    if len(paths) > 2:
-        raise CommandError("--torch-weights: give one file, or the earlier port's two parts", BAD_INPUT)
-    for path in paths:
-        if not path.is_file():
-            raise CommandError(f"{path}: no such file", BAD_INPUT)
-    if len(paths) == 1 and _is_ours(paths[0]):
-        state, notes = _ours(paths[0], conversion)
-        kind = "mantranet-torch weights"
-    else:
-        state, notes = _earlier_port(paths, conversion)
-        kind = "the earlier PyTorch port's checkpoint"
-    names = " + ".join(str(p) for p in paths)
-    model = _build(state, conversion.config, names)
-    return TorchSide(model, f"{names} ({kind})", [str(p) for p in paths], notes)
-
-
-def _build(state: dict, config: ManTraNetConfig, source: str) -> ManTraNet:
-    model = ManTraNet(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CommandError(f"{source}: does not fit ManTraNet {config.to_dict()}: {e}", BAD_INPUT) from None
-    return model.eval()
 
 
 # --- progress -----------------------------------------------------------------------------------------------

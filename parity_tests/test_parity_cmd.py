@@ -23,7 +23,7 @@ from PIL import Image
 import reference
 from converter import convert_h5, synthetic_keras_weights, torch_to_keras, write_official_h5
 from converter.legacy import EarlierPortWarning, load_earlier_port
-from mantranet_cli import parity_cmd
+from mantranet_cli import parity_cmd, parity_inputs
 from mantranet_cli.main import main
 from mantranet_torch import LAYERS, RELEASES, ManTraNet, scale_pixels
 from mantranet_torch.layers import STD_FLOOR
@@ -65,7 +65,7 @@ def model_input(path: Path) -> np.ndarray:
 
 
 def test_correct_conversion_passes_on_the_builtin_set(files, tmp_path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(parity_cmd, "DEFAULT_SIZE", SIZE)  # the built-in set, smaller than by default
+    monkeypatch.setattr(parity_inputs, "DEFAULT_SIZE", SIZE)  # the built-in set, smaller than by default
     code, out, _ = run(capsys, files / "ManTraNet_Ptrain4.h5", "--json", tmp_path / "parity.json")
     assert code == 0, out
     report = json.loads((tmp_path / "parity.json").read_text())

@@ -1,0 +1,111 @@
+"""The PyTorch side of ``mantranet parity``: WEIGHTS.h5 converted in memory, or the user's --torch-weights
+(a file of ours, or the earlier port's checkpoints), completed from WEIGHTS.h5 when it holds one part only."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from converter.convert import Conversion
+from converter.legacy import DETECTOR, PART_NAMES, EarlierPortWarning, load_earlier_port
+from mantranet_torch import ManTraNet, WeightFileError
+from mantranet_torch.config import ManTraNetConfig
+from mantranet_torch.weights import MODEL_PARTS, SAFETENSORS_SUFFIX, metadata_config, read_weights
+
+from .errors import BAD_INPUT, CommandError
+
+
+@dataclass
+class TorchSide:
+    model: ManTraNet
+    description: str
+    paths: list[str]
+    notes: list[str]
+
+
+def _is_ours(path: Path) -> bool:
+    """A mantranet-torch weight file (keys featex.* / detector.*), as opposed to the earlier port's checkpoint."""
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        return True
+    try:
+        tensors, _ = read_weights(path)
+    except WeightFileError:
+        return False  # the earlier port's reader gives the precise message
+    return any(key.startswith(tuple(p + "." for p in MODEL_PARTS)) for key in tensors)
+
+
+def _complete(state: dict, parts: tuple[str, ...], conversion: Conversion, source: str, notes: list[str]) -> dict:
+    """A one-part state dict completed with the other part of WEIGHTS.h5 (and a note saying so)."""
+    missing = [part for part in MODEL_PARTS if part not in parts]
+    if not missing:
+        return state
+    if not parts:
+        raise CommandError(f"{source}: holds neither part of ManTraNet", BAD_INPUT)
+    taken = {k: v for k, v in conversion.state_dict.items() if k.split(".", 1)[0] in missing}
+    have, other = PART_NAMES[parts[0]], " and ".join(PART_NAMES[m] for m in missing)
+    notes.append(
+        f"{source} holds the {have} only: combined with the {other} of {conversion.source.name}, so layers "
+        f"{'from outlierTrans on' if parts[0] == DETECTOR else 'up to L2'} compare its weights"
+    )
+    return {**state, **taken}
+
+
+def _ours(path: Path, conversion: Conversion) -> tuple[dict, list[str]]:
+    tensors, metadata = read_weights(path)
+    notes: list[str] = []
+    config = metadata_config(path, metadata)
+    if config is not None:
+        _same_architecture(config, conversion, str(path))
+    parts = tuple(p for p in MODEL_PARTS if any(k.startswith(p + ".") for k in tensors))
+    return _complete(tensors, parts, conversion, path.name, notes), notes
+
+
+def _earlier_port(paths: list[Path], conversion: Conversion) -> tuple[dict, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EarlierPortWarning)
+        state, result = load_earlier_port(paths)
+    _same_architecture(result.config, conversion, " and ".join(str(p) for p in paths))
+    names = " and ".join(p.name for p in paths)
+    notes = [f"{names}: the earlier PyTorch port's checkpoint, mapped by its keys"]
+    notes += [str(w.message) for w in caught if not str(w.message).startswith("partial import")]
+    return _complete(state, result.parts, conversion, names, notes), notes
+
+
+def _same_architecture(config: ManTraNetConfig, conversion: Conversion, source: str) -> None:
+    if config != conversion.config:
+        raise CommandError(
+            f"{source}: its architecture {config.to_dict()} is not that of {conversion.source} "
+            f"(release {conversion.identification.index}: {conversion.config.to_dict()}); "
+            "compare weights of one release",
+            BAD_INPUT,
+        )
+
+
+def torch_side(paths: list[Path] | None, conversion: Conversion) -> TorchSide:
+    if not paths:
+        model = _build(conversion.state_dict, conversion.config, str(conversion.source))
+        return TorchSide(model, f"{conversion.source} converted in memory", [str(conversion.source)], [])
+    if len(paths) > 2:
+        raise CommandError("--torch-weights: give one file, or the earlier port's two parts", BAD_INPUT)
+    for path in paths:
+        if not path.is_file():
+            raise CommandError(f"{path}: no such file", BAD_INPUT)
+    if len(paths) == 1 and _is_ours(paths[0]):
+        state, notes = _ours(paths[0], conversion)
+        kind = "mantranet-torch weights"
+    else:
+        state, notes = _earlier_port(paths, conversion)
+        kind = "the earlier PyTorch port's checkpoint"
+    names = " + ".join(str(p) for p in paths)
+    model = _build(state, conversion.config, names)
+    return TorchSide(model, f"{names} ({kind})", [str(p) for p in paths], notes)
+
+
+def _build(state: dict, config: ManTraNetConfig, source: str) -> ManTraNet:
+    model = ManTraNet(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CommandError(f"{source}: does not fit ManTraNet {config.to_dict()}: {e}", BAD_INPUT) from None
+    return model.eval()
