@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from converter import ConversionError
+from converter.convert import tool_version
 from mantranet_torch import WeightFileError
 
 from . import convert_cmd, demo_cmd, detect_cmd, export_keras_cmd, parity_cmd, weights_cmd
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mantranet", description="Official ManTraNet weights in PyTorch: convert, verify, debug, detect."
     )
+    parser.add_argument("--version", action="version", version=f"mantranet-torch {tool_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)

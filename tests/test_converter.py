@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -309,3 +310,10 @@ def test_cli_reports_what_it_matched_and_where_it_wrote(tmp_path, capsys) -> Non
     assert "release 0 (identified by file name)" in out and f"wrote {tmp_path / 'ManTraNet_Ptrain0.pt'}" in out
     state = torch.load(tmp_path / "ManTraNet_Ptrain0.pt", weights_only=True)
     assert len(state) == 35
+
+
+def test_version_is_the_installed_distributions(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mantranet-torch {importlib.metadata.version('mantranet-torch')}"
