@@ -28,7 +28,7 @@ PART_SUFFIX = ".part"
 CHUNK = 1 << 16
 TIMEOUT_S = 60.0  # per socket operation: a stalled server fails instead of hanging
 USER_AGENT = "mantranet-torch"
-HTTP_OK, HTTP_PARTIAL, HTTP_RANGE_NOT_SATISFIABLE = 200, 206, 416
+HTTP_PARTIAL, HTTP_RANGE_NOT_SATISFIABLE = 206, 416
 
 
 class DownloadError(Exception):

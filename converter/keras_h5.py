@@ -36,9 +36,6 @@ class KerasWeights:
     keras_version: str | None
     backend: str | None
 
-    def layer_of(self, key: str) -> str:
-        return key.split("/", 1)[0]
-
 
 def _strings(value: object) -> list[str]:
     """An HDF5 string-list attribute as str, whether stored as bytes, str, or an empty (float) array."""

@@ -34,10 +34,6 @@ class ManTraNetConfig:
         object.__setattr__(self, "window_sizes", sizes)
 
     @property
-    def regular_filters(self) -> int:
-        return self.first_block_filters - FIXED_FIRST_LAYER_FILTERS
-
-    @property
     def time_steps(self) -> int:
         """ConvLSTM steps: one per window, plus the global mean."""
         return len(self.window_sizes) + 1
