@@ -16,10 +16,18 @@ def staged_path(target: Path) -> Iterator[Path]:
     """A temporary path beside ``target`` that is removed unless the caller has moved it away."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     os.close(fd)
+    os.chmod(tmp, _new_file_mode())  # mkstemp's 0600 would carry over to the published file
     try:
         yield Path(tmp)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def publish(staged: Path, target: Path, force: bool) -> None:
@@ -39,19 +47,43 @@ def publish(staged: Path, target: Path, force: bool) -> None:
         staged.unlink()
 
 
-def write_bytes_atomic(target: Path, data: bytes, force: bool) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+def make_folder(folder: Path) -> None:
+    """Create ``folder`` if needed; a file in the way or a permission is a ConversionError."""
     try:
-        with staged_path(target) as tmp:
-            with tmp.open("wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            publish(tmp, target, force)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"{folder}: cannot create the folder ({e.strerror or e})") from None
+
+
+def make_parent(target: Path) -> None:
+    make_folder(target.parent)
+
+
+def write_bytes_atomic(target: Path, data: bytes, force: bool) -> None:
+    write_files_atomic({target: data}, force)
+
+
+def write_files_atomic(files: dict[Path, bytes], force: bool) -> None:
+    """Write every file beside its target first, then move them into place in order: a failed write (a full
+    disk, say) replaces nothing, so a weight file and its manifest are never left from different runs."""
+    for target in files:
+        make_parent(target)
+    current = next(iter(files))
+    try:
+        with contextlib.ExitStack() as stack:
+            staged = {}
+            for current, data in files.items():
+                tmp = staged[current] = stack.enter_context(staged_path(current))
+                with tmp.open("wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            for current, tmp in staged.items():
+                publish(tmp, current, force)
     except ConversionError:
         raise
     except OSError as e:
-        raise ConversionError(f"{target}: cannot write ({e.strerror or e})") from None
+        raise ConversionError(f"{current}: cannot write ({e.strerror or e})") from None
 
 
 def refuse_existing(paths: list[Path], force: bool) -> None:

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
+from mantranet_torch.config import FIXED_FIRST_LAYER_FILTERS
 from mantranet_torch.weights import encode_pt, encode_safetensors
 
-from .atomic import refuse_existing, write_bytes_atomic
+from .atomic import refuse_existing, write_files_atomic
 from .errors import ConversionError
 from .keras_h5 import WEIGHTS_ONLY, KerasWeights, read_keras_h5, write_keras_h5
 from .mapping import REGULAR_KERNEL, keras_to_torch, official_layers, torch_to_keras, uses_frozen_order
@@ -71,9 +72,9 @@ class Conversion:
 
 
 def first_block_filters(arrays: dict[str, np.ndarray]) -> int | None:
-    """b1c1's width, read off the regular kernel (HWIO, out = width - 12)."""
+    """b1c1's width, read off the regular kernel (HWIO, out = width - the 9 SRM and 3 Bayar filters)."""
     kernel = arrays.get(REGULAR_KERNEL)
-    return None if kernel is None or kernel.ndim != 4 else int(kernel.shape[3]) + 12
+    return None if kernel is None or kernel.ndim != 4 else int(kernel.shape[3]) + FIXED_FIRST_LAYER_FILTERS
 
 
 def identify_keras_file(
@@ -97,6 +98,11 @@ def convert_h5(path: str | Path, variant: int | None = None) -> Conversion:
     return conversion
 
 
+def probe_image() -> torch.Tensor:
+    """A fixed 1 x 3 x 9 x 9 input spanning [-1, 1], run by every conversion to check its outputs are finite."""
+    return torch.linspace(-1.0, 1.0, 3 * PROBE_SIZE * PROBE_SIZE).reshape(1, 3, PROBE_SIZE, PROBE_SIZE)
+
+
 def verify(conversion: Conversion) -> None:
     """The model takes the state dict strictly, maps back to the file's arrays bit for bit, and runs finite."""
     model = ManTraNet(conversion.config)
@@ -104,9 +110,8 @@ def verify(conversion: Conversion) -> None:
     for path, value in torch_to_keras(conversion.state_dict).items():
         if not np.array_equal(value, conversion.keras.arrays[path].astype(np.float32)):
             raise AssertionError(f"mapping round trip changed {path}")
-    probe = torch.linspace(-1.0, 1.0, 3 * PROBE_SIZE * PROBE_SIZE).reshape(1, 3, PROBE_SIZE, PROBE_SIZE)
     with torch.inference_mode():
-        out = model.eval()(probe)
+        out = model.eval()(probe_image())
     if not torch.isfinite(out).all():
         raise ConversionError(f"{conversion.source}: the converted model gives non-finite outputs on a probe image")
 
@@ -134,14 +139,8 @@ def save_conversion(conversion: Converted, target: Path, manifest_path: Path, fo
     encode = encode_pt if target.suffix == FORMATS["pt"] else encode_safetensors
     data = encode(conversion.state_dict, conversion.config, provenance)
     manifest = {**provenance, "output": {"name": target.name, "sha256": bytes_digest(data), "size": len(data)}}
-    existed = target.exists()
-    write_bytes_atomic(target, data, force)
-    try:
-        write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), force)
-    except ConversionError:
-        if not existed:
-            target.unlink(missing_ok=True)  # no weight file without its manifest
-        raise
+    manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    write_files_atomic({target: data, manifest_path: manifest_bytes}, force)
     return manifest
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from .atomic import publish
+from .atomic import make_parent, publish
 from .errors import ConversionError
 from .releases import Digests, file_digests
 
@@ -115,7 +115,10 @@ def download(
                 "pass --force to replace it"
             )
     created_dir = not target.parent.exists()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        make_parent(target)
+    except ConversionError as e:
+        raise DownloadError(str(e)) from None
     part = part_path(target)
     resumed_from = transfer(url, part, progress, timeout_s)
     digests = file_digests(part)
@@ -143,8 +146,11 @@ def transfer(url: str, part: Path, progress: Progress | None, timeout_s: float) 
         response.close()
         part.unlink()  # the partial file is not a prefix of what the server has: start over
         offset, response = 0, open_url(url, 0, timeout_s)
-    elif offset and (response.status != HTTP_PARTIAL or range_start(response) != offset):
+    elif offset and response.status != HTTP_PARTIAL:
         offset = 0  # the server ignored the Range request and sends the whole file
+    elif offset and range_start(response) != offset:
+        response.close()  # a range that does not continue the part: ask for the whole file instead
+        offset, response = 0, open_url(url, 0, timeout_s)
     with response:
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None and length.isdigit() else None

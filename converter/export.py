@@ -10,7 +10,7 @@ from pathlib import Path
 from mantranet_torch import ManTraNetConfig
 from mantranet_torch.weights import PROVENANCE_KEY, read_model_weights
 
-from .atomic import publish, refuse_existing, staged_path
+from .atomic import make_parent, publish, refuse_existing, staged_path
 from .convert import write_official_h5
 from .errors import ConversionError
 from .keras_h5 import LAYOUTS, WEIGHTS_ONLY
@@ -42,7 +42,7 @@ def export_keras(weights: str | Path, target: str | Path, layout: str = WEIGHTS_
         arrays = torch_to_keras(tensors)
     except ConversionError as e:
         raise ConversionError(f"{weights}: {e}") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(target)
     try:
         with staged_path(target) as tmp:
             try:

@@ -23,6 +23,7 @@ FULL_MODEL = "full-model"
 LAYOUTS = (WEIGHTS_ONLY, FULL_MODEL)
 KERAS_VERSION = "2.2.4"  # what the written files claim, as the original Keras 2 code expects
 BACKEND = "tensorflow"
+MODEL_NAME = "sigNet"  # the official model's name, in a full-model file's model_config
 
 
 @dataclass
@@ -75,43 +76,53 @@ def read_keras_h5(path: str | Path) -> KerasWeights:
     except OSError as e:
         raise ConversionError(f"{path}: not an HDF5 file ({e})") from None
     with f:
-        if "layer_names" in f.attrs:
-            root, layout = f, WEIGHTS_ONLY
-        elif "model_weights" in f and _string_attr(f["model_weights"].attrs, "layer_names") is not None:
-            root, layout = f["model_weights"], FULL_MODEL
-        else:
-            raise ConversionError(
-                f"{path}: not a Keras weight file: neither a root attribute 'layer_names' (weights-only layout) "
-                "nor a group 'model_weights' with one (full-model layout)"
-            )
-        layer_names = _string_attr(root.attrs, "layer_names") or []
-        arrays: dict[str, np.ndarray] = {}
-        for layer in layer_names:
-            if layer not in root:
-                raise ConversionError(f"{path}: layer '{layer}' is listed in layer_names but has no group")
-            group = root[layer]
-            weight_names = _string_attr(group.attrs, "weight_names")
-            if weight_names is None:
-                raise ConversionError(f"{path}: layer '{layer}' has no 'weight_names' attribute")
-            for name in weight_names:
-                item = group.get(name)
-                if not isinstance(item, h5py.Dataset):
-                    raise ConversionError(f"{path}: layer '{layer}' lists weight '{name}' but holds no such dataset")
-                key = f"{layer}/{name}"
-                if key in arrays:
-                    raise ConversionError(f"{path}: layer '{layer}' lists weight '{name}' twice")
-                value = np.asarray(item[()])
-                if not np.issubdtype(value.dtype, np.floating):
-                    raise ConversionError(f"{path}: array {key} has dtype {value.dtype}, expected floating point")
-                arrays[key] = value
-        return KerasWeights(
-            path=path,
-            layout=layout,
-            layer_names=layer_names,
-            arrays=arrays,
-            keras_version=_scalar_string(root.attrs, "keras_version"),
-            backend=_scalar_string(root.attrs, "backend"),
+        try:
+            return _read_open_file(path, f)
+        except (OSError, KeyError, ValueError) as e:  # a damaged chunk, a broken link, an unreadable attribute
+            raise ConversionError(f"{path}: cannot be read as a Keras weight file ({e})") from None
+
+
+def _read_open_file(path: Path, f: h5py.File) -> KerasWeights:
+    """``read_keras_h5`` on an open file."""
+    if _string_attr(f.attrs, "layer_names") is not None:
+        root, layout = f, WEIGHTS_ONLY
+    elif "model_weights" in f and _string_attr(f["model_weights"].attrs, "layer_names") is not None:
+        root, layout = f["model_weights"], FULL_MODEL
+    else:
+        raise ConversionError(
+            f"{path}: not a Keras weight file: neither a root attribute 'layer_names' (weights-only layout) "
+            "nor a group 'model_weights' with one (full-model layout)"
         )
+    layer_names = _string_attr(root.attrs, "layer_names") or []
+    arrays: dict[str, np.ndarray] = {}
+    for layer in layer_names:
+        if layer not in root:
+            raise ConversionError(f"{path}: layer '{layer}' is listed in layer_names but has no group")
+        group = root[layer]
+        if not isinstance(group, h5py.Group):
+            raise ConversionError(f"{path}: layer '{layer}' is listed in layer_names but is not a group")
+        weight_names = _string_attr(group.attrs, "weight_names")
+        if weight_names is None:
+            raise ConversionError(f"{path}: layer '{layer}' has no 'weight_names' attribute")
+        for name in weight_names:
+            item = group.get(name)
+            if not isinstance(item, h5py.Dataset):
+                raise ConversionError(f"{path}: layer '{layer}' lists weight '{name}' but holds no such dataset")
+            key = f"{layer}/{name}"
+            if key in arrays:
+                raise ConversionError(f"{path}: layer '{layer}' lists weight '{name}' twice")
+            value = np.asarray(item[()])
+            if not np.issubdtype(value.dtype, np.floating):
+                raise ConversionError(f"{path}: array {key} has dtype {value.dtype}, expected floating point")
+            arrays[key] = value
+    return KerasWeights(
+        path=path,
+        layout=layout,
+        layer_names=layer_names,
+        arrays=arrays,
+        keras_version=_scalar_string(root.attrs, "keras_version"),
+        backend=_scalar_string(root.attrs, "backend"),
+    )
 
 
 def write_keras_h5(
@@ -119,7 +130,6 @@ def write_keras_h5(
     layers: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]],
     layout: str = WEIGHTS_ONLY,
     str_attrs: bool = False,
-    model_name: str = "sigNet",
 ) -> None:
     """Write ``layers`` — (layer name, [(weight name, array), ...]) in order — as Keras 2 does.
 
@@ -141,7 +151,7 @@ def write_keras_h5(
     with h5py.File(path, "w") as f:
         root = f
         if layout == FULL_MODEL:
-            config = {"class_name": "Model", "config": {"name": model_name, "layers": [n for n, _ in layers]}}
+            config = {"class_name": "Model", "config": {"name": MODEL_NAME, "layers": [n for n, _ in layers]}}
             f.attrs["model_config"] = scalar(json.dumps(config))
             f.attrs["keras_version"] = scalar(KERAS_VERSION)
             f.attrs["backend"] = scalar(BACKEND)

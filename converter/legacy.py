@@ -32,7 +32,7 @@ from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
 from mantranet_torch.layers import STD_FLOOR, bayar_constraint, l2_normalize_tf, srm_kernels
 from mantranet_torch.model import DETECTOR_CHANNELS, FEATURE_CHANNELS, LSTM_HIDDEN
 
-from .convert import TOOL_NAME, tool_version
+from .convert import TOOL_NAME, probe_image, tool_version
 from .errors import ConversionError
 from .mapping import torch_shapes
 from .releases import Digests, PortCheckpoint, file_digests, port_checkpoints
@@ -45,7 +45,6 @@ BNORM_MEAN, BNORM_VARIANCE = 0.0, 0.0  # see the module docstring
 SRM_KEY = "SRMConv2D.weight"  # the port stores the SRM constants; they are checked, never imported
 SRM_TOLERANCE = 1e-7  # a few float32 ulps of the largest tap (0.5): the same constants, however computed
 BAYAR_TOLERANCE = 1e-4  # off-centre taps of a constrained kernel sum to 1 up to float32 rounding
-PROBE_SIZE = 9
 
 
 @dataclass(frozen=True)
@@ -204,6 +203,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
         raise ConversionError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+    key = next((k for k in obj if not isinstance(k, str)), None)
+    if key is not None:
+        raise ConversionError(f"{path}: expected a state dict of tensors, but it has a key {key!r} that is not a str")
     other = next((k for k, v in obj.items() if not isinstance(v, Tensor)), None)
     if other is not None:
         raise ConversionError(
@@ -272,12 +274,12 @@ def check_part(path: Path, part: str, tensors: dict[str, Tensor], config: ManTra
     for key, value in tensors.items():
         if not value.is_floating_point():
             raise ConversionError(f"{path}: key {key} has dtype {value.dtype}, expected floating point")
-        bad = ~torch.isfinite(value)
+        bad = ~torch.isfinite(value.to(torch.float32))  # beyond float32's range counts as infinite
         if bad.any():
             index = tuple(int(i) for i in bad.nonzero()[0])
             raise ConversionError(
-                f"{path}: key {key} holds {int(bad.sum())} non-finite value(s), the first {value[index].item()} "
-                f"at index {index}"
+                f"{path}: key {key} holds {int(bad.sum())} value(s) that are not finite in float32, the first "
+                f"{value[index].item()} at index {index}"
             )
 
 
@@ -391,16 +393,15 @@ def verify_import(result: PortImport) -> None:
         module.load_state_dict(
             {k.removeprefix(prefix): v for k, v in result.state_dict.items() if k.startswith(prefix)}
         )
-    probe = torch.linspace(-1.0, 1.0, 3 * PROBE_SIZE * PROBE_SIZE).reshape(1, 3, PROBE_SIZE, PROBE_SIZE)
+    probe = probe_image()
     with torch.inference_mode():
         if not result.partial:
             out = model(probe)
         elif result.parts == (FEATEX,):
             out = model.featex(probe)
         else:
-            features = torch.linspace(-3.0, 3.0, FEATURE_CHANNELS * PROBE_SIZE**2).reshape(
-                1, -1, PROBE_SIZE, PROBE_SIZE
-            )
+            height, width = probe.shape[-2:]
+            features = torch.linspace(-3.0, 3.0, FEATURE_CHANNELS * height * width).reshape(1, -1, height, width)
             out = model.detector(l2_normalize_tf(features.sin()))
     if not torch.isfinite(out).all():
         names = ", ".join(s.path.name for s in result.sources)

@@ -110,11 +110,12 @@ def check_keras_arrays(arrays: dict[str, np.ndarray], config: ManTraNetConfig, s
     if problems:
         raise ConversionError(f"{source}: does not match ManTraNet {_describe(config)}: " + "; ".join(problems))
     for path in expected:
-        bad = ~np.isfinite(arrays[path])
+        with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf here, and is refused
+            bad = ~np.isfinite(arrays[path].astype(np.float32, copy=False))
         if bad.any():
             index = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ConversionError(
-                f"{source}: array {path} holds {int(bad.sum())} non-finite value(s), "
+                f"{source}: array {path} holds {int(bad.sum())} value(s) that are not finite in float32, "
                 f"the first {arrays[path][index]} at index {index}"
             )
 

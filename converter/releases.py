@@ -120,7 +120,8 @@ def resolve_variant(
 ) -> Identification:
     """Decide the release a file is: content hash, then file name, then the user's ``variant``.
 
-    Sources that disagree are an error, and so is a choice the file's shapes rule out.
+    The first source that speaks decides (an official file's hash outranks its name). A ``variant`` that
+    contradicts the deciding source is an error, and so is a choice the file's shapes rule out.
     """
     by_hash = release_by_hash(digests.git_blob_sha1)
     by_name = release_by_name(path.name)

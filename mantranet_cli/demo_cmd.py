@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 from PIL import Image
 
 from converter import synthetic_keras_weights, write_official_h5
+from converter.atomic import make_folder, publish, staged_path, write_bytes_atomic
 from converter.releases import official_release, weights_dir
 from mantranet_torch import RELEASES
 from parity_tests.builtin_images import copy_move
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from .main import main  # the demo runs the very commands a user would type
 
     out: Path = args.output
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
 
     def step(*argv: str) -> int:
         print(f"\n$ mantranet {' '.join(argv)}", flush=True)
@@ -54,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     variant: list[str] = []
     if not h5.exists() and step("weights", "fetch", str(DEMO_RELEASE), "--no-convert") != 0:
         h5 = out / f"standin-Ptrain{DEMO_RELEASE}.h5"
-        write_official_h5(h5, synthetic_keras_weights(RELEASES[DEMO_RELEASE], STANDIN_SEED), RELEASES[DEMO_RELEASE])
+        config = RELEASES[DEMO_RELEASE]
+        with staged_path(h5) as tmp:  # the demo's own folder: replaced whole on every run
+            write_official_h5(tmp, synthetic_keras_weights(config, STANDIN_SEED), config)
+            publish(tmp, h5, force=True)
         variant = ["--variant", str(DEMO_RELEASE)]
         print(
             f"\nThe official {release.file} is not in {weights_dir()} and could not be downloaded: the demo goes on "
@@ -62,13 +67,15 @@ def run(args: argparse.Namespace) -> int:
             f"forgery map means nothing. Put the official file in {weights_dir()} to run on the trained model."
         )
     weights = out / (h5.stem + ".safetensors")
-    report = ["--json", str(out / "parity.json"), "--report", str(out / "parity-report")]
+    report = ["--json", str(out / "parity.json"), "--force", "--report", str(out / "parity-report")]
     codes = {
         "convert": step("convert", str(h5), "-o", str(weights), "--force", *variant),
         "parity": step("parity", str(h5), *variant, "--torch-weights", str(weights), *report),
     }
     image = out / "copy-move.png"
-    Image.fromarray(copy_move(DETECT_IMAGE_SIZE)).save(image)
+    png = io.BytesIO()
+    Image.fromarray(copy_move(DETECT_IMAGE_SIZE)).save(png, format="PNG")
+    write_bytes_atomic(image, png.getvalue(), force=True)
     codes["detect"] = step("detect", str(image), "-w", str(weights), "-o", str(out / "detect"), "--overlay", "--force")
     print("\n" + ", ".join(f"{name}: {'ok' if code == 0 else f'exit {code}'}" for name, code in codes.items()))
     print(f"outputs in {out}/: {weights.name} (+ manifest), parity.json, parity-report/index.html, detect/")

@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--tile {args.tile}: tiles must be at least {MIN_TILE} pixels")
     if args.max_memory is not None and args.max_memory <= 0:
         raise CommandError(f"--max-memory {args.max_memory}: must be positive")
-    images = find_images(args.inputs)
+    images = find_images(args.inputs, skip=args.output)
     if not images:
         raise CommandError(f"no images found in {', '.join(str(p) for p in args.inputs)}")
     device = resolve_device(args.device)
@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         if outputs.mask in claimed:
             failed.append(path)
             _error(bar, f"{path}: its outputs would overwrite those of {claimed[outputs.mask]}; run it separately")
+            bar.done += 1
             continue
         claimed[outputs.mask] = path
         missing = [p for p in outputs.paths() if args.force or not p.exists()]

@@ -33,13 +33,18 @@ class LoadedImage:
     notes: list[str] = field(default_factory=list)
 
 
-def find_images(inputs: list[Path]) -> list[tuple[Path, Path]]:
-    """(image, its path relative to the input it came from): files as given, directories walked for images."""
+def find_images(inputs: list[Path], skip: Path | None = None) -> list[tuple[Path, Path]]:
+    """(image, its path relative to the input it came from): files as given, directories walked for images.
+
+    Files under ``skip`` (the output folder, when it lies inside an input folder) are not walked into.
+    """
     found = []
+    skip = skip.resolve() if skip is not None else None
     for item in inputs:
         if item.is_dir():
             for path in sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
-                found.append((path, path.relative_to(item)))
+                if skip is None or not path.resolve().is_relative_to(skip):
+                    found.append((path, path.relative_to(item)))
         else:
             found.append((item, Path(item.name)))
     return found

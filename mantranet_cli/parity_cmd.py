@@ -77,6 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--report", type=Path, metavar="DIR", help="write an HTML page with plots and heat maps to DIR")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the machine-readable report to FILE")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.add_argument(
         "--atol",
         type=float,
@@ -268,6 +269,19 @@ def compare_images(
         )
 
 
+def check_json_target(path: Path, report: Path | None, force: bool) -> None:
+    """Refuse, before any work, a --json path that cannot be written or would replace a file unasked."""
+    if path.is_dir():
+        raise CommandError(f"--json {path}: is a folder; give a file name", BAD_INPUT)
+    if report is not None and path.resolve().is_relative_to(report.resolve()):
+        raise CommandError(
+            f"--json {path}: inside the --report folder, which is replaced whole (it holds its own report.json)",
+            BAD_INPUT,
+        )
+    if path.exists() and not force:
+        raise CommandError(f"--json {path}: already exists; pass --force to replace it", BAD_INPUT)
+
+
 def run(args: argparse.Namespace) -> int:
     policy, tolerance = tolerance_policy(args.atol, args.rtol)
     modes = [LOCAL] if args.local else list(MODES)
@@ -275,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.report is not None:
             check_target(args.report)
+        if args.json is not None:
+            check_json_target(args.json, args.report, args.force)
         images = read_inputs(args.images, crop)
         check_memory(images, available_memory())
         conversion = convert_h5(args.weights, args.variant)
@@ -313,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     print(render_table(parity))
     try:
         if args.json is not None:
-            write_bytes_atomic(args.json, parity.to_json().encode(), force=True)
+            write_bytes_atomic(args.json, parity.to_json().encode(), force=args.force)
             print(f"wrote {args.json}")
         if args.report is not None:
             write_report(parity, args.report)

@@ -64,7 +64,7 @@ def _ours(path: Path, conversion: Conversion) -> tuple[dict, list[str]]:
 def _earlier_port(paths: list[Path], conversion: Conversion) -> tuple[dict, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EarlierPortWarning)
-        state, result = load_earlier_port(paths)
+        state, result = load_earlier_port(paths, conversion.identification.index)
     _same_architecture(result.config, conversion, " and ".join(str(p) for p in paths))
     names = " and ".join(p.name for p in paths)
     notes = [f"{names}: the earlier PyTorch port's checkpoint, mapped by its keys"]

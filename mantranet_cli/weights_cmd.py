@@ -24,7 +24,7 @@ from converter.releases import (
     weights_dir,
 )
 from mantranet_torch import RELEASES, ManTraNetConfig
-from mantranet_torch.weights import CONFIG_KEY, MODEL_PARTS, PROVENANCE_KEY, read_weights
+from mantranet_torch.weights import MODEL_PARTS, PROVENANCE_KEY, WeightFileError, metadata_config, read_weights
 
 from .errors import CommandError
 
@@ -214,12 +214,24 @@ def describe_tensors(path: Path, kind: str, tensors: dict, metadata: dict[str, s
     present = [p for p in MODEL_PARTS if any(k.startswith(p + ".") for k in tensors)]
     part = "full model" if len(present) == len(MODEL_PARTS) else f"{present[0]} only (a partial import)"
     print(f"  format: {kind} of ManTraNet weights of this project, {len(tensors)} tensors, {part}")
-    if CONFIG_KEY in metadata:
-        print(f"  config: {settings(ManTraNetConfig.from_dict(json.loads(metadata[CONFIG_KEY])))}")
+    try:
+        config = metadata_config(path, metadata)
+    except WeightFileError as e:
+        print(f"  config: unreadable: {e}")
+    else:
+        if config is not None:
+            print(f"  config: {settings(config)}")
     if PROVENANCE_KEY not in metadata:
         print("  provenance: none recorded")
         return
-    provenance = json.loads(metadata[PROVENANCE_KEY])
+    try:
+        describe_provenance(json.loads(metadata[PROVENANCE_KEY]))
+    except (ValueError, AttributeError, KeyError, TypeError) as e:
+        print(f"  provenance: malformed ({type(e).__name__}: {e})")
+
+
+def describe_provenance(provenance: dict) -> None:
+    """The manifest `mantranet convert` writes into a file's metadata, as lines; KeyError etc. when malformed."""
     sources = provenance.get("sources") or [provenance.get("source") or {}]
     for source in sources:
         print(f"  converted from: {source.get('name')} (git blob SHA-1 {source.get('git_blob_sha1')})")

@@ -16,7 +16,7 @@ def multiply_adds_per_pixel(model: nn.Module) -> dict[str, int]:
     counts = {name: _conv(module.weight) for name, module in model.featex.named_children() if name != "b1c1"}
     counts = {"b1c1": _conv(model.featex.b1c1.kernel), **counts}
     detector = model.detector
-    steps = len(detector.nested_avg.window_sizes) + 1
+    steps = model.config.time_steps
     counts["outlierTrans"] = _conv(detector.outlier_trans.weight)
     counts["cLSTM"] = steps * _conv(detector.clstm.kernel) + (steps - 1) * _conv(detector.clstm.recurrent_kernel)
     counts["pred"] = _conv(detector.pred.weight)

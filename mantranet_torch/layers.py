@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import FIXED_FIRST_LAYER_FILTERS
+
 BN_EPSILON = 1e-3  # Keras BatchNormalization default epsilon
 L2_EPSILON = 1e-12  # tf.nn.l2_normalize clamps the *squared* norm at this value
 STD_FLOOR = 1e-6  # GlobalStd2D adds min_std_val / 10 = 1e-5 / 10 to the stored min_std
@@ -156,7 +158,7 @@ class CombinedConv2d(nn.Module):
     def __init__(self, out_channels: int, in_channels: int = 3) -> None:
         super().__init__()
         k = self.kernel_size
-        self.regular_kernel = nn.Parameter(torch.empty(out_channels - 12, in_channels, k, k))
+        self.regular_kernel = nn.Parameter(torch.empty(out_channels - FIXED_FIRST_LAYER_FILTERS, in_channels, k, k))
         self.register_buffer("srm_kernel", srm_kernels(), persistent=False)
         self.bayar_kernel = nn.Parameter(torch.empty(3, in_channels, k, k))
 

@@ -38,7 +38,7 @@ class PixelCosts:
     def of(cls, model: nn.Module, precision: str = "fp32") -> PixelCosts:
         features = model.detector.outlier_trans.in_channels
         channels = model.detector.bnorm.moving_mean.numel()
-        steps = len(model.detector.nested_avg.window_sizes) + 1
+        steps = model.config.time_steps
         width = BFLOAT16_BYTES if precision == "bf16" else FLOAT32_BYTES
         # bf16: three bfloat16 tensors at L2, then its float32 copy beside the bfloat16 original
         featex = max(3 * features * width, features * (width + FLOAT32_BYTES))

@@ -139,7 +139,7 @@ class ManTraNet(nn.Module):
 
     @classmethod
     def from_release(cls, index: int) -> ManTraNet:
-        """An uninitialised model shaped as the official ``ManTraNet_Ptrain{index}.h5``."""
+        """A model shaped as the official ``ManTraNet_Ptrain{index}.h5``, with fresh (untrained) weights."""
         return cls(release_config(index))
 
     def stages(self, x: Tensor) -> Iterator[tuple[str, Tensor]]:

@@ -144,12 +144,11 @@ class FeatureSpool:
     The file lives in the page cache or on disk, never in the process's own memory.
     """
 
-    def __init__(
-        self, height: int, width: int, channels: int, dtype: torch.dtype, directory: str | None = None
-    ) -> None:
+    def __init__(self, height: int, width: int, channels: int, dtype: torch.dtype) -> None:
         self.height, self.width, self.channels = height, width, channels
         self.dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (open for the spool's life; see close)
+        # in the temporary folder ($TMPDIR), open for the spool's life (see close)
+        self.file = tempfile.TemporaryFile()  # noqa: SIM115
         self.pixel_bytes = channels * self.dtype.itemsize
 
     def _offset(self, row: int, col: int) -> int:
@@ -212,7 +211,6 @@ def predict_tiled(
     tile: int,
     precision: str = "fp32",
     progress: Progress | None = None,
-    spool_dir: str | None = None,
 ) -> np.ndarray:
     """The map of one image (1 x 3 x H x W, scaled float, on the model's device), tile by tile.
 
@@ -226,7 +224,7 @@ def predict_tiled(
     halo1, halo2 = featex_radius(model), detector_radius(model)
     shape1, shape2 = crop_shape(tiles, halo1, height, width), crop_shape(tiles, halo2, height, width)
     channels = model.detector.bnorm.moving_mean.numel()
-    with FeatureSpool(height, width, channels, image.dtype, spool_dir) as spool:
+    with FeatureSpool(height, width, channels, image.dtype) as spool:
         accumulator = StatisticsAccumulator()
         for box in tiles:
             crop = crop_around(box, halo1, shape1, height, width)

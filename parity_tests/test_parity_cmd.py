@@ -23,7 +23,7 @@ from PIL import Image
 import reference
 from converter import convert_h5, synthetic_keras_weights, torch_to_keras, write_official_h5
 from converter.legacy import EarlierPortWarning, load_earlier_port
-from mantranet_cli import parity_cmd, parity_inputs
+from mantranet_cli import parity_cmd, parity_inputs, parity_torch
 from mantranet_cli.main import main
 from mantranet_torch import LAYERS, RELEASES, ManTraNet, scale_pixels
 from mantranet_torch.layers import STD_FLOOR
@@ -210,6 +210,17 @@ def clamped_channels(ref: reference.ReferenceModel, x: np.ndarray) -> int:
 
 
 @needs_seed_port
+def test_an_earlier_port_checkpoint_takes_the_release_of_weights_h5(tmp_path) -> None:
+    """The port's detector fits releases 2 and 3 as well as 4 (same shapes): WEIGHTS.h5 says which one."""
+    h5 = tmp_path / "ManTraNet_Ptrain2.h5"
+    write_official_h5(h5, synthetic_keras_weights(RELEASES[2], 0), RELEASES[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EarlierPortWarning)
+        side = parity_torch.torch_side([SEED_PORT_DETECTOR], convert_h5(h5))
+    assert side.model.config == RELEASES[2]
+
+
+@needs_seed_port
 def test_earlier_port_with_the_statistics_the_import_sets_passes(files, tmp_path, capsys) -> None:
     # The import gives bnorm mean 0 and variance 0 (converter/legacy.py). An HDF5 holding exactly that computes what
     # our model with the imported checkpoint computes: every layer agrees, the near-flat image included, although
@@ -288,6 +299,17 @@ def test_bad_input_exits_2_naming_the_file(files, tmp_path, capsys) -> None:
         assert expected in err, (argv, err)
         assert not json_out.exists()
     assert (occupied / "thesis.txt").read_text() == "keep me"
+    existing = tmp_path / "results.json"
+    existing.write_text("earlier results")
+    for argv, expected in [
+        (["--json", existing], "results.json: already exists; pass --force to replace it"),
+        (["--json", occupied], "occupied: is a folder"),
+        (["--json", tmp_path / "page" / "r.json", "--report", tmp_path / "page"], "inside the --report folder"),
+    ]:
+        code, out, err = run(capsys, h5, *argv)
+        assert code == 2 and expected in err, (argv, err)
+        assert "image 1/" not in err + out  # refused before any work
+    assert existing.read_text() == "earlier results" and not (tmp_path / "page").exists()
 
 
 def test_large_images_attribute_the_detector_from_the_reference_features(files, tmp_path, capsys, monkeypatch) -> None:

@@ -179,8 +179,3 @@ POLICY = TolerancePolicy(
     local={name: Tolerance(atol) for name, atol in LOCAL_ATOL.items()},
     cumulative={name: Tolerance(atol) for name, atol in CUMULATIVE_ATOL.items()},
 )
-
-
-def tolerance(layer: str, mode: str) -> Tolerance:
-    """The project's tolerance for ``layer`` in ``mode`` (``local`` or ``cumulative``)."""
-    return POLICY.get(layer, mode)

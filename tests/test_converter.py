@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -132,6 +134,13 @@ def _nan(layers) -> None:
     layers["cLSTM"][1] = (name, value)
 
 
+def _beyond_float32(layers) -> None:
+    name, value = layers["glbStd"][0]
+    value = value.astype(np.float64)  # a float64 file may hold what float32 cannot
+    value[0, 0, 0, 5] = 1e39
+    layers["glbStd"][0] = (name, value)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -140,8 +149,13 @@ def _nan(layers) -> None:
         (_extra, r"unexpected array pred/pred/gamma:0 with shape \(3,\)"),
         (
             _nan,
-            r"array cLSTM/cLSTM/recurrent_kernel:0 holds 1 non-finite value\(s\), "
+            r"array cLSTM/cLSTM/recurrent_kernel:0 holds 1 value\(s\) that are not finite in float32, "
             r"the first nan at index \(1, 2, 3, 4\)",
+        ),
+        (
+            _beyond_float32,
+            r"array glbStd/glbStd/min_std:0 holds 1 value\(s\) that are not finite in float32, "
+            r"the first 1e\+39 at index \(0, 0, 0, 5\)",
         ),
     ],
 )
@@ -176,6 +190,35 @@ def test_files_that_are_not_keras_weight_files(tmp_path) -> None:
         f.create_group("pred").attrs["weight_names"] = [b"pred/kernel:0"]
     with pytest.raises(ConversionError, match="layer 'pred' lists weight 'pred/kernel:0' but holds no such dataset"):
         convert_h5(tmp_path / "nodata.h5")
+    with h5py.File(tmp_path / "dataset.h5", "w") as f:
+        f.attrs["layer_names"] = [b"pred"]
+        f.create_dataset("pred", data=np.zeros(3)).attrs["weight_names"] = [b"pred/kernel:0"]
+    with pytest.raises(ConversionError, match="layer 'pred' is listed in layer_names but is not a group"):
+        convert_h5(tmp_path / "dataset.h5")
+    with h5py.File(tmp_path / "damaged.h5", "w") as f:
+        f.attrs["layer_names"] = [b"pred"]
+        group = f.create_group("pred")
+        group.attrs["weight_names"] = [b"pred/kernel:0"]
+        group.create_dataset("pred/kernel:0", data=np.arange(4096, dtype=np.float32), chunks=(4096,), compression=9)
+        offset = group["pred/kernel:0"].id.get_chunk_info(0).byte_offset
+    data = bytearray((tmp_path / "damaged.h5").read_bytes())
+    data[offset : offset + 64] = bytes(64)  # the compressed chunk no longer inflates
+    (tmp_path / "damaged.h5").write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match="damaged.h5: cannot be read as a Keras weight file"):
+        convert_h5(tmp_path / "damaged.h5")
+
+
+def test_layer_names_split_into_chunks_are_read(tmp_path) -> None:
+    """Keras 2 splits an attribute over 64 KB into layer_names0, layer_names1, ...; the root one too."""
+    path = tmp_path / "ManTraNet_Ptrain4.h5"
+    official_file(path, 4)
+    expected = convert_h5(path).state_dict
+    with h5py.File(path, "a") as f:
+        names = list(f.attrs["layer_names"])
+        del f.attrs["layer_names"]
+        f.attrs["layer_names0"], f.attrs["layer_names1"] = names[:4], names[4:]
+    for key, value in convert_h5(path).state_dict.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
 @pytest.fixture
@@ -285,6 +328,19 @@ def test_existing_outputs_are_kept_unless_forced(tmp_path, capsys) -> None:
     assert mantranet_torch.load(target).config == RELEASES[4]
 
 
+def test_outputs_get_the_mode_of_any_new_file(tmp_path) -> None:
+    """Atomic writes stage in a 0600 temporary file; the published file must not keep that."""
+    source = tmp_path / "ManTraNet_Ptrain4.h5"
+    official_file(source, 4)
+    umask = os.umask(0o022)
+    try:
+        target, manifest = output_paths(source, tmp_path / "out", "safetensors")
+        save_conversion(convert_h5(source), target, manifest)
+    finally:
+        os.umask(umask)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (target, manifest)] == [0o644, 0o644]
+
+
 def test_a_failed_write_leaves_the_old_file_whole_and_no_debris(tmp_path, monkeypatch) -> None:
     source = tmp_path / "ManTraNet_Ptrain4.h5"
     official_file(source, 4)
@@ -300,6 +356,36 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_debris(tmp_path, monkey
         save_conversion(convert_h5(source), target, target.with_name(target.name + ".json"), force=True)
     assert target.read_bytes() == b"old weights"
     assert sorted(p.name for p in target.parent.iterdir()) == ["ManTraNet_Ptrain4.safetensors"]
+
+
+def test_a_failed_manifest_write_keeps_the_old_pair(tmp_path, monkeypatch) -> None:
+    """Both files are staged before either replaces its old self: never new weights beside an old manifest."""
+    source = tmp_path / "ManTraNet_Ptrain4.h5"
+    official_file(source, 4)
+    target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
+    target.write_bytes(b"old weights")
+    manifest.write_bytes(b"old manifest")
+    calls = []
+
+    def disk_full_on_the_second_file(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", disk_full_on_the_second_file)
+    with pytest.raises(ConversionError, match=r"w.safetensors.json: cannot write .*No space left on device"):
+        save_conversion(convert_h5(source), target, manifest, force=True)
+    assert (target.read_bytes(), manifest.read_bytes()) == (b"old weights", b"old manifest")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ManTraNet_Ptrain4.h5", "w.safetensors", "w.safetensors.json"]
+
+
+def test_an_output_folder_in_the_way_is_a_clear_error(tmp_path, capsys) -> None:
+    source = tmp_path / "ManTraNet_Ptrain4.h5"
+    official_file(source, 4)
+    (tmp_path / "taken").write_text("a file")
+    assert main(["convert", str(source), "-o", str(tmp_path / "taken") + "/"]) == 1
+    err = capsys.readouterr().err
+    assert "taken: cannot create the folder" in err and "Traceback" not in err
 
 
 def test_cli_reports_what_it_matched_and_where_it_wrote(tmp_path, capsys) -> None:

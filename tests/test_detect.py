@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import stat
 import struct
 import zlib
 from collections.abc import Iterator
@@ -188,6 +190,28 @@ def test_a_rerun_skips_what_exists_and_force_redoes_it(folder, tmp_path) -> None
     assert "1 written" in stdout and (tmp_path / "plain.npy").exists() and mask.stat().st_mtime_ns == first
     code, stdout, _ = run(str(one), "-w", str(weights), "-o", str(tmp_path), "--force")
     assert code == 0 and "1 written, 0 skipped" in stdout and mask.stat().st_mtime_ns != first
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_back(folder, tmp_path) -> None:
+    _, weights, cases = folder
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "plain.png").write_bytes(cases[0].path.read_bytes())
+    for _ in range(2):
+        code, stdout, _ = run(str(inputs), "-w", str(weights), "-o", str(inputs / "masks"))
+        assert code == 0
+    assert "1 image(s): 0 written, 1 skipped" in stdout  # the second run saw one image, not its own mask
+    assert sorted(p.name for p in (inputs / "masks").iterdir()) == ["plain.mask.png"]
+
+
+def test_outputs_are_readable_by_others_as_any_new_file(folder, tmp_path) -> None:
+    _, weights, cases = folder
+    umask = os.umask(0o022)
+    try:
+        assert run(str(cases[0].path), "-w", str(weights), "-o", str(tmp_path), "--save-npy")[0] == 0
+    finally:
+        os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o644}
 
 
 def test_tiled_detect_equals_whole_image(folder, tmp_path) -> None:

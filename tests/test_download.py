@@ -12,7 +12,7 @@ import pytest
 
 from converter import download as dl
 from converter.download import DownloadError, ProgressBar, download
-from tests.weights_server import DROP_ONCE, NO_RANGE, TRUNCATE, serve
+from tests.weights_server import BLOCK, BLOCK_RANGE, DROP_ONCE, NO_RANGE, TRUNCATE, serve
 
 BODY = bytes(range(256)) * 4096  # 1 MiB, every byte value, so a shifted or restarted copy cannot pass
 OTHER = bytes(reversed(BODY))
@@ -88,6 +88,22 @@ def test_a_server_ignoring_range_restarts_from_zero(server, tmp_path) -> None:
     fetched = download(url, tmp_path / "w.h5", SHA1)
     assert server.requests[-1][1] == "bytes=30-"  # it asked, the server sent everything
     assert fetched.verified and fetched.resumed_from == 0 and (tmp_path / "w.h5").read_bytes() == BODY
+
+
+def test_a_range_that_does_not_continue_the_part_restarts(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY, BLOCK_RANGE)
+    kept = BLOCK + 10  # the server answers from byte 256, not 266: that cannot be appended
+    (tmp_path / "w.h5.part").write_bytes(BODY[:kept])
+    fetched = download(url, tmp_path / "w.h5", SHA1)
+    assert [r for _, r in server.requests] == [f"bytes={kept}-", None]
+    assert fetched.verified and fetched.resumed_from == 0 and (tmp_path / "w.h5").read_bytes() == BODY
+
+
+def test_an_output_folder_that_is_a_file_is_a_clear_error(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY)
+    (tmp_path / "taken").write_bytes(b"a file, not a folder")
+    with pytest.raises(DownloadError, match="taken: cannot create the folder"):
+        download(url, tmp_path / "taken" / "w.h5", SHA1)
 
 
 def test_a_part_longer_than_the_file_restarts(server, tmp_path) -> None:

@@ -282,7 +282,12 @@ def test_an_unconstrained_bayar_kernel_is_imported_as_the_port_uses_it(tmp_path,
         ),
         (
             lambda d: d["adaptation.weight"].__setitem__((3, 7, 0, 0), float("nan")),
-            r"key adaptation.weight holds 1 non-finite value\(s\), the first nan at index \(3, 7, 0, 0\)",
+            r"key adaptation.weight holds 1 value\(s\) that are not finite in float32, the first nan at index "
+            r"\(3, 7, 0, 0\)",
+        ),
+        (
+            lambda d: d.update({"end.0.bias": torch.tensor([1e39], dtype=torch.float64)}),
+            r"key end.0.bias holds 1 value\(s\) that are not finite in float32, the first 1e\+39 at index \(0,\)",
         ),
     ],
 )
@@ -310,6 +315,9 @@ def test_files_that_are_not_port_checkpoints_are_refused(tmp_path, state) -> Non
     torch.save({"epoch": 3, "weight": torch.zeros(2)}, tmp_path / "trainer.pt")
     with pytest.raises(ConversionError, match=r"trainer.pt: expected a state dict of tensors, .*'epoch' holds int"):
         load_earlier_port(tmp_path / "trainer.pt")
+    torch.save({1: torch.zeros(2)}, tmp_path / "intkeys.pt")
+    with pytest.raises(ConversionError, match=r"intkeys.pt: expected a state dict of tensors, .*key 1 that is not"):
+        load_earlier_port(tmp_path / "intkeys.pt")
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ConversionError, match=r"other.pt: not a checkpoint of the earlier PyTorch port"):
         load_earlier_port(tmp_path / "other.pt")

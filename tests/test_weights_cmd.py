@@ -8,10 +8,12 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import mantranet_torch
 from converter import convert_h5
 from mantranet_cli.main import main
+from mantranet_torch import RELEASES, ManTraNet
 from tests.helpers import SEED_PORT, official_file
 from tests.weights_server import TRUNCATE, release_table, serve
 
@@ -135,6 +137,17 @@ def test_identify_converted_files_and_the_rest(site, fixture_files, tmp_path, ca
     assert code == 0 and "content: unknown" in out and "format: none known here" in out
     code, _, err = run(capsys, "weights", "identify", str(tmp_path / "absent.h5"))
     assert code == 1 and err == f"mantranet weights: error: {tmp_path / 'absent.h5'}: no such file\n"
+
+
+def test_identify_reports_malformed_metadata_instead_of_failing(tmp_path, capsys) -> None:
+    path = tmp_path / "edited.safetensors"
+    state = ManTraNet(RELEASES[4]).state_dict()
+    save_file(state, path, metadata={"mantranet.config": '{"window_sizes": [7]}', "mantranet.provenance": "[]"})
+    code, out, err = run(capsys, "weights", "identify", str(path))
+    assert code == 0 and "Traceback" not in err, err
+    assert "config: unreadable: " in out and "malformed ManTraNet config" in out
+    assert "provenance: malformed (AttributeError" in out
+    assert set(load_file(path)) == set(state)
 
 
 @pytest.mark.skipif(not SEED_PORT.is_file(), reason=f"{SEED_PORT} is absent")

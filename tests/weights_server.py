@@ -1,8 +1,9 @@
 """A real HTTP server on 127.0.0.1 (port 0, in a thread) and a release table pointing at it, for download tests.
 
 Routes serve fixture bytes in one of several behaviours: a normal server honouring Range requests, one
-that ignores them, one that cuts every transfer short, one that drops the first transfer half-way and
-then honours Range (to resume), and anything else is a 404.
+that ignores them, one that answers a Range request from the 256-byte block the range starts in, one that
+cuts every transfer short, one that drops the first transfer half-way and then honours Range (to resume),
+and anything else is a 404.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from converter import releases
 
-RANGE, NO_RANGE, TRUNCATE, DROP_ONCE = "range", "no-range", "truncate", "drop-once"
+RANGE, NO_RANGE, BLOCK_RANGE, TRUNCATE, DROP_ONCE = "range", "no-range", "block-range", "truncate", "drop-once"
+BLOCK = 256
 
 
 @dataclass
@@ -52,8 +54,10 @@ def _handler(server_state: WeightsServer) -> type[BaseHTTPRequestHandler]:
                 return
             route.served += 1
             body, start = route.body, 0
-            if range_header and route.mode in (RANGE, DROP_ONCE):
+            if range_header and route.mode in (RANGE, BLOCK_RANGE, DROP_ONCE):
                 start = int(range_header.removeprefix("bytes=").split("-")[0])
+                if route.mode == BLOCK_RANGE:
+                    start -= start % BLOCK
                 if start >= len(body):
                     self.send_response(416, "Range Not Satisfiable")
                     self.send_header("Content-Range", f"bytes */{len(body)}")
