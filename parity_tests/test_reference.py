@@ -279,7 +279,7 @@ def test_bad_arrays_are_named(tmp_path):
     with pytest.raises(ConversionError, match="unexpected array Featex/b1c1/srm:0"):
         reference.from_keras_arrays(arrays | {"Featex/b1c1/srm:0": np.zeros((5, 5, 3, 9))}, config)
     nan = arrays | {"pred/pred/kernel:0": np.full((7, 7, 8, 1), np.nan, np.float32)}
-    with pytest.raises(ConversionError, match="pred/pred/kernel:0 holds 392 value\(s\) that are not finite"):
+    with pytest.raises(ConversionError, match=r"pred/pred/kernel:0 holds 392 value\(s\) that are not finite"):
         reference.from_keras_arrays(nan, config)
     # through a file: a Ptrain1-shaped file with one kernel of the wrong shape
     path = tmp_path / "wrong.h5"
