@@ -16,18 +16,18 @@ def staged_path(target: Path) -> Iterator[Path]:
     """A temporary path beside ``target`` that is removed unless the caller has moved it away."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     os.close(fd)
-    os.chmod(tmp, _new_file_mode())  # mkstemp's 0600 would carry over to the published file
+    os.chmod(tmp, new_path_mode())  # mkstemp's 0600 would carry over to the published file
     try:
         yield Path(tmp)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _new_file_mode() -> int:
-    """The mode ``open()`` gives a new file: 0666 less the process's umask."""
+def new_path_mode(folder: bool = False) -> int:
+    """The mode ``open()`` gives a new file (0666), or ``mkdir`` a new folder (0777), less the umask."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if folder else 0o666) & ~umask
 
 
 def publish(staged: Path, target: Path, force: bool) -> None:

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from converter.atomic import new_path_mode
 from mantranet_torch import LAYERS
 
 from .plots import SERIES_COLOURS, Series, error_plot, heat_map, png_bytes
@@ -82,6 +83,7 @@ def write_report(run: ParityRun, directory: Path) -> None:
 @contextlib.contextmanager
 def _staged_directory(target: Path) -> Iterator[Path]:
     staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part"))
+    staged.chmod(new_path_mode(folder=True))  # mkdtemp's 0700 would carry over to the published folder
     try:
         yield staged
     finally:

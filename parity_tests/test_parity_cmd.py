@@ -8,7 +8,9 @@ PNG files (24 x 24) so that each run takes about a second.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import warnings
@@ -155,6 +157,9 @@ def test_damaged_weights_fail_at_the_damaged_layer(files, tmp_path, capsys, dama
     assert json.loads((page / "report.json").read_text()) == report
     assert f"First divergent layer: <b>{damaged}</b>" in html
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(page.stat().st_mode) == 0o777 & ~umask  # as a new folder, not the staging folder's 0700
 
 
 def test_nan_differences_are_reported_before_any_number(files, tmp_path, capsys) -> None:
