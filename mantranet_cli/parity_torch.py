@@ -11,7 +11,7 @@ from converter.convert import Conversion
 from converter.legacy import DETECTOR, PART_NAMES, EarlierPortWarning, load_earlier_port
 from mantranet_torch import ManTraNet, WeightFileError
 from mantranet_torch.config import ManTraNetConfig
-from mantranet_torch.weights import MODEL_PARTS, SAFETENSORS_SUFFIX, metadata_config, read_weights
+from mantranet_torch.weights import MODEL_PARTS, SAFETENSORS_SUFFIX, metadata_config, model_parts, read_weights
 
 from .errors import BAD_INPUT, CommandError
 
@@ -32,7 +32,7 @@ def _is_ours(path: Path) -> bool:
         tensors, _ = read_weights(path)
     except WeightFileError:
         return False  # the earlier port's reader gives the precise message
-    return any(key.startswith(tuple(p + "." for p in MODEL_PARTS)) for key in tensors)
+    return bool(model_parts(tensors))
 
 
 def _complete(state: dict, parts: tuple[str, ...], conversion: Conversion, source: str, notes: list[str]) -> dict:
@@ -57,7 +57,7 @@ def _ours(path: Path, conversion: Conversion) -> tuple[dict, list[str]]:
     config = metadata_config(path, metadata)
     if config is not None:
         _same_architecture(config, conversion, str(path))
-    parts = tuple(p for p in MODEL_PARTS if any(k.startswith(p + ".") for k in tensors))
+    parts = model_parts(tensors)
     return _complete(tensors, parts, conversion, path.name, notes), notes
 
 

@@ -24,7 +24,14 @@ from converter.releases import (
     weights_dir,
 )
 from mantranet_torch import RELEASES, ManTraNetConfig
-from mantranet_torch.weights import MODEL_PARTS, PROVENANCE_KEY, WeightFileError, metadata_config, read_weights
+from mantranet_torch.weights import (
+    MODEL_PARTS,
+    PROVENANCE_KEY,
+    WeightFileError,
+    metadata_config,
+    model_parts,
+    read_weights,
+)
 
 from .errors import CommandError
 
@@ -196,7 +203,7 @@ def featex_order(arrays: dict[str, np.ndarray]) -> bool | None:
 
 
 def is_ours(tensors: dict) -> bool:
-    return any(k.startswith(tuple(p + "." for p in MODEL_PARTS)) for k in tensors)
+    return bool(model_parts(tensors))
 
 
 def describe_tensors(path: Path, kind: str, tensors: dict, metadata: dict[str, str]) -> None:
@@ -211,7 +218,7 @@ def describe_tensors(path: Path, kind: str, tensors: dict, metadata: dict[str, s
             f"  format: a checkpoint of the earlier PyTorch port by its keys ({held}); `mantranet convert` imports it"
         )
         return
-    present = [p for p in MODEL_PARTS if any(k.startswith(p + ".") for k in tensors)]
+    present = model_parts(tensors)
     part = "full model" if len(present) == len(MODEL_PARTS) else f"{present[0]} only (a partial import)"
     print(f"  format: {kind} of ManTraNet weights of this project, {len(tensors)} tensors, {part}")
     try:

@@ -84,14 +84,19 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     raise WeightFileError(f"{path}: unknown weight format {suffix!r} (expected .safetensors, .pt or .pth)")
 
 
+def model_parts(tensors: dict[str, Tensor]) -> tuple[str, ...]:
+    """The parts of ManTraNet (``featex``, ``detector``) that a state dict holds tensors of, in model order."""
+    return tuple(p for p in MODEL_PARTS if any(k.startswith(p + ".") for k in tensors))
+
+
 def read_model_weights(
     path: str | Path, config: ManTraNetConfig | None = None
 ) -> tuple[dict[str, Tensor], ManTraNetConfig, dict[str, str]]:
     """A whole model's tensors, its config (``config`` takes precedence over the file's) and the metadata."""
     tensors, metadata = read_weights(path)
-    absent = [p for p in MODEL_PARTS if not any(k.startswith(p + ".") for k in tensors)]
-    if absent and len(absent) < len(MODEL_PARTS):
-        present = next(p for p in MODEL_PARTS if p not in absent)
+    parts = model_parts(tensors)
+    if 0 < len(parts) < len(MODEL_PARTS):
+        present = parts[0]
         raise WeightFileError(
             f"{path}: holds only the model's {present} (a partial import), not a full model; load its tensors "
             f"into ManTraNet(config).{present} without the '{present}.' prefix"
