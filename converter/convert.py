@@ -12,9 +12,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
+from mantranet_torch import RELEASES, ManTraNetConfig
 from mantranet_torch.config import FIXED_FIRST_LAYER_FILTERS
-from mantranet_torch.weights import encode_pt, encode_safetensors
+from mantranet_torch.weights import encode_pt, encode_safetensors, model_from_state_dict
 
 from .atomic import refuse_existing, write_files_atomic
 from .errors import ConversionError
@@ -105,13 +105,12 @@ def probe_image() -> torch.Tensor:
 
 def verify(conversion: Conversion) -> None:
     """The model takes the state dict strictly, maps back to the file's arrays bit for bit, and runs finite."""
-    model = ManTraNet(conversion.config)
-    model.load_state_dict(conversion.state_dict, strict=True)
+    model = model_from_state_dict(conversion.state_dict, conversion.config, str(conversion.source))
     for path, value in torch_to_keras(conversion.state_dict).items():
         if not np.array_equal(value, conversion.keras.arrays[path].astype(np.float32)):
             raise AssertionError(f"mapping round trip changed {path}")
     with torch.inference_mode():
-        out = model.eval()(probe_image())
+        out = model(probe_image())
     if not torch.isfinite(out).all():
         raise ConversionError(f"{conversion.source}: the converted model gives non-finite outputs on a probe image")
 

@@ -19,6 +19,7 @@ from converter.atomic import write_bytes_atomic
 from mantranet_torch import ManTraNet
 from mantranet_torch.memory import full_image_bytes, tile_for_budget
 from mantranet_torch.tiling import MIN_TILE, PRECISIONS
+from mantranet_torch.weights import model_from_state_dict
 
 from .errors import CommandError
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, read_image
@@ -134,9 +135,7 @@ def load_model(path: Path, variant: int | None, device: torch.device) -> ManTraN
     """Our weight files as they are; an official .h5 converted in memory (nothing is written)."""
     if path.suffix.lower() in (".h5", ".hdf5"):
         conversion = convert_h5(path, variant)
-        model = ManTraNet(conversion.config)
-        model.load_state_dict(conversion.state_dict, strict=True)
-        return model.to(device).eval()
+        return model_from_state_dict(conversion.state_dict, conversion.config, str(path)).to(device)
     return mantranet_torch.load(path, map_location=device)
 
 

@@ -11,7 +11,14 @@ from converter.convert import Conversion
 from converter.legacy import DETECTOR, PART_NAMES, EarlierPortWarning, load_earlier_port
 from mantranet_torch import ManTraNet, WeightFileError
 from mantranet_torch.config import ManTraNetConfig
-from mantranet_torch.weights import MODEL_PARTS, SAFETENSORS_SUFFIX, metadata_config, model_parts, read_weights
+from mantranet_torch.weights import (
+    MODEL_PARTS,
+    SAFETENSORS_SUFFIX,
+    metadata_config,
+    model_from_state_dict,
+    model_parts,
+    read_weights,
+)
 
 from .errors import BAD_INPUT, CommandError
 
@@ -84,7 +91,7 @@ def _same_architecture(config: ManTraNetConfig, conversion: Conversion, source: 
 
 def torch_side(paths: list[Path] | None, conversion: Conversion) -> TorchSide:
     if not paths:
-        model = _build(conversion.state_dict, conversion.config, str(conversion.source))
+        model = model_from_state_dict(conversion.state_dict, conversion.config, str(conversion.source))
         return TorchSide(model, f"{conversion.source} converted in memory", [str(conversion.source)], [])
     if len(paths) > 2:
         raise CommandError("--torch-weights: give one file, or the earlier port's two parts", BAD_INPUT)
@@ -98,14 +105,5 @@ def torch_side(paths: list[Path] | None, conversion: Conversion) -> TorchSide:
         state, notes = _earlier_port(paths, conversion)
         kind = "the earlier PyTorch port's checkpoint"
     names = " + ".join(str(p) for p in paths)
-    model = _build(state, conversion.config, names)
+    model = model_from_state_dict(state, conversion.config, names)
     return TorchSide(model, f"{names} ({kind})", [str(p) for p in paths], notes)
-
-
-def _build(state: dict, config: ManTraNetConfig, source: str) -> ManTraNet:
-    model = ManTraNet(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CommandError(f"{source}: does not fit ManTraNet {config.to_dict()}: {e}", BAD_INPUT) from None
-    return model.eval()

@@ -125,12 +125,17 @@ def load(
 ) -> ManTraNet:
     """The model in eval mode, its architecture read from the file (or ``config``, which takes precedence)."""
     tensors, config, _ = read_model_weights(path, config)
+    return model_from_state_dict(tensors, config, str(path)).to(map_location)
+
+
+def model_from_state_dict(state: dict[str, Tensor], config: ManTraNetConfig, source: str) -> ManTraNet:
+    """``ManTraNet(config)`` holding ``state`` (loaded strictly), in eval mode; a misfit names ``source``."""
     model = ManTraNet(config)
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise WeightFileError(f"{path}: does not fit {config}: {e}") from None
-    return model.to(map_location).eval()
+        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {e}") from None
+    return model.eval()
 
 
 def _dumps(obj: object) -> str:

@@ -164,16 +164,22 @@ def compare_arrays(
     result.nonfinite_positions = [named_index(tuple(i)) for i in np.argwhere(mismatch)[:MAX_LISTED_POSITIONS]]
     both = finite_e & finite_a
     all_finite = bool(both.all())
+
+    def finite64(a: np.ndarray) -> np.ndarray:
+        """``a`` in float64, zero wherever either side is not finite (copied only when some element is not)."""
+        a = np.asarray(a, dtype=np.float64)
+        return a if all_finite else np.where(both, a, 0.0)
+
     over_count = 0
     if both.any():
         # Whole arrays rather than boolean selections: a layer can hold tens of millions of elements.
-        e = np.where(both, expected, 0.0) if not all_finite else expected.astype(np.float64)
-        diff = np.abs((np.where(both, actual, 0.0) if not all_finite else actual.astype(np.float64)) - e)
+        e, a = finite64(expected), finite64(actual)
+        diff = np.abs(a - e)
         ref = np.abs(e)
         over = _over(diff, ref, atol, rtol)
         if exact is not None:
-            exact = np.where(both, exact, 0.0) if not all_finite else np.asarray(exact, dtype=np.float64)
-            drifted = over & ~_over(np.abs(actual - exact), np.abs(exact), atol, rtol)
+            exact = finite64(exact)
+            drifted = over & ~_over(np.abs(a - exact), np.abs(exact), atol, rtol)
             result.reference_drift = int(drifted.sum())
             over &= ~drifted
         worst_index = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))

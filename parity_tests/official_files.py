@@ -18,6 +18,7 @@ import numpy as np
 import reference
 from converter import FULL_MODEL, WEIGHTS_ONLY, convert_h5, synthetic_keras_weights, write_official_h5
 from mantranet_torch import RELEASES, ManTraNet
+from mantranet_torch.weights import model_from_state_dict
 from parity_tests.oracle import Oracle
 from parity_tests.reference_layers import reference_layers
 from parity_tests.runner import torch_layers
@@ -80,9 +81,7 @@ class Weights:
 def load_both(path: Path) -> tuple[reference.ReferenceModel, ManTraNet]:
     """The reference and the PyTorch model from one official-layout file, each by its own loader."""
     conversion = convert_h5(path)
-    model = ManTraNet(conversion.config)
-    model.load_state_dict(conversion.state_dict, strict=True)
-    return reference.load(path), model.eval()
+    return reference.load(path), model_from_state_dict(conversion.state_dict, conversion.config, str(path))
 
 
 class WeightStore:

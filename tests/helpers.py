@@ -9,6 +9,7 @@ import torch
 
 from converter import convert_h5, synthetic_keras_weights, write_official_h5
 from mantranet_torch import RELEASES, ManTraNet
+from mantranet_torch.weights import model_from_state_dict
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SAMPLES = SHARED / "samples"
@@ -30,6 +31,4 @@ def official_file(path: Path, release: int, seed: int = 0, **kwargs) -> dict[str
 
 def converted_model(path: Path, variant: int | None = None) -> ManTraNet:
     conversion = convert_h5(path, variant)
-    model = ManTraNet(conversion.config)
-    model.load_state_dict(conversion.state_dict, strict=True)
-    return model.eval()
+    return model_from_state_dict(conversion.state_dict, conversion.config, str(path))
