@@ -4,7 +4,9 @@ from .convert import Conversion, convert_h5, identify_keras_file, output_paths, 
 from .errors import ConversionError
 from .keras_h5 import FULL_MODEL, WEIGHTS_ONLY, KerasWeights, read_keras_h5
 from .legacy import EarlierPortWarning, load_earlier_port
+from .load import load_weights
 from .mapping import MAPPING, keras_to_torch, torch_to_keras
+from .pretrained import FetchResult, PretrainedError, fetch, pretrained
 from .synthetic import synthetic_keras_weights
 
 __all__ = [
@@ -14,12 +16,17 @@ __all__ = [
     "Conversion",
     "ConversionError",
     "EarlierPortWarning",
+    "FetchResult",
     "KerasWeights",
+    "PretrainedError",
     "convert_h5",
+    "fetch",
     "identify_keras_file",
     "keras_to_torch",
     "load_earlier_port",
+    "load_weights",
     "output_paths",
+    "pretrained",
     "read_keras_h5",
     "save_conversion",
     "synthetic_keras_weights",

@@ -23,6 +23,7 @@ from converter import ConversionError, convert_h5
 from converter.atomic import write_bytes_atomic
 from converter.convert import tool_version
 from mantranet_torch import LAYERS, ManTraNet, WeightFileError, scale_pixels
+from mantranet_torch.memory import available_memory
 from mantranet_torch.model import DETECTOR_LAYERS
 from parity_tests.oracle import Oracle
 from parity_tests.report import Attributed, ImageParity, ParityRun, render_table
@@ -30,8 +31,9 @@ from parity_tests.report_page import ReportError, check_target, write_report
 from parity_tests.runner import Reference, run_parity
 from parity_tests.tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES, POLICY, TolerancePolicy
 
+from . import progress
 from .errors import BAD_INPUT, CommandError
-from .parity_inputs import Crop, InputImage, available_memory, check_memory, read_inputs
+from .parity_inputs import Crop, InputImage, check_memory, read_inputs
 from .parity_torch import torch_side
 
 # The float64 feature extractor is the slow part of attribution: one image took 4.0 s with the whole network in
@@ -114,46 +116,33 @@ def tolerance_policy(atol: float | None, rtol: float | None) -> tuple[ToleranceP
 
 
 class Progress:
-    """Layers done for the current image on stderr, with an estimate of the time left: one self-rewriting line on
-    a terminal; elsewhere (a log file) a line as each image starts, as its reference trace and each mode finish."""
+    """Layers done for the current image, as a bar (``progress.bar``: drawn on a terminal only) whose steps are
+    the reference's trace and each mode's layers; tqdm estimates the time left."""
 
-    def __init__(self, total_images: int, modes: list[str], stream: TextIO = sys.stderr) -> None:
+    def __init__(self, total_images: int, modes: list[str], stream: TextIO | None = None) -> None:
         self.total_images, self.modes, self.stream = total_images, modes, stream
-        self.live = stream.isatty()
         self.steps = TRACE_STEPS + len(modes) * len(LAYERS)
+        self.bar = None
 
     def start(self, index: int, image: InputImage) -> None:
         height, width = image.pixels.shape[:2]
-        self.label = f"image {index}/{self.total_images} {image.name} ({width} x {height})"
-        self.started, self.done = time.perf_counter(), 0
-        self._show("tracing the reference", logged=True)
+        self.finish()
+        label = f"image {index}/{self.total_images} {image.name} ({width} x {height})"
+        self.bar = progress.bar(self.steps, label, unit="step", stream=self.stream)
+        self.bar.set_postfix_str("tracing the reference")
 
     def traced(self) -> None:
-        self.done = TRACE_STEPS
-        self._show("reference traced", logged=True)
+        self.bar.update(TRACE_STEPS)
+        self.bar.set_postfix_str("reference traced")
 
     def layer(self, mode: str, name: str) -> None:
-        self.done += 1
-        if name == LAYERS[-1]:
-            self._show(f"{mode} mode done", logged=True)
-        else:
-            self._show(f"{mode} {LAYERS.index(name) + 1}/{len(LAYERS)} {name}")
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{mode} {LAYERS.index(name) + 1}/{len(LAYERS)} {name}")
 
     def finish(self) -> None:
-        if self.live:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-    def _show(self, what: str, logged: bool = False) -> None:
-        elapsed = time.perf_counter() - self.started
-        line = f"{self.label}: {what}, {elapsed:.0f} s"
-        if TRACE_STEPS < self.done < self.steps:
-            line += f", about {elapsed / self.done * (self.steps - self.done):.0f} s left"
-        if self.live:
-            self.stream.write(f"\r\033[K{line}")
-            self.stream.flush()
-        elif logged:
-            print(line, file=self.stream, flush=True)
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class TracingReference:

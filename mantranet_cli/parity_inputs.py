@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mantranet_torch.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from parity_tests.builtin_images import DEFAULT_SIZE, builtin_images
 
 from .errors import BAD_INPUT, CommandError
-from .images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 
 # Peak memory of one image's comparison: the reference's trace of every layer, the PyTorch outputs and the
 # float64 comparison buffers. Measured peak resident memory: 1.1 GB for the built-in set, 1.7 GB at 128 x 128,
@@ -78,18 +78,6 @@ def read_inputs(paths: list[Path], crop: Crop | None) -> list[InputImage]:
             name = path.name if sum(p.name == path.name for p in paths) == 1 else str(path)
             images.append(InputImage(name, str(path), loaded.pixels, loaded.notes))
     return [crop.apply(image) for image in images] if crop else images
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes; None where the system does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def check_memory(images: list[InputImage], available: int | None) -> None:

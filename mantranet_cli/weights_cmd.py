@@ -9,11 +9,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from converter import ConversionError, convert_h5, output_paths, read_keras_h5, save_conversion
+from converter import ConversionError, read_keras_h5
+from converter.cache import weights_dir
 from converter.convert import FORMATS, first_block_filters
-from converter.download import DownloadError, ProgressBar, download
+from converter.download import DownloadError
 from converter.legacy import PART_NAMES, port_checkpoint_by_hash, read_checkpoint, split_parts
 from converter.mapping import FEATEX_LAYER, keras_shapes, official_layers, uses_frozen_order
+from converter.pretrained import fetch
 from converter.releases import (
     file_digests,
     official_release,
@@ -21,22 +23,23 @@ from converter.releases import (
     port_checkpoints,
     release_by_hash,
     resolve_variant,
-    weights_dir,
 )
 from mantranet_torch import RELEASES, ManTraNetConfig
 from mantranet_torch.weights import (
+    HDF5,
     MODEL_PARTS,
     PROVENANCE_KEY,
+    PYTORCH,
+    SAFETENSORS,
     WeightFileError,
     metadata_config,
     model_parts,
     read_weights,
+    sniff,
 )
 
+from . import progress
 from .errors import CommandError
-
-HDF5, PYTORCH, SAFETENSORS = "HDF5", "PyTorch checkpoint", "safetensors"
-ZIP_MAGIC, PICKLE_PROTOCOL_2 = b"PK\x03\x04", b"\x80\x02"  # torch.save's zip archive, and its legacy format
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -141,20 +144,6 @@ def settings(config: ManTraNetConfig) -> str:
     )
 
 
-def sniff(path: Path) -> str | None:
-    """The file's format by its first bytes, whatever its name."""
-    if h5py.is_hdf5(path):
-        return HDF5
-    with path.open("rb") as f:
-        head = f.read(9)
-    if head.startswith((ZIP_MAGIC, PICKLE_PROTOCOL_2)):
-        return PYTORCH
-    # safetensors: an 8-byte little-endian header length, then the JSON header
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
-        return SAFETENSORS
-    return None
-
-
 def describe_hdf5(path: Path) -> None:
     try:
         keras = read_keras_h5(path)
@@ -256,55 +245,40 @@ def describe_provenance(provenance: dict) -> None:
 
 def run_fetch(args: argparse.Namespace) -> int:
     release = official_release(args.index)
-    folder = args.output or weights_dir()
-    target = folder / release.file
-    bar = ProgressBar(release.file)
     try:
-        fetched = download(
-            args.url or release.url,
-            target,
-            release.git_blob_sha1,
-            allow_unknown=args.allow_unknown,
-            force=args.force,
-            progress=bar,
-        )
+        with progress.Bytes(release.file) as bar:
+            result = fetch(
+                args.index,
+                args.output,
+                url=args.url,
+                convert=not args.no_convert,
+                fmt=args.format,
+                allow_unknown=args.allow_unknown,
+                force=args.force,
+                progress=bar,
+            )
     except DownloadError as e:
         raise CommandError(str(e)) from None
-    finally:
-        bar.close()
-    if not fetched.downloaded:
-        print(f"{target}: already present, verified (git blob SHA-1 {fetched.digests.git_blob_sha1})")
-    elif fetched.verified:
-        resumed = f", resumed after {fetched.resumed_from} bytes" if fetched.resumed_from else ""
-        print(f"downloaded {target} ({fetched.digests.size} bytes{resumed}): verified, release {release.index}")
+    target = result.h5
+    if not result.downloaded:
+        print(f"{target}: already present, verified (git blob SHA-1 {result.git_blob_sha1})")
+    elif result.verified:
+        resumed = f", resumed after {result.resumed_from} bytes" if result.resumed_from else ""
+        print(f"downloaded {target} ({target.stat().st_size} bytes{resumed}): verified, release {release.index}")
     else:
         print(
-            f"downloaded {target} ({fetched.digests.size} bytes): NOT release {release.index}'s content "
-            f"(git blob SHA-1 {fetched.digests.git_blob_sha1}, expected {release.git_blob_sha1}); "
+            f"downloaded {target} ({target.stat().st_size} bytes): NOT release {release.index}'s content "
+            f"(git blob SHA-1 {result.git_blob_sha1}, expected {release.git_blob_sha1}); "
             "kept, as --allow-unknown asks"
         )
-    if args.no_convert:
+    if result.weights is None:
         return 0
-    weights, manifest_path = output_paths(target, folder, args.format)
-    if (
-        weights.exists()
-        and manifest_path.exists()
-        and not args.force
-        and manifest_source(manifest_path) == (fetched.digests.git_blob_sha1)
-    ):
-        print(f"{weights}: already converted from this file")
+    if not result.converted:
+        print(f"{result.weights}: already converted from this file")
         return 0
-    conversion = convert_h5(target)
-    manifest = save_conversion(conversion, weights, manifest_path, force=args.force)
-    ident = conversion.identification
-    print(f"converted as release {ident.index} (identified by {ident.by}), config {conversion.config.to_dict()}")
-    print(f"wrote {weights} (sha256 {manifest['output']['sha256'][:16]}...)")
-    print(f"wrote {manifest_path}")
+    manifest = json.loads(result.manifest.read_text())
+    print(f"converted as release {manifest['variant']} (identified by {manifest['identified_by']}), "
+          f"config {manifest['config']}")  # fmt: skip
+    print(f"wrote {result.weights} (sha256 {manifest['output']['sha256'][:16]}...)")
+    print(f"wrote {result.manifest}")
     return 0
-
-
-def manifest_source(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("source", {}).get("git_blob_sha1")
-    except (OSError, ValueError, AttributeError):
-        return None

@@ -5,6 +5,16 @@ from .image import scale_pixels, to_model_input
 from .model import LAYERS, AnomalyDetector, Featex, ManTraNet
 from .weights import WeightFileError, load
 
+__version__ = "0.2.0"
+
+
+def pretrained(release: int = 4, **options: object) -> ManTraNet:
+    """Official release ``release`` (0-4) as a trained model in eval mode: downloaded, verified, converted and
+    cached per user on first use (see ``converter.pretrained``, which takes the same arguments)."""
+    from converter.pretrained import pretrained as load_release  # at call time: this package imports none of ours
+
+    return load_release(release, **options)
+
 __all__ = [
     "LAYERS",
     "RELEASES",
@@ -13,7 +23,9 @@ __all__ = [
     "ManTraNet",
     "ManTraNetConfig",
     "WeightFileError",
+    "__version__",
     "load",
+    "pretrained",
     "release_config",
     "scale_pixels",
     "to_model_input",
