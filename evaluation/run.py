@@ -76,7 +76,8 @@ class Evaluation:
     counts: dict[str, int]
     engine: dict
     seconds: float
-    curves: dict = field(default_factory=dict)  # row label -> pooled level histograms, for the report
+    curves: dict = field(default_factory=dict)  # (perturbation, backend) -> pooled level histograms
+    previews: dict = field(default_factory=dict)  # (name, perturbation, backend) -> 8-bit (map, mask) previews
 
     def row(self, perturbation: str | None = None, backend: str = TORCH) -> Row:
         return next(r for r in self.rows if r.perturbation == perturbation and r.backend == backend)
@@ -290,6 +291,10 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
             row, histograms = aggregate(chosen, config.image_score)
             evaluation.rows.append(Row(perturbation, backend, row["metrics"], row["counts"]))
             evaluation.curves[(perturbation, backend)] = histograms
+    for _, task in wanted:
+        if task.key in records and task.perturbation is None and task.backend == TORCH:
+            arrays = records[task.key].arrays
+            evaluation.previews[(task.name, None, TORCH)] = (arrays["preview_map"], arrays.get("preview_mask"))
     return evaluation
 
 
