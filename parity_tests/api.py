@@ -27,17 +27,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from converter import ConversionError, convert_h5
 from converter.convert import tool_version
 from mantranet_torch import LAYERS, WeightFileError, scale_pixels
 from mantranet_torch.model import DETECTOR_LAYERS
 
+from .candidate import RANGES, CandidateSide, LayerMap, Suggestion, load_candidate, suggest_layer_map
 from .errors import ParityInputError
 from .inputs import Crop, ImageInput, InputImage, check_memory, host_memory, read_inputs
 from .report import Attributed, ImageParity, ParityRun
 from .runner import Reference, compare_layers
-from .sides import torch_side
+from .sides import TorchSide, torch_side
 from .tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES, POLICY, TolerancePolicy
 
 # Beyond this many pixels only the detector is evaluated in float64, from the reference's features: the float64
@@ -214,12 +216,69 @@ def build_reference(choice: ReferenceChoice, weights: Path, variant: int | None)
     return ref, exact, info
 
 
+def read_layer_map(layer_map: str | Path | dict | LayerMap | None) -> LayerMap:
+    if layer_map is None:
+        raise ParityInputError(
+            "--candidate needs --layer-map FILE.json (Keras layer name to module path); "
+            "propose one with --suggest-map FILE.json"
+        )
+    if isinstance(layer_map, LayerMap):
+        return layer_map
+    if isinstance(layer_map, dict):
+        return LayerMap.parse(layer_map)
+    return LayerMap.read(layer_map)
+
+
+def _candidate_module(candidate: str | nn.Module, weights: Path) -> tuple[nn.Module, str, list[str]]:
+    if isinstance(candidate, nn.Module):
+        return candidate.eval(), f"{type(candidate).__name__} (a module given in Python)", []
+    model, description = load_candidate(candidate, weights)
+    return model, description, [candidate.rpartition(":")[0]]
+
+
+def candidate_side(candidate: str | nn.Module, layer_map: str | Path | dict | LayerMap | None, weights: Path):
+    """The compared side for a user's PyTorch implementation: loaded, checked against its layer map."""
+    mapping = read_layer_map(layer_map)
+    model, description, paths = _candidate_module(candidate, weights)
+    side = CandidateSide(model, mapping, description)
+    return TorchSide(side, f"candidate {description}, layer map {mapping.source}", paths, side.notes)
+
+
+def suggest_map(
+    weights: str | Path,
+    candidate: str | nn.Module,
+    images: Sequence[ImageInput] = (),
+    *,
+    input_layout: str = "NCHW",
+    input_range: str = "-1..1",
+    variant: int | None = None,
+    crop: str | Crop | None = None,
+) -> tuple[LayerMap, list[Suggestion]]:
+    """A layer map proposed for ``candidate`` from the first image (default: the built-in noise image), for the
+    user to check and edit: its modules in execution order matched to the Keras layers by output shape, the
+    closest to our reference's output where several fit (``candidate.suggest_layer_map``)."""
+    if input_layout not in ("NCHW", "NHWC") or input_range not in RANGES:
+        raise ParityInputError(f"input layout {input_layout!r} / range {input_range!r}: see candidate.LayerMap")
+    if isinstance(crop, str):
+        crop = Crop.parse(crop)
+    image = read_inputs(list(images)[:1], crop)[0]
+    try:
+        ref = import_reference().load(weights, variant)
+    except (ConversionError, WeightFileError) as e:
+        raise ParityInputError(str(e)) from None
+    model, _, _ = _candidate_module(candidate, Path(weights))
+    x = scale_pixels(torch.from_numpy(image.pixels)).numpy()[None]
+    return suggest_layer_map(model, x, ref.trace(x), input_layout, input_range)
+
+
 def run_parity(
     weights: str | Path,
     images: Sequence[ImageInput] = (),
     *,
     reference: str | ReferenceChoice = OURS,
     torch_weights: Sequence[str | Path] | None = None,
+    candidate: str | nn.Module | None = None,
+    layer_map: str | Path | dict | LayerMap | None = None,
     variant: int | None = None,
     modes: Sequence[str] = MODES,
     atol: float | None = None,
@@ -241,6 +300,11 @@ def run_parity(
     every layer instead of the project's per-layer policy. ``crop``: ``"WxH[+X+Y]"`` or a ``Crop``, applied to
     every image. ``progress``: called with a ``ParityEvent`` as the run goes.
 
+    ``candidate``: compare another PyTorch implementation instead of ours: ``"FILE.py:FACTORY"`` (FACTORY returns
+    the ``nn.Module`` with its weights loaded; it gets ``weights`` when it takes an argument) or the module itself,
+    lined up with the Keras layers by ``layer_map`` (a JSON file, its dict, or a ``candidate.LayerMap``; see
+    ``candidate.py``, and ``suggest_map`` to propose one). Layers it does not map are reported as unmapped.
+
     Returns the ``ParityRun`` (``passed``, ``first_divergent_layer``, per-image reports, ``to_json()``).
     Raises ``ParityInputError`` for anything it cannot compare, before any comparison starts.
     """
@@ -256,7 +320,12 @@ def run_parity(
         check_memory(inputs, host_memory())
     try:
         conversion = convert_h5(Path(weights), variant)
-        side = torch_side([Path(p) for p in torch_weights] if torch_weights else None, conversion)
+        if candidate is not None:
+            if torch_weights:
+                raise ParityInputError("--candidate and --torch-weights: give one of them")
+            side = candidate_side(candidate, layer_map, Path(weights))
+        else:
+            side = torch_side([Path(p) for p in torch_weights] if torch_weights else None, conversion)
         ref, oracle, about = build_reference(choice, Path(weights), variant)
     except (ConversionError, WeightFileError) as e:
         raise ParityInputError(str(e)) from None
