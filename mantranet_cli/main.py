@@ -10,16 +10,16 @@ from converter import ConversionError
 from converter.convert import tool_version
 from mantranet_torch import WeightFileError
 
-from . import convert_cmd, demo_cmd, detect_cmd, export_keras_cmd, parity_cmd, weights_cmd
+from . import convert_cmd, demo_cmd, detect_cmd, evaluate_cmd, export_keras_cmd, parity_cmd, weights_cmd
 from .errors import CommandError
 
-COMMANDS = (demo_cmd, convert_cmd, weights_cmd, export_keras_cmd, parity_cmd, detect_cmd)
+COMMANDS = (demo_cmd, convert_cmd, weights_cmd, export_keras_cmd, parity_cmd, detect_cmd, evaluate_cmd)
 EXPECTED_ERRORS = (CommandError, ConversionError, WeightFileError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mantranet", description="Official ManTraNet weights in PyTorch: convert, verify, debug, detect."
+        prog="mantranet", description="Official ManTraNet weights in PyTorch: convert, verify, debug, detect, evaluate."
     )
     parser.add_argument("--version", action="version", version=f"mantranet-torch {tool_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

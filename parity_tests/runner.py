@@ -1,6 +1,6 @@
 """Layer-by-layer parity of the PyTorch model against the TensorFlow reference, with float64 attribution.
 
-``run_parity`` taps every named layer (``mantranet_torch.LAYERS``) in both frameworks and compares them in
+``compare_layers`` taps every named layer (``mantranet_torch.LAYERS``) in both frameworks and compares them in
 two modes: cumulative (each framework on its own previous outputs, as in use) and local (each PyTorch
 layer fed the reference's input to that layer, so its error is its own). With the float64 ``Oracle`` it
 also measures each framework's error against the exact value, in both modes, so that a difference is
@@ -208,7 +208,7 @@ class ParityReport:
         }
 
 
-def run_parity(
+def compare_layers(
     reference: Reference,
     model: ManTraNet,
     x: np.ndarray,

@@ -24,7 +24,7 @@ import mantranet_torch.model
 from mantranet_torch import ManTraNet
 from mantranet_torch.layers import CombinedConv2d, bayar_constraint, symmetric_pad
 from parity_tests.official_files import WeightStore
-from parity_tests.runner import ParityReport, run_parity
+from parity_tests.runner import ParityReport, compare_layers
 from parity_tests.strategies import ImageRecipe, Shape
 from reference import ReferenceModel
 
@@ -196,7 +196,7 @@ def _parity(weights: WeightStore, variant: str, model: ManTraNet | None = None) 
     x = MUTANT_IMAGE.build()
     if variant not in _recorded:
         _recorded[variant] = RecordedReference(w.reference, x)
-    return run_parity(_recorded[variant], w.model if model is None else model, x, oracle=w.oracle)
+    return compare_layers(_recorded[variant], w.model if model is None else model, x, oracle=w.oracle)
 
 
 @pytest.mark.parametrize("variant", sorted({m.variant for m in MUTANTS}))
