@@ -155,9 +155,10 @@ def choose_tile(model: ManTraNet, height: int, width: int, args: argparse.Namesp
     if args.max_memory is None:
         return None
     budget = int(args.max_memory * GB)
-    if full_image_bytes(model, height, width, args.precision) <= budget:
+    precision = resolve_precision(args.precision, next(model.parameters()).device, warn=False)
+    if full_image_bytes(model, height, width, precision) <= budget:
         return max(height, width)
-    return tile_for_budget(model, height, width, budget, args.precision)
+    return tile_for_budget(model, height, width, budget, precision)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,12 +240,8 @@ def detect_one(
 
 
 def _precision(precision: str, device: torch.device) -> str:
-    """The precision the run computes in, said when ``auto`` chose it; the library's warning on one line."""
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always", SlowPrecisionWarning)
-        resolved = resolve_precision(precision, device)
-    for warning in said:
-        print(f"mantranet detect: warning: {warning.message}", file=sys.stderr, flush=True)
+    """The precision the run computes in, said when ``auto`` chose it; a slow bf16 is warned of here, once."""
+    resolved = resolve_precision(precision, device)
     if precision == "auto":
         print(f"precision auto: {resolved}, as {bf16_support(device).reason}", flush=True)
     return resolved

@@ -118,10 +118,11 @@ def _cpu_bf16_support() -> Bf16Support:
     return Bf16Support("cpu", True, f"this CPU has {have} (PyTorch CPU capability {capability})")
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
+def resolve_precision(precision: str, device: torch.device | str, warn: bool = True) -> str:
     """The precision a call on ``device`` runs in: ``auto`` becomes ``bf16`` or ``fp32``.
 
-    Warns (``SlowPrecisionWarning``, one line) when ``bf16`` is asked of a device without native bfloat16.
+    Warns (``SlowPrecisionWarning``, one line) when ``bf16`` is asked of a device without native bfloat16,
+    unless ``warn`` is false.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -130,7 +131,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     support = bf16_support(device)
     if precision == "auto":
         return "bf16" if support.native else "fp32"
-    if not support.native:
+    if warn and not support.native:
         warnings.warn(
             f"precision bf16 will be slower than fp32 here, not faster: {support.reason}; use fp32 (or auto)",
             SlowPrecisionWarning,

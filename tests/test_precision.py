@@ -221,9 +221,10 @@ def test_detect_warns_once_on_one_line_and_auto_writes_the_fp32_map(
     Image.fromarray(image()[::-1].copy()).save(images / "b.png")
     common = (str(images), "-w", str(weights), "--save-npy")
 
+    show = warnings.showwarning
     code, _, stderr = detect(*common, "-o", str(tmp_path / "bf16"), "--precision", "bf16")
     warned = [line for line in stderr.splitlines() if "warning" in line]
-    assert code == 0 and len(warned) == 1
+    assert code == 0 and len(warned) == 1 and warnings.showwarning is show
     assert warned[0].startswith("mantranet detect: warning: precision bf16 will be slower than fp32")
 
     code, stdout, stderr = detect(*common, "-o", str(tmp_path / "auto"), "--precision", "auto")
