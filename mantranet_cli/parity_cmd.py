@@ -43,6 +43,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("weights", type=Path, metavar="WEIGHTS.h5", help="an official-layout ManTraNet Keras file")
     p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="images to compare on (default: built-in)")
     p.add_argument(
+        "--reference",
+        default="ours",
+        metavar="ours|official[:DIR]",
+        help="what the PyTorch side is compared with: 'ours' (default), the project's TensorFlow re-implementation "
+        "of the official numerics; 'official:DIR', your copy of the official ManTraNet code (DIR holds "
+        "modelCore.py), run unmodified under tf_keras, in float64 too as the exact answer of the attribution; "
+        "'official', the copy 'mantranet weights fetch --code' downloaded",
+    )
+    p.add_argument(
         "--torch-weights",
         type=Path,
         action="append",
@@ -126,6 +135,7 @@ class Progress:
 def print_header(reference: dict, torch_side: dict) -> None:
     print(f"reference: {reference['description']}")
     print(f"torch: {torch_side['description']}")
+    print(f"exact answer of the float64 attribution: {reference['exact']}")
     for note in torch_side["notes"]:
         print(f"  note: {note}")
     sys.stdout.flush()
@@ -156,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         parity = run_parity(
             args.weights,
             args.images,
+            reference=args.reference,
             torch_weights=args.torch_weights,
             variant=args.variant,
             modes=modes,

@@ -127,7 +127,9 @@ def native_stderr_silenced() -> Iterator[None]:
 
 
 def import_reference() -> Any:
-    """The ``reference`` package (TensorFlow), or a one-line install hint."""
+    """The ``reference`` package (TensorFlow), or a one-line install hint. TensorFlow's C++ warnings (float64
+    graphs it does not optimise, for one) are off unless the user set ``TF_CPP_MIN_LOG_LEVEL``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         with native_stderr_silenced():
             import reference
@@ -162,10 +164,61 @@ class _TracingReference:
         return out
 
 
+OURS, OFFICIAL = "ours", "official"
+
+
+@dataclass(frozen=True)
+class ReferenceChoice:
+    """``--reference``: ``ours`` (the project's TensorFlow re-implementation), ``official`` (the official
+    ``modelCore.py`` that ``mantranet weights fetch --code`` downloaded) or ``official:DIR`` (the user's copy)."""
+
+    kind: str
+    code: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ReferenceChoice:
+        if text == OURS:
+            return cls(OURS)
+        if text == OFFICIAL:
+            return cls(OFFICIAL)
+        if text.startswith(OFFICIAL + ":") and len(text) > len(OFFICIAL) + 1:
+            return cls(OFFICIAL, Path(text[len(OFFICIAL) + 1 :]))
+        raise ParityInputError(f"--reference {text}: expected 'ours', 'official' or 'official:DIR'")
+
+
+def build_reference(choice: ReferenceChoice, weights: Path, variant: int | None) -> tuple[Reference, Any, dict]:
+    """The reference, the exact (float64) answer the attribution measures both sides against, and their
+    description for the report. Ours: the TensorFlow re-implementation and the float64 NumPy ``Oracle``. Official:
+    the official code under tf_keras, in float32 and in float64."""
+    from .oracle import Oracle
+
+    package = import_reference()
+    if choice.kind == OURS:
+        ref = package.load(weights, variant)
+        return ref, Oracle(ref.arrays, ref.config), {"kind": OURS, "exact": "float64 NumPy evaluation (oracle.py)"}
+    with native_stderr_silenced():
+        from reference import official
+    try:
+        code = official.find_official_code(choice.code)
+        ref = official.OfficialModel(code, weights, variant)
+        exact = official.OfficialModel(code, weights, variant, dtype="float64")
+    except official.OfficialCodeError as e:
+        raise ParityInputError(str(e)) from None
+    info = {
+        "kind": OFFICIAL,
+        "code": str(code.path),
+        "code_git_blob_sha1": code.git_blob_sha1,
+        "code_verified": code.verified,
+        "exact": "the official code in float64 (K.set_floatx('float64'))",
+    }
+    return ref, exact, info
+
+
 def run_parity(
     weights: str | Path,
     images: Sequence[ImageInput] = (),
     *,
+    reference: str | ReferenceChoice = OURS,
     torch_weights: Sequence[str | Path] | None = None,
     variant: int | None = None,
     modes: Sequence[str] = MODES,
@@ -177,7 +230,10 @@ def run_parity(
 ) -> ParityRun:
     """Compare the PyTorch model with the TensorFlow reference layer by layer on ``images``.
 
-    ``weights``: an official-layout ManTraNet ``.h5`` file; the reference runs it, and the PyTorch side is the
+    ``weights``: an official-layout ManTraNet ``.h5`` file; the reference runs it (``reference``: ``"ours"``, the
+    project's TensorFlow re-implementation with a float64 NumPy evaluation as the exact answer; ``"official"`` or
+    ``"official:DIR"``, the official ``modelCore.py`` run under tf_keras, in float64 for the exact answer: see
+    ``ReferenceChoice``), and the PyTorch side is the
     same file converted in memory unless ``torch_weights`` names our ``.safetensors``/``.pt`` or the earlier
     port's checkpoints (one or two files; a checkpoint of one part is completed from ``weights``). ``variant``:
     the release 0-4 when neither the file's hash nor its name tells. ``images``: file paths, H x W x 3 uint8 RGB
@@ -192,6 +248,7 @@ def run_parity(
     if not modes:
         raise ParityInputError(f"modes: expected some of {', '.join(MODES)}")
     policy, tolerance = tolerance_policy(atol, rtol)
+    choice = reference if isinstance(reference, ReferenceChoice) else ReferenceChoice.parse(reference)
     if isinstance(crop, str):
         crop = Crop.parse(crop)
     inputs = read_inputs(list(images), crop)
@@ -200,17 +257,21 @@ def run_parity(
     try:
         conversion = convert_h5(Path(weights), variant)
         side = torch_side([Path(p) for p in torch_weights] if torch_weights else None, conversion)
-        ref = import_reference().load(weights, variant)
+        ref, oracle, about = build_reference(choice, Path(weights), variant)
     except (ConversionError, WeightFileError) as e:
         raise ParityInputError(str(e)) from None
-    from .oracle import Oracle
 
     ident = conversion.identification
     release = ident.release.file if ident.release else f"release {ident.index}"
+    if choice.kind == OURS:
+        what = "the project's TensorFlow reference"
+    else:
+        code = "" if about["code_verified"] else " (NOT the official file: its git blob SHA-1 differs)"
+        what = f"the official code {about['code']}{code}, under tf_keras"
     run = ParityRun(
         reference={
-            "kind": "ours",
-            "description": f"{weights}: {release} (identified by {ident.by}), the project's TensorFlow reference",
+            **about,
+            "description": f"{weights}: {release} (identified by {ident.by}), {what}",
             "path": str(weights),
             "release": release,
             "variant": ident.index,
@@ -224,7 +285,6 @@ def run_parity(
     )
     notify = progress or (lambda event: None)
     notify(ParityEvent(START, run, len(inputs)))
-    oracle = Oracle(ref.arrays, ref.config)
     with _torch_threads(torch_threads()):
         for index, image in enumerate(inputs, start=1):
             height, width = image.pixels.shape[:2]
