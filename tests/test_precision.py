@@ -165,6 +165,9 @@ def test_auto_is_the_fp32_map_without_native_bf16_and_the_bf16_map_with_it(monke
     cpu_with(monkeypatch, native=False)
     assert resolve_precision("auto", "cpu") == "fp32"
     np.testing.assert_array_equal(model().predict(image(), precision="auto"), fp32)
+    monkeypatch.undo()  # this CPU as it is, with oneDNN capped below bf16: no mock of the probe
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    np.testing.assert_array_equal(model().predict(image(), precision="auto"), fp32)
     cpu_with(monkeypatch, native=True)
     assert resolve_precision("auto", "cpu") == "bf16"
     auto = model().predict(image(), precision="auto")
