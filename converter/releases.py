@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from mantranet_torch import RELEASES, ManTraNetConfig
 
+from .cache import cache_dir
 from .errors import ConversionError
 
 if TYPE_CHECKING:
@@ -97,6 +98,25 @@ def port_checkpoints() -> list[PortCheckpoint]:
     return [
         PortCheckpoint(c["file"], c["git_blob_sha1"], c["holds"], c["url"]) for c in _table()["earlier_pytorch_port"]
     ]
+
+
+@dataclass(frozen=True)
+class OfficialCode:
+    """The official model code, ``src/modelCore.py``: its name, git blob SHA-1 and official URL."""
+
+    file: str
+    git_blob_sha1: str
+    url: str
+
+
+def official_code() -> OfficialCode:
+    entry = _table()["official_code"]
+    return OfficialCode(entry["file"], entry["git_blob_sha1"], entry["url"])
+
+
+def official_code_path() -> Path:
+    """Where ``mantranet weights fetch --code`` keeps the official ``modelCore.py``."""
+    return cache_dir() / "official" / official_code().file
 
 
 def official_release(index: int) -> OfficialRelease:

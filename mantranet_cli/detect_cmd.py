@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from converter.atomic import write_bytes_atomic
 from mantranet_torch.detection import Detection, detect_found
 from mantranet_torch.images import DEFAULT_MAX_PIXELS, find_images
 from mantranet_torch.maps import encode_mask, encode_npy, encode_overlay
-from mantranet_torch.tiling import MIN_TILE, PRECISIONS
+from mantranet_torch.precision import PRECISIONS, SlowPrecisionWarning, bf16_support, resolve_precision
+from mantranet_torch.tiling import MIN_TILE
 
 from . import progress
 from .errors import CommandError
@@ -45,7 +47,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tile", type=int, metavar="SIZE", help=f"compute in tiles of SIZE x SIZE (>= {MIN_TILE})")
     size.add_argument("--max-memory", type=float, metavar="GB", help="use the largest tiles that fit GB (2^30 bytes)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: faster on CPUs with bf16, less exact")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default): true float32, TF32 off; auto: bf16 where the hardware computes it natively "
+        "(AVX-512 BF16/AMX CPUs, CUDA compute capability 8.0+), else fp32; bf16: faster there, less exact, and "
+        "slower than fp32 elsewhere; tf32: TF32 convolutions on NVIDIA Ampere and newer GPUs",
+    )
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda, else mps, where available, else cpu")
     p.add_argument("--save-npy", action="store_true", help="also write the raw float32 map as <name>.npy")
     p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.png, the map over the image")
@@ -115,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if not images:
         raise CommandError(f"no images found in {', '.join(str(p) for p in args.inputs)}")
     device = resolve_device(args.device)
+    args.precision = _precision(args.precision, device, quiet=args.json or args.quiet)
     model = load_weights(args.weights, args.variant, map_location=device, quiet=args.json or args.quiet)
     records, todo, claimed = [], [], {}
     for path, relative in images:
@@ -141,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
 
     options = dict(tile=args.tile, max_memory=args.max_memory, precision=args.precision, max_pixels=args.max_pixels)
     found = ((path, relative) for path, relative, _, _ in todo)
-    with bar:
+    with bar, warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPrecisionWarning)  # said once, before the first image
         for result in detect_found(model, found, progress=tiles, **options):
             outputs, missing = pending[result.path]
             r = (
@@ -205,3 +216,11 @@ class _Null:
 
     def flush(self) -> None:
         pass
+
+
+def _precision(precision: str, device: torch.device, quiet: bool) -> str:
+    """The precision the run computes in, said when ``auto`` chose it; a slow bf16 is warned of here, once."""
+    resolved = resolve_precision(precision, device)
+    if precision == "auto" and not quiet:
+        print(f"precision auto: {resolved}, as {bf16_support(device).reason}", flush=True)
+    return resolved

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from mantranet_torch.images import DEFAULT_MAX_PIXELS
-from mantranet_torch.tiling import MIN_TILE, PRECISIONS
+from mantranet_torch.precision import PRECISIONS
+from mantranet_torch.tiling import MIN_TILE
 
 from . import progress
 from .errors import CommandError

@@ -3,6 +3,7 @@
 from .config import RELEASES, ManTraNetConfig, release_config
 from .image import scale_pixels, to_model_input
 from .model import LAYERS, AnomalyDetector, Featex, ManTraNet
+from .precision import PRECISIONS, SlowPrecisionWarning, bf16_support
 from .weights import WeightFileError, load
 
 __version__ = "0.2.0"
@@ -17,13 +18,16 @@ def pretrained(release: int = 4, **options: object) -> ManTraNet:
 
 __all__ = [
     "LAYERS",
+    "PRECISIONS",
     "RELEASES",
     "AnomalyDetector",
     "Featex",
     "ManTraNet",
     "ManTraNetConfig",
+    "SlowPrecisionWarning",
     "WeightFileError",
     "__version__",
+    "bf16_support",
     "load",
     "pretrained",
     "release_config",
