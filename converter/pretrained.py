@@ -16,10 +16,10 @@ from mantranet_torch import ManTraNet
 from mantranet_torch.weights import load
 
 from .cache import weights_dir
-from .convert import convert_h5, output_paths, save_conversion
+from .convert import FORMATS, convert_h5, output_paths, save_conversion
 from .download import TIMEOUT_S, DownloadError, Progress, download
 from .errors import ConversionError
-from .releases import bytes_digest, official_release
+from .releases import bytes_digest, file_digests, official_release, official_releases, port_checkpoints
 
 
 class PretrainedError(ConversionError):
@@ -119,3 +119,30 @@ def pretrained(
             f"put it at {folder / official.file}"
         ) from None
     return load(result.weights, map_location=map_location).eval()
+
+
+def local_status(path: Path, git_blob_sha1: str) -> str:
+    """Absent ("-"), "verified", or "present, content differs"."""
+    if not path.is_file():
+        return "-"
+    return "verified" if file_digests(path).git_blob_sha1 == git_blob_sha1 else "present, content differs"
+
+
+def list_weights(folder: str | Path | None = None) -> dict:
+    """The release table with what ``folder`` (default: the user cache) holds of each entry: the official file's
+    status (``local_status``) and the formats it was converted to. What ``mantranet weights list`` prints."""
+    folder = Path(folder) if folder is not None else weights_dir()
+
+    def entry(file: str, git_blob_sha1: str, **fields: object) -> dict:
+        local = local_status(folder / file, git_blob_sha1)
+        return {"file": file, **fields, "git_blob_sha1": git_blob_sha1, "local": local, "converted": converted(file)}
+
+    def converted(file: str) -> list[str]:
+        stem = Path(file).stem
+        return [fmt for fmt, suffix in sorted(FORMATS.items()) if (folder / (stem + suffix)).is_file()]
+
+    official = [
+        entry(r.file, r.git_blob_sha1, index=r.index, config=r.config.to_dict(), url=r.url) for r in official_releases()
+    ]
+    port = [entry(c.file, c.git_blob_sha1, holds=c.holds, url=c.url) for c in port_checkpoints()]
+    return {"folder": str(folder), "official": official, "earlier_pytorch_port": port}

@@ -158,3 +158,43 @@ def test_identify_names_the_real_earlier_port_checkpoint_by_content(tmp_path, ca
     assert "git blob SHA-1 63c2da025914e73971c0e779fa305e01f607cfc0" in out
     assert "content: the earlier PyTorch port's AnomalyDetectorv4.pt (anomaly detector, no prefix)" in out
     assert "a checkpoint of the earlier PyTorch port by its keys (anomaly detector)" in out
+
+
+def test_list_and_identify_as_json_and_quiet(site, fixture_files, tmp_path, capsys) -> None:
+    weights = tmp_path / "weights"
+    assert run(capsys, "weights", "fetch", "4")[0] == 0
+    code, out, _ = run(capsys, "weights", "list", "--json")
+    listing = json.loads(out)
+    assert code == 0 and listing["folder"] == str(weights)
+    four = next(r for r in listing["official"] if r["index"] == 4)
+    assert four["local"] == "verified" and four["converted"] == ["safetensors"]
+    assert four["git_blob_sha1"] == git_blob_sha1((fixture_files / "release.h5").read_bytes())
+    assert four["config"] == RELEASES[4].to_dict()
+    assert [c["file"] for c in listing["earlier_pytorch_port"]] == [
+        "MantraNetv4.pt",
+        "IMTFEv4.pt",
+        "AnomalyDetectorv4.pt",
+    ]
+    assert run(capsys, "weights", "list", "--quiet")[1] == f"{weights}\n"
+
+    h5 = weights / "ManTraNet_Ptrain4.h5"
+    code, out, _ = run(capsys, "weights", "identify", str(h5), "--json")
+    record = json.loads(out)
+    assert code == 0 and record["content"] == "official release" and record["release"] == 4
+    assert record["format"] == "HDF5" and record["size"] == h5.stat().st_size
+    assert record["sha256"] == hashlib.sha256(h5.read_bytes()).hexdigest()
+    assert record["details"]["converts_as"] == {"release": 4, "by": "content hash"}
+    assert record["details"]["layout"] == "weights-only" and record["details"]["arrays"] == 35
+    assert run(capsys, "weights", "identify", str(h5), "--quiet")[1] == f"{h5}: official release 4, HDF5 (Keras)\n"
+    converted = weights / "ManTraNet_Ptrain4.safetensors"
+    record = json.loads(run(capsys, "weights", "identify", str(converted), "--json")[1])
+    assert record["content"] == "unknown" and record["details"]["kind"] == "ours"
+    assert record["details"]["config"] == RELEASES[4].to_dict()
+    assert record["details"]["provenance"]["source"]["git_blob_sha1"] == record_sha1(h5)
+    assert run(capsys, "weights", "identify", str(converted), "--quiet")[1] == (
+        f"{converted}: unknown content, safetensors (ours)\n"
+    )
+
+
+def record_sha1(path) -> str:
+    return git_blob_sha1(path.read_bytes())
