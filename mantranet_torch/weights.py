@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from .config import ManTraNetConfig
+from .files import file_problem, one_paragraph
 from .model import ManTraNet
 
 CONFIG_KEY = "mantranet.config"
@@ -25,10 +30,18 @@ PROVENANCE_KEY = "mantranet.provenance"
 SAFETENSORS_SUFFIX = ".safetensors"
 PT_SUFFIXES = (".pt", ".pth")
 MODEL_PARTS = ("featex", "detector")
+# A BatchNorm variance (ours, or a Keras dataset path): negative values are refused, no data gives them
+VARIANCE_KEY = re.compile(r"(^|[./])moving_variance(:\d+)?$")
+# torch.load's text around the reason it refused a file: the same for every file, so left out of ours
+_TORCH_BOILERPLATE = re.compile(r"^(Weights only load failed|Check the documentation of torch\.load)")
 
 
 class WeightFileError(ValueError):
     """A weight file that cannot be read as ManTraNet weights; the message names the file."""
+
+
+class WeightCastWarning(UserWarning):
+    """Weights stored in another floating-point type than the model's float32, cast on loading."""
 
 
 def encode_safetensors(state_dict: dict[str, Tensor], config: ManTraNetConfig, provenance: dict) -> bytes:
@@ -60,28 +73,88 @@ def encode_pt(state_dict: dict[str, Tensor], config: ManTraNetConfig, provenance
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and string metadata of a .safetensors or .pt file (metadata may be empty)."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightFileError(f"{path}: no such file")
+    problem = file_problem(path)
+    if problem:
+        raise WeightFileError(f"{path}: {problem}")
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
         try:
             with safe_open(str(path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
-                return tensors, dict(f.metadata() or {})
-        except (SafetensorError, OSError) as e:
-            raise WeightFileError(f"{path}: not a readable safetensors file ({e})") from None
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as e:
+            raise WeightFileError(f"{path}: not a readable safetensors file ({one_paragraph(str(e), path)})") from None
+        if not all(isinstance(v, str) for v in metadata.values()):
+            raise WeightFileError(f"{path}: not a readable safetensors file (metadata values must be strings)")
+        return tensors, dict(metadata)
     if suffix in PT_SUFFIXES:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for corrupt or code-carrying pickles
-            raise WeightFileError(f"{path}: not a loadable weights-only PyTorch file ({e})") from None
+            raise WeightFileError(f"{path}: {torch_load_reason(e, path)}") from None
         if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
             raise WeightFileError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
-        metadata = getattr(sd, "_metadata", {}).get("", {})
-        return dict(sd), {k: v for k, v in metadata.items() if isinstance(v, str)}
+        if not all(isinstance(k, str) for k in sd):
+            raise WeightFileError(f"{path}: expected a state dict of tensors, but a key is not a str")
+        metadata = getattr(sd, "_metadata", None)
+        metadata = metadata.get("", {}) if isinstance(metadata, dict) else {}
+        metadata = metadata if isinstance(metadata, dict) else {}
+        return dict(sd), {k: v for k, v in metadata.items() if isinstance(k, str) and isinstance(v, str)}
     if suffix in (".h5", ".hdf5"):
         raise WeightFileError(f"{path}: a Keras HDF5 file; convert it first with `mantranet convert {path}`")
     raise WeightFileError(f"{path}: unknown weight format {suffix!r} (expected .safetensors, .pt or .pth)")
+
+
+def torch_load_reason(error: Exception, path: str | Path) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one paragraph: the global it would have to
+    import (code it would run), or torch's own reason without the advice it gives around every reason."""
+    text = str(error)
+    found = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if found:
+        return (
+            f"refused: loading it would run code (it pickles {found.group(1)}); only plain state dicts of tensors "
+            "are read (torch.load with weights_only=True). Re-save it with torch.save(model.state_dict(), ...) "
+            "where you trust its source"
+        )
+    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip() and not _TORCH_BOILERPLATE.match(p.strip())]
+    reason = one_paragraph("\n\n".join(paragraphs), path) or type(error).__name__
+    return f"not a plain PyTorch state dict (torch.load with weights_only=True: {reason})"
+
+
+def check_weight_values(
+    values: Mapping[str, Tensor | np.ndarray], source: str, names: Mapping[str, str] | None = None
+) -> None:
+    """Every array floating point and finite in float32, every BatchNorm variance >= 0; else WeightFileError.
+
+    The one check of weight values, run by every loader (``model_from_state_dict``) and by the converters on
+    the file's own arrays. ``names`` maps a key to the name the message uses (a Keras array's path, say).
+    """
+    for key, value in values.items():
+        name = (names or {}).get(key, key)
+        if isinstance(value, Tensor):
+            if not value.is_floating_point():
+                raise WeightFileError(f"{source}: {name} has dtype {value.dtype}, expected floating point")
+            as_float32 = value.detach().to("cpu", torch.float32).numpy()
+        else:
+            if value.dtype.kind != "f":
+                raise WeightFileError(f"{source}: {name} has dtype {value.dtype}, expected floating point")
+            with np.errstate(over="ignore"):
+                as_float32 = np.asarray(value, dtype=np.float32)
+        bad = ~np.isfinite(as_float32)  # a value beyond float32's range became inf, and is refused
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise WeightFileError(
+                f"{source}: {name} holds {int(bad.sum())} value(s) that are not finite in float32, "
+                f"the first {value[index].item()} at index {index}"
+            )
+        if VARIANCE_KEY.search(key):
+            negative = as_float32 < 0
+            if negative.any():
+                index = tuple(int(i) for i in np.argwhere(negative)[0])
+                raise WeightFileError(
+                    f"{source}: {name} holds {int(negative.sum())} negative variance(s), the first "
+                    f"{value[index].item()} at index {index}; a variance is never negative"
+                )
 
 
 def model_parts(tensors: dict[str, Tensor]) -> tuple[str, ...]:
@@ -134,7 +207,13 @@ def model_from_state_dict(state: dict[str, Tensor], config: ManTraNetConfig, sou
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {e}") from None
+        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {one_paragraph(str(e))}") from None
+    check_weight_values(state, source)
+    cast = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.dtype != torch.float32})
+    if cast:
+        warnings.warn(
+            WeightCastWarning(f"{source}: weights stored as {', '.join(cast)}, cast to float32"), stacklevel=2
+        )
     return model.eval()
 
 
