@@ -9,13 +9,15 @@ neither file.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import h5py
 import numpy as np
 import torch
 
-from mantranet_torch import ManTraNet, ManTraNetConfig
+from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
 from mantranet_torch.weights import WeightFileError, check_weight_values
 
 from .errors import ConversionError
@@ -112,6 +114,18 @@ def check_keras_shapes(shapes: Mapping[str, tuple[int, ...]], config: ManTraNetC
             problems.append(f"layer {layer}, array {name}: expected shape {shape}, found {tuple(shapes[path])}")
     if problems:
         raise ConversionError(f"{source}: does not match ManTraNet {_describe(config)}: " + "; ".join(problems))
+
+
+def check_declared_sizes(arrays: Mapping[str, np.ndarray | h5py.Dataset], source: str) -> None:
+    """No array larger than ManTraNet's largest (of any release): what a file declares is checked before its
+    data is read, so that a huge declared shape is never allocated."""
+    limit = max(math.prod(shape) for config in RELEASES.values() for shape in keras_shapes(config).values())
+    for key, array in arrays.items():
+        if math.prod(array.shape) > limit:
+            raise ConversionError(
+                f"{source}: array {key} declares shape {tuple(array.shape)}, larger than any array of ManTraNet "
+                f"({limit:,} values)"
+            )
 
 
 def check_keras_arrays(arrays: dict[str, np.ndarray], config: ManTraNetConfig, source: str) -> None:
