@@ -165,13 +165,13 @@ def run(args: argparse.Namespace) -> int:
     images = find_images(args.inputs, skip=args.output)
     if not images:
         raise CommandError(f"no images found in {', '.join(str(p) for p in args.inputs)}")
-    check_output_folder(args.output)
     device = resolve_device(args.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", WeightCastWarning)
         model = load_model(args.weights, args.variant, device)
     for w in caught:
         print(f"mantranet detect: note: {w.message}", file=sys.stderr)
+    check_output_folder(args.output)  # before any inference
     bar = ProgressBar(len(images))
     failed, skipped, claimed = [], 0, {}
     for path, relative in images:

@@ -1,0 +1,447 @@
+"""Hostile and broken inputs to convert, weights identify|list, export-keras, detect and parity: each gives one
+clear message naming the file and what is wrong, a non-zero exit, no traceback, no hang, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mantranet_torch
+from converter import ConversionError, convert_h5, read_keras_h5, save_conversion
+from converter.export import export_keras
+from converter.legacy import read_checkpoint
+from mantranet_cli import weights_cmd
+from mantranet_cli.main import main
+from mantranet_torch import WeightFileError
+from mantranet_torch.weights import PROVENANCE_KEY, encode_safetensors
+from tests.helpers import official_file
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL = "Featex/b1c1/regular_kernel:0"
+SUBPROCESS_TIMEOUT_S = 120  # a command that hangs (on a FIFO, say) fails the test instead of blocking the run
+
+
+@pytest.fixture(scope="module")
+def h5(tmp_path_factory) -> Path:
+    """A pristine official-layout file of release 4 (named so that its name identifies it)."""
+    path = tmp_path_factory.mktemp("official") / "ManTraNet_Ptrain4.h5"
+    official_file(path, 4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ours(h5, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ours")
+    save_conversion(convert_h5(h5), folder / "ours.safetensors", folder / "ours.safetensors.json")
+    return folder / "ours.safetensors"
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    path = tmp_path / "images" / "a.png"
+    path.parent.mkdir()
+    Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)).save(path)
+    return path
+
+
+def copy(h5: Path, folder: Path) -> Path:
+    target = folder / h5.name
+    target.write_bytes(h5.read_bytes())
+    return target
+
+
+def replace_dataset(path: Path, key: str, make) -> None:
+    """Replace the dataset at ``key`` with what ``make(group, leaf, value)`` puts there."""
+    with h5py.File(path, "r+") as f:
+        parent, _, leaf = key.rpartition("/")
+        group = f[parent]
+        value = group[leaf][()]
+        del group[leaf]
+        make(group, leaf, value)
+
+
+def one_line_error(capsys, command: str, path: Path | None = None) -> str:
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if not line.startswith(f"mantranet {command}: note:")]
+    assert len(lines) == 1 and lines[0].startswith(f"mantranet {command}: "), err
+    assert "Traceback" not in err
+    if path is not None:
+        assert lines[0].count(str(path)) == 1, f"path missing or repeated: {lines[0]}"
+    return lines[0]
+
+
+def run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "mantranet_cli", *argv],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+
+
+# ---- 1. corrupt HDF5 metadata ----
+
+
+def corrupt(h5: Path, folder: Path, what: str) -> Path:
+    """One damaged metadata field: the root attribute's string encoding, or the root group's local heap."""
+    path = copy(h5, folder)
+    data = bytearray(path.read_bytes())
+    if what == "string encoding":
+        at = data.index(b"layer_names\x00") + 16  # the attribute's datatype follows its 8-byte-padded name
+        data[at + 1] = (data[at + 1] & 0x0F) | 0x20  # character set 2: none HDF5 knows (h5py: TypeError)
+    else:
+        at = data.index(b"HEAP")
+        data[at + 16 : at + 20] = b"\xff\xff\xff\x7f"  # the free-list offset (h5py: RuntimeError)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("string encoding", r"attribute 'layer_names' of the root cannot be read \(Unknown string encoding"),
+        ("local heap", r"cannot be read as a Keras weight file \(.*heap free list"),
+    ],
+)
+def test_corrupt_metadata_is_a_clear_error_in_convert_identify_and_parity(h5, tmp_path, capsys, what, message):
+    path = corrupt(h5, tmp_path, what)
+    with pytest.raises(ConversionError, match=message):
+        convert_h5(path)
+    assert main(["convert", str(path), "-o", str(tmp_path / "out")]) == 1
+    assert message.split(r"\(")[0].replace("\\", "") in one_line_error(capsys, "convert", path)
+    assert not (tmp_path / "out").exists()
+    assert main(["weights", "identify", str(path)]) == 0
+    assert "format: HDF5, but not a Keras weight file" in capsys.readouterr().out
+    assert main(["parity", str(path)]) == 2  # bad input, not "layers differ"
+    one_line_error(capsys, "parity", path)
+
+
+# ---- 2. soft-link loops ----
+
+
+@pytest.mark.parametrize("links", ["self", "pair"])
+def test_a_soft_link_loop_is_reported(h5, ours, tmp_path, capsys, image, links) -> None:
+    path = copy(h5, tmp_path)
+
+    def loop(group, leaf, _):
+        if links == "self":
+            group[leaf] = h5py.SoftLink(f"{group.name}/{leaf}")
+        else:
+            group[leaf] = h5py.SoftLink(f"{group.name}/other")
+            group["other"] = h5py.SoftLink(f"{group.name}/{leaf}")
+
+    replace_dataset(path, KERNEL, loop)
+    with pytest.raises(ConversionError, match=rf"{path}: array {KERNEL} is a soft link loop"):
+        convert_h5(path)
+    assert main(["convert", str(path), "-o", str(tmp_path / "out")]) == 1
+    assert "soft link loop" in one_line_error(capsys, "convert", path)
+    assert main(["weights", "identify", str(path)]) == 0
+    assert "soft link loop" in capsys.readouterr().out
+    assert main(["detect", str(image), "-w", str(path), "-o", str(tmp_path / "maps")]) == 1
+    assert "soft link loop" in one_line_error(capsys, "detect", path)
+    assert main(["parity", str(path), "--torch-weights", str(ours)]) == 2
+    assert "soft link loop" in one_line_error(capsys, "parity", path)
+
+
+def test_a_soft_link_to_an_array_of_the_file_is_followed(h5, tmp_path) -> None:
+    path = copy(h5, tmp_path)
+    replace_dataset(
+        path,
+        KERNEL,
+        lambda g, leaf, value: (g.create_dataset("moved", data=value), g.__setitem__(leaf, h5py.SoftLink("moved"))),
+    )
+    assert np.array_equal(read_keras_h5(path).arrays[KERNEL], read_keras_h5(h5).arrays[KERNEL])
+
+
+# ---- 3. shapes and dtypes from metadata, before any data is read ----
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunks"), [((3, 3, 10**6, 10**5), (1, 1, 64, 64)), ((3, 3, 32, 3_000_000), (3, 3, 32, 4096))]
+)
+def test_a_huge_declared_shape_is_refused_before_any_data_is_read(h5, tmp_path, monkeypatch, shape, chunks) -> None:
+    path = copy(h5, tmp_path)
+    key = "Featex/b3c1/kernel:0"
+    replace_dataset(path, key, lambda g, leaf, _: g.create_dataset(leaf, shape=shape, dtype="f4", chunks=chunks))
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("array data read before the shapes were checked")
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", no_reads)
+    with pytest.raises(ConversionError, match=rf"{path}: ") as error:
+        convert_h5(path)
+    assert f"layer Featex, array b3c1/kernel:0: expected shape (3, 3, 64, 128), found {shape}" in str(error.value)
+    # weights identify has no release to compare with: it bounds every array by ManTraNet's largest
+    with pytest.raises(ConversionError, match=rf"array {key} declares shape .* larger than any array of ManTraNet"):
+        weights_cmd.read_keras_h5(path, lambda d: weights_cmd.check_declared_sizes(d, str(path)))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "complex64", "S4"])
+def test_a_non_float_dtype_is_refused_from_metadata(h5, tmp_path, monkeypatch, dtype) -> None:
+    path = copy(h5, tmp_path)
+    replace_dataset(path, KERNEL, lambda g, leaf, value: g.create_dataset(leaf, shape=value.shape, dtype=dtype))
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda *a: pytest.fail("data read"))
+    with pytest.raises(ConversionError, match=rf"{path}: array {KERNEL}: has dtype .*expected floating point"):
+        convert_h5(path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_float16_and_float64_arrays_are_cast_with_a_note(h5, tmp_path, capsys, dtype) -> None:
+    path = copy(h5, tmp_path)
+    replace_dataset(path, KERNEL, lambda g, leaf, value: g.create_dataset(leaf, data=value.astype(dtype)))
+    with h5py.File(path) as f:
+        stored = f[KERNEL][()]
+    conversion = convert_h5(path)
+    assert conversion.keras.notes == [f"1 array(s) stored as {dtype} ({KERNEL}), cast to float32"]
+    assert torch.equal(
+        conversion.state_dict["featex.b1c1.regular_kernel"],
+        torch.from_numpy(stored.astype(np.float32)).permute(3, 2, 0, 1),
+    )
+    assert main(["convert", str(path), "-o", str(tmp_path / "out")]) == 0
+    assert f"note: 1 array(s) stored as {dtype}" in capsys.readouterr().out
+    assert main(["weights", "identify", str(path)]) == 0
+    assert f"note: 1 array(s) stored as {dtype}" in capsys.readouterr().out
+
+
+# ---- 4. external links and external storage ----
+
+
+def test_an_external_link_to_a_fifo_never_blocks(h5, tmp_path, image) -> None:
+    path = copy(h5, tmp_path)
+    fifo = tmp_path / "pipe.h5"
+    os.mkfifo(fifo)
+    replace_dataset(path, KERNEL, lambda g, leaf, _: g.__setitem__(leaf, h5py.ExternalLink(str(fifo), "/x")))
+    expected = f"{path}: array {KERNEL} is an external link (to /x in {fifo})"
+    with pytest.raises(ConversionError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        convert_h5(path)
+    # the commands in processes of their own: a hang fails the test after a timeout instead of blocking the run
+    for argv in (
+        ["convert", str(path), "-o", str(tmp_path / "out")],
+        ["detect", str(image), "-w", str(path), "-o", str(tmp_path / "maps")],
+    ):
+        done = run_cli(*argv, cwd=tmp_path)
+        assert done.returncode == 1 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+    done = run_cli("weights", "identify", str(path), cwd=tmp_path)
+    assert done.returncode == 0 and "is an external link" in done.stdout, done.stdout + done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "maps").exists()
+
+
+def test_external_raw_storage_is_refused(h5, tmp_path, capsys) -> None:
+    path = copy(h5, tmp_path)
+    outside = tmp_path / "outside.bin"
+    with h5py.File(h5) as f:
+        outside.write_bytes(f[KERNEL][()].astype("<f4").tobytes())
+
+    def external(group, leaf, value):
+        group.create_dataset(leaf, shape=value.shape, dtype="<f4", external=[(str(outside), 0, value.nbytes)])
+
+    replace_dataset(path, KERNEL, external)
+    with pytest.raises(ConversionError, match=rf"{path}: array {KERNEL}: stored outside the file \(in {outside}\)"):
+        convert_h5(path)
+    assert main(["convert", str(path), "-o", str(tmp_path / "out")]) == 1
+    one_line_error(capsys, "convert", path)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 5. export-keras validates the provenance before writing ----
+
+
+@pytest.mark.parametrize(("provenance", "message"), [("{not json", "is not JSON"), ("[1, 2, 3]", "is a JSON list")])
+def test_export_keras_checks_provenance_before_writing(ours, tmp_path, capsys, provenance, message) -> None:
+    tensors, config, _ = mantranet_torch.weights.read_model_weights(ours)
+    bad = tmp_path / "bad.safetensors"
+    data = encode_safetensors(tensors, config, {})
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header["__metadata__"][PROVENANCE_KEY] = provenance
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    bad.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + header_len :])
+    with pytest.raises(ConversionError, match=rf"{bad}: its provenance metadata .*{message}"):
+        export_keras(bad, tmp_path / "out.h5")
+    assert main(["export-keras", str(bad), "-o", str(tmp_path / "out.h5")]) == 1
+    one_line_error(capsys, "export-keras", bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+# ---- 6. every loader refuses NaN / Inf weights and negative variances ----
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("detector.pred.weight", float("nan"), r"detector.pred.weight holds 1 value\(s\) that are not finite"),
+        ("featex.b3c1.bias", float("inf"), r"featex.b3c1.bias holds 1 value\(s\) that are not finite"),
+        ("detector.bnorm.moving_variance", -0.5, r"detector.bnorm.moving_variance holds 1 negative variance"),
+    ],
+)
+def test_every_loader_refuses_invalid_weight_values(h5, ours, tmp_path, capsys, image, key, value, message) -> None:
+    tensors, config, _ = mantranet_torch.weights.read_model_weights(ours)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    tensors[key].view(-1)[0] = value
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(encode_safetensors(tensors, config, {}))
+    with pytest.raises(WeightFileError, match=rf"{bad}: {message}"):
+        mantranet_torch.load(bad)
+    assert main(["detect", str(image), "-w", str(bad), "-o", str(tmp_path / "maps")]) == 1
+    line = one_line_error(capsys, "detect", bad)
+    assert "not finite" in line or "negative variance" in line, line
+    assert not list((tmp_path / "maps").glob("*.png"))
+    assert main(["parity", str(h5), "--torch-weights", str(bad)]) == 2
+    one_line_error(capsys, "parity", bad)
+    assert main(["export-keras", str(bad), "-o", str(tmp_path / "back.h5")]) == 1
+    one_line_error(capsys, "export-keras", bad)
+
+
+def test_convert_refuses_a_negative_variance(h5, tmp_path) -> None:
+    path = copy(h5, tmp_path)
+    replace_dataset(path, "bnorm/bnorm/moving_variance:0", lambda g, leaf, v: g.create_dataset(leaf, data=-np.abs(v)))
+    with pytest.raises(ConversionError, match=r"array bnorm/bnorm/moving_variance:0 holds 64 negative variance"):
+        convert_h5(path)
+
+
+# ---- 7. unreadable files in weights identify and list ----
+
+
+def test_unreadable_files_in_identify_and_list(h5, tmp_path, capsys, monkeypatch) -> None:
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    path = copy(h5, folder)
+    monkeypatch.setenv("MANTRANET_WEIGHTS_DIR", str(folder))
+
+    def denied(p):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(weights_cmd, "file_digests", denied)  # as root, chmod does not stop reads
+    assert main(["weights", "identify", str(path)]) == 1
+    assert "cannot be read (Permission denied)" in one_line_error(capsys, "weights", path)
+    assert main(["weights", "list"]) == 0
+    assert "present, unreadable (Permission denied)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_a_file_without_read_permission(h5, tmp_path, capsys) -> None:
+    path = copy(h5, tmp_path)
+    path.chmod(0)
+    assert main(["weights", "identify", str(path)]) == 1
+    assert "permission denied" in one_line_error(capsys, "weights", path)
+    assert main(["convert", str(path)]) == 1
+    assert "permission denied" in one_line_error(capsys, "convert", path)
+
+
+# ---- 11. --max-memory ----
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "1e300"])
+def test_max_memory_must_be_a_finite_positive_number(ours, image, tmp_path, capsys, monkeypatch, value) -> None:
+    monkeypatch.setattr(mantranet_torch.weights, "read_weights", lambda p: pytest.fail("weights read"))
+    assert main(["detect", str(image), "-w", str(ours), "--max-memory", value, "-o", str(tmp_path / "maps")]) == 1
+    assert "--max-memory" in one_line_error(capsys, "detect")
+    assert not (tmp_path / "maps").exists()
+
+
+# ---- smaller ones ----
+
+
+class Runs:
+    def __reduce__(self):
+        return (os.system, ("echo this ran",))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_pickle_that_runs_code_names_the_refused_global(tmp_path, capsys, image, legacy) -> None:
+    path = tmp_path / "evil.pt"
+    if legacy:  # torch's pre-1.6 format: a bare pickle
+        path.write_bytes(pickle.dumps({"a": Runs()}, protocol=2))
+    else:
+        torch.save({"a": torch.zeros(1)}, path)
+        import zipfile
+
+        with zipfile.ZipFile(path) as z:
+            members = {n: z.read(n) for n in z.namelist()}
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in members.items():
+                z.writestr(name, pickle.dumps({"a": Runs()}, protocol=2) if name.endswith("data.pkl") else data)
+    with pytest.raises(
+        ConversionError, match=rf"{path}: refused: loading it would run code \(it pickles posix.system\)"
+    ):
+        read_checkpoint(path)
+    with pytest.raises(WeightFileError, match=r"it pickles posix.system"):
+        mantranet_torch.load(path)
+    assert main(["detect", str(image), "-w", str(path), "-o", str(tmp_path / "maps")]) == 1
+    assert "it pickles posix.system" in one_line_error(capsys, "detect", path)
+    assert main(["export-keras", str(path), "-o", str(tmp_path / "out.h5")]) == 1
+    assert "it pickles posix.system" in one_line_error(capsys, "export-keras", path)
+    assert main(["convert", str(path)]) == 1
+    assert "it pickles posix.system" in one_line_error(capsys, "convert", path)
+
+
+def test_library_messages_are_one_paragraph_without_the_path_again(tmp_path, capsys) -> None:
+    path = tmp_path / "ManTraNet_Ptrain4.h5"
+    path.write_bytes(b"not hdf5 at all" * 10)
+    assert main(["convert", str(path)]) == 1
+    assert "not an HDF5 file (" in one_line_error(capsys, "convert", path)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(b"\x80\x02garbage" * 10)
+    assert main(["export-keras", str(noise), "-o", str(tmp_path / "o.h5")]) == 1
+    line = one_line_error(capsys, "export-keras", noise)
+    assert "Weights only load failed" not in line and "Check the documentation" not in line
+
+
+def test_non_utf8_attributes_are_named(h5, tmp_path, capsys) -> None:
+    path = copy(h5, tmp_path)
+    with h5py.File(path, "r+") as f:
+        f["Featex"].attrs["weight_names"] = np.array([b"b1c1/regular\xff_kernel:0"])
+    assert main(["convert", str(path)]) == 1
+    line = one_line_error(capsys, "convert", path)
+    assert "attribute 'weight_names' of layer 'Featex' is not UTF-8 text (byte b'\\xff' at 12)" in line
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "loop", "dangling"])
+def test_folders_fifos_and_link_loops_are_named_as_such(tmp_path, capsys, image, kind) -> None:
+    path = tmp_path / "w.h5"
+    if kind == "folder":
+        path.mkdir()
+        expected = "a folder, not a file"
+    elif kind == "fifo":
+        os.mkfifo(path)
+        expected = "a FIFO (named pipe), not a regular file"
+    elif kind == "loop":
+        path.symlink_to(tmp_path / "w2.h5")
+        (tmp_path / "w2.h5").symlink_to(path)
+        expected = "a symbolic link loop"
+    else:
+        path.symlink_to(tmp_path / "gone.h5")
+        expected = f"a symbolic link to {tmp_path / 'gone.h5'}, which does not exist"
+    st = tmp_path / "w.safetensors"
+    os.symlink(path, st)
+    for argv, command in (
+        (["convert", str(path)], "convert"),
+        (["weights", "identify", str(path)], "weights"),
+        (["detect", str(image), "-w", str(path), "-o", str(tmp_path / "maps")], "detect"),
+        (["export-keras", str(st), "-o", str(tmp_path / "o.h5")], "export-keras"),
+    ):
+        assert main(argv) == 1, argv
+        line = one_line_error(capsys, command)
+        assert "no such file" not in line or kind == "dangling", line
+        assert line.endswith(expected) or kind in ("loop", "dangling"), line
+
+
+def test_detect_checks_the_output_folder_before_inference(ours, image, tmp_path, capsys, monkeypatch) -> None:
+    (tmp_path / "file").write_text("in the way")
+    monkeypatch.setattr(mantranet_torch.ManTraNet, "predict", lambda *a, **k: pytest.fail("inference ran"))
+    assert main(["detect", str(image), "-w", str(ours), "-o", str(tmp_path / "file" / "maps")]) == 1
+    assert "cannot create the folder" in one_line_error(capsys, "detect")
