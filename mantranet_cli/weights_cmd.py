@@ -11,7 +11,7 @@ import numpy as np
 
 from converter import ConversionError, convert_h5, output_paths, read_keras_h5, save_conversion
 from converter.convert import FORMATS, first_block_filters
-from converter.download import DownloadError, ProgressBar, download
+from converter.download import DEADLINE_S, DownloadError, ProgressBar, download
 from converter.legacy import PART_NAMES, port_checkpoint_by_hash, read_checkpoint, split_parts
 from converter.mapping import FEATEX_LAYER, check_declared_sizes, keras_shapes, official_layers, uses_frozen_order
 from converter.releases import (
@@ -62,6 +62,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fetch.add_argument("--no-convert", action="store_true", help="download and verify only")
     fetch.add_argument("--format", choices=sorted(FORMATS), default="safetensors", help="of the converted file")
     fetch.add_argument("--force", action="store_true", help="replace existing files")
+    fetch.add_argument(
+        "--timeout",
+        type=float,
+        default=DEADLINE_S,
+        metavar="SECONDS",
+        help="give up on a transfer not done in this time (default: %(default)g); an interrupted download resumes",
+    )
     fetch.set_defaults(run=run_fetch)
 
 
@@ -281,6 +288,7 @@ def run_fetch(args: argparse.Namespace) -> int:
             allow_unknown=args.allow_unknown,
             force=args.force,
             progress=bar,
+            deadline_s=args.timeout,
         )
     except DownloadError as e:
         raise CommandError(str(e)) from None
