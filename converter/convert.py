@@ -16,7 +16,7 @@ import torch
 
 from mantranet_torch import RELEASES, ManTraNetConfig
 from mantranet_torch.config import FIXED_FIRST_LAYER_FILTERS
-from mantranet_torch.weights import encode_pt, encode_safetensors, model_from_state_dict
+from mantranet_torch.weights import encode_pt, encode_safetensors, manifest_path, model_from_state_dict
 
 from .atomic import refuse_existing, write_files_atomic
 from .errors import ConversionError
@@ -33,7 +33,6 @@ from .releases import Digests, Identification, bytes_digest, file_digests, resol
 
 TOOL_NAME = "mantranet-torch"
 FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
-MANIFEST_SUFFIX = ".json"
 PROBE_SIZE = 9  # a probe image large enough to exercise every padding path, small enough to be instant
 
 
@@ -144,7 +143,7 @@ def output_paths(source: Path, out: str | Path | None, fmt: str) -> tuple[Path, 
         target = Path(out) / (source.stem + suffix) if folder else Path(out)
     if target.suffix != suffix:
         raise ConversionError(f"{target}: a {fmt} output must end in {suffix}")
-    return target, target.with_name(target.name + MANIFEST_SUFFIX)
+    return target, manifest_path(target)
 
 
 def save_conversion(conversion: Converted, target: Path, manifest_path: Path, force: bool = False) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 from mantranet_torch import ManTraNetConfig
 from mantranet_torch.weights import PROVENANCE_KEY, read_model_weights
 
-from .atomic import make_parent, publish, refuse_existing, staged_path
+from .atomic import folder_lock, make_parent, publish, refuse_existing, remove_stale_parts, staged_path
 from .convert import write_official_h5
 from .errors import ConversionError
 from .keras_h5 import LAYOUTS, WEIGHTS_ONLY
@@ -45,7 +45,7 @@ def export_keras(weights: str | Path, target: str | Path, layout: str = WEIGHTS_
         raise ConversionError(f"{weights}: {e}") from None
     make_parent(target)
     try:
-        with staged_path(target) as tmp:
+        with folder_lock(target.parent), remove_stale_parts(target), staged_path(target) as tmp:
             try:
                 write_official_h5(tmp, arrays, config, layout=layout)  # checks every shape and value first
             except ConversionError as e:

@@ -7,6 +7,7 @@ ignores), so either file alone is enough to rebuild the model.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -22,13 +23,14 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from .config import ManTraNetConfig
-from .files import file_problem, one_paragraph
+from .files import file_problem, one_paragraph, os_reason
 from .model import ManTraNet
 
 CONFIG_KEY = "mantranet.config"
 PROVENANCE_KEY = "mantranet.provenance"
 SAFETENSORS_SUFFIX = ".safetensors"
 PT_SUFFIXES = (".pt", ".pth")
+MANIFEST_SUFFIX = ".json"  # a weight file's manifest: NAME.safetensors.json beside NAME.safetensors
 MODEL_PARTS = ("featex", "detector")
 # A BatchNorm variance (ours, or a Keras dataset path): negative values are refused, no data gives them
 VARIANCE_KEY = re.compile(r"(^|[./])moving_variance(:\d+)?$")
@@ -77,6 +79,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if problem:
         raise WeightFileError(f"{path}: {problem}")
     suffix = path.suffix.lower()
+    if suffix in (SAFETENSORS_SUFFIX, *PT_SUFFIXES):
+        check_manifest(path)
     if suffix == SAFETENSORS_SUFFIX:
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -103,6 +107,37 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if suffix in (".h5", ".hdf5"):
         raise WeightFileError(f"{path}: a Keras HDF5 file; convert it first with `mantranet convert {path}`")
     raise WeightFileError(f"{path}: unknown weight format {suffix!r} (expected .safetensors, .pt or .pth)")
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + MANIFEST_SUFFIX)
+
+
+def check_manifest(path: Path) -> None:
+    """Refuse a weight file whose manifest (written with it by ``mantranet convert``) describes another file:
+    the two were left from different runs. A file without a manifest, or beside a JSON file that is not one
+    of ours, is taken as it is (its own metadata carries its provenance)."""
+    manifest = manifest_path(path)
+    if file_problem(manifest):
+        return
+    try:
+        record = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return
+    output = record.get("output") if isinstance(record, dict) else None
+    if not isinstance(output, dict) or output.get("name") != path.name or not isinstance(output.get("sha256"), str):
+        return
+    try:
+        with path.open("rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise WeightFileError(f"{path}: cannot be read ({os_reason(e)})") from None
+    if sha256 != output["sha256"]:
+        raise WeightFileError(
+            f"{path}: its manifest {manifest.name} describes another file (sha256 {output['sha256'][:16]}..., this "
+            f"file's is {sha256[:16]}...): the two are from different runs. Convert again, or delete "
+            f"{manifest.name} to use the file as it is"
+        )
 
 
 def torch_load_reason(error: Exception, path: str | Path) -> str:

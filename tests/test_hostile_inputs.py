@@ -3,11 +3,13 @@ clear message naming the file and what is wrong, a non-zero exit, no traceback, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import h5py
@@ -17,7 +19,7 @@ import torch
 from PIL import Image
 
 import mantranet_torch
-from converter import ConversionError, convert_h5, read_keras_h5, save_conversion
+from converter import ConversionError, atomic, convert_h5, read_keras_h5, save_conversion
 from converter.export import export_keras
 from converter.legacy import read_checkpoint
 from mantranet_cli import weights_cmd
@@ -445,3 +447,106 @@ def test_detect_checks_the_output_folder_before_inference(ours, image, tmp_path,
     monkeypatch.setattr(mantranet_torch.ManTraNet, "predict", lambda *a, **k: pytest.fail("inference ran"))
     assert main(["detect", str(image), "-w", str(ours), "-o", str(tmp_path / "file" / "maps")]) == 1
     assert "cannot create the folder" in one_line_error(capsys, "detect")
+
+
+# ---- 10. a weight file and its manifest: never from different runs ----
+
+
+@pytest.fixture(scope="module")
+def two_conversions(tmp_path_factory):
+    """Conversions of two official-layout files of release 4 with different weights."""
+    folder = tmp_path_factory.mktemp("two")
+    official_file(folder / "ManTraNet_Ptrain4.h5", 4, seed=0)
+    first = convert_h5(folder / "ManTraNet_Ptrain4.h5")
+    official_file(folder / "ManTraNet_Ptrain4.h5", 4, seed=1)
+    second = convert_h5(folder / "ManTraNet_Ptrain4.h5")
+    return first, second
+
+
+def pair_matches(target: Path) -> bool:
+    manifest = json.loads((target.parent / (target.name + ".json")).read_text())
+    return manifest["output"]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def test_a_run_killed_between_the_moves_leaves_no_mismatched_pair(two_conversions, tmp_path, monkeypatch) -> None:
+    first, second = two_conversions
+    target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
+    save_conversion(first, target, manifest)
+    real_publish, moves = atomic.publish, []
+
+    def killed_after_the_first_move(staged, to, force):
+        if moves:
+            raise KeyboardInterrupt  # the process dies here
+        moves.append(to)
+        real_publish(staged, to, force)
+
+    monkeypatch.setattr(atomic, "publish", killed_after_the_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        save_conversion(second, target, manifest, force=True)
+    monkeypatch.undo()
+    # the new weights alone (their metadata carries the provenance), never beside the old manifest
+    assert not manifest.exists()
+    loaded = mantranet_torch.load(target).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in second.state_dict.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # no .part left either
+
+
+def test_load_refuses_a_mismatched_pair(two_conversions, tmp_path, capsys, image) -> None:
+    first, second = two_conversions
+    target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
+    save_conversion(first, target, manifest)
+    other = tmp_path / "other" / "w.safetensors"
+    save_conversion(second, other, other.parent / "w.safetensors.json")
+    target.write_bytes(other.read_bytes())  # what the earlier code left when killed between its two moves
+    with pytest.raises(WeightFileError, match=r"w.safetensors: its manifest w.safetensors.json describes another"):
+        mantranet_torch.load(target)
+    assert main(["detect", str(image), "-w", str(target), "-o", str(tmp_path / "maps")]) == 1
+    assert "the two are from different runs" in one_line_error(capsys, "detect", target)
+
+
+def test_concurrent_writers_of_one_output_take_turns(two_conversions, tmp_path) -> None:
+    first, second = two_conversions
+    target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
+    finished = threading.Event()
+    with atomic.folder_lock(tmp_path):  # another run is writing
+        writer = threading.Thread(target=lambda: (save_conversion(first, target, manifest, force=True), finished.set()))
+        writer.start()
+        assert not finished.wait(0.5) and not target.exists()  # it waits for the lock
+        busy = rf"{tmp_path}: another process has been writing in this folder"
+        with pytest.raises(ConversionError, match=busy), atomic.folder_lock(tmp_path, wait_s=0.1):
+            pass
+    writer.join(timeout=60)
+    assert finished.is_set() and pair_matches(target)
+    writers = [
+        threading.Thread(target=save_conversion, args=(c, target, manifest), kwargs={"force": True})
+        for c in (first, second) * 3
+    ]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=120)
+    assert pair_matches(target)
+
+
+def test_a_dangling_link_at_the_manifest_path_stops_the_run_before_writing(two_conversions, tmp_path) -> None:
+    first, _ = two_conversions
+    target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
+    manifest.symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(ConversionError, match=r"w.safetensors.json: already exists; pass --force"):
+        save_conversion(first, target, manifest)
+    assert not target.exists()
+    save_conversion(first, target, manifest, force=True)
+    assert pair_matches(target) and not manifest.is_symlink()
+
+
+def test_hidden_parts_of_killed_runs_are_removed(two_conversions, tmp_path) -> None:
+    first, _ = two_conversions
+    for name in (".w.safetensors.x1y2.part", ".w.safetensors.json.abcd.part"):
+        (tmp_path / name).write_bytes(b"left by a killed run")
+    (tmp_path / ".other.safetensors.x1y2.part").write_bytes(b"another output's: kept")
+    save_conversion(first, tmp_path / "w.safetensors", tmp_path / "w.safetensors.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.safetensors.x1y2.part",
+        "w.safetensors",
+        "w.safetensors.json",
+    ]
