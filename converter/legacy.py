@@ -30,7 +30,7 @@ from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
 from mantranet_torch.files import file_problem
 from mantranet_torch.layers import STD_FLOOR, bayar_constraint, l2_normalize_tf, srm_kernels
 from mantranet_torch.model import DETECTOR_CHANNELS, FEATURE_CHANNELS, LSTM_HIDDEN
-from mantranet_torch.weights import WeightFileError, check_weight_values, torch_load_reason
+from mantranet_torch.weights import WeightFileError, check_pt_size, check_weight_values, torch_load_reason
 
 from .convert import TOOL_NAME, probe_image, tool_version
 from .errors import ConversionError
@@ -185,6 +185,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     problem = file_problem(path)
     if problem:
         raise ConversionError(f"{path}: {problem}")
+    try:
+        check_pt_size(path)
+    except WeightFileError as e:
+        raise ConversionError(str(e)) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for files that are not checkpoints at all

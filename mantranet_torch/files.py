@@ -53,10 +53,10 @@ def os_reason(e: OSError) -> str:
 
 
 def one_paragraph(text: str, path: str | Path | None = None) -> str:
-    """``text`` (a library's error message) on one line, blank-line-separated paragraphs joined with "; " and
-    ``path`` (which the caller's message names already) replaced by "the file"."""
+    """``text`` (a library's error message) on one line, blank-line-separated paragraphs joined with "; ", and
+    without ``path``, which the caller's message names already."""
     if path is not None:
-        for form in {str(path), os.fspath(Path(path).resolve())}:
-            text = text.replace(repr(form), "the file").replace(form, "the file")
+        for form in sorted({str(path), os.fspath(Path(path).resolve())}, key=len, reverse=True):
+            text = re.sub(r":?[ \t]*['\"]?" + re.escape(form) + r"['\"]?:?", "", text)
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text.strip())]
     return "; ".join(p for p in paragraphs if p)

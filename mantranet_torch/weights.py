@@ -12,6 +12,7 @@ import io
 import json
 import re
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ CONFIG_KEY = "mantranet.config"
 PROVENANCE_KEY = "mantranet.provenance"
 SAFETENSORS_SUFFIX = ".safetensors"
 PT_SUFFIXES = (".pt", ".pth")
+MAX_PT_BYTES = 1 << 30  # ManTraNet's weights take 15 MB: an archive unpacking to more is refused unread
 MANIFEST_SUFFIX = ".json"  # a weight file's manifest: NAME.safetensors.json beside NAME.safetensors
 MODEL_PARTS = ("featex", "detector")
 # A BatchNorm variance (ours, or a Keras dataset path): negative values are refused, no data gives them
@@ -92,6 +94,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             raise WeightFileError(f"{path}: not a readable safetensors file (metadata values must be strings)")
         return tensors, dict(metadata)
     if suffix in PT_SUFFIXES:
+        check_pt_size(path)
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for corrupt or code-carrying pickles
@@ -137,6 +140,23 @@ def check_manifest(path: Path) -> None:
             f"{path}: its manifest {manifest.name} describes another file (sha256 {output['sha256'][:16]}..., this "
             f"file's is {sha256[:16]}...): the two are from different runs. Convert again, or delete "
             f"{manifest.name} to use the file as it is"
+        )
+
+
+def check_pt_size(path: Path) -> None:
+    """Refuse, before ``torch.load`` unpacks it, a zip archive (torch.save's format) that would unpack to
+    more than MAX_PT_BYTES: its members may be compressed, so its size on disk does not bound its memory."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load gives the reason
+    if unpacked > MAX_PT_BYTES:
+        raise WeightFileError(
+            f"{path}: its archive unpacks to {unpacked:,} bytes, more than the {MAX_PT_BYTES:,} any ManTraNet "
+            "weight file takes"
         )
 
 

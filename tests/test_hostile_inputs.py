@@ -550,3 +550,22 @@ def test_hidden_parts_of_killed_runs_are_removed(two_conversions, tmp_path) -> N
         "w.safetensors",
         "w.safetensors.json",
     ]
+
+
+def test_a_compressed_pt_archive_that_unpacks_beyond_any_weight_file_is_refused_unread(tmp_path, monkeypatch) -> None:
+    import zipfile
+
+    path = tmp_path / "bomb.pt"
+    torch.save({"w": torch.zeros(1)}, path)
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        z.writestr("bomb/data/1", bytes(64 << 20))  # 64 MiB of zeros: 64 KB compressed
+    monkeypatch.setattr(mantranet_torch.weights, "MAX_PT_BYTES", 32 << 20)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("unpacked"))
+    with pytest.raises(WeightFileError, match=r"bomb.pt: its archive unpacks to 67,1\d\d,\d\d\d bytes, more than"):
+        mantranet_torch.load(path)
+    with pytest.raises(ConversionError, match=r"bomb.pt: its archive unpacks to"):
+        read_checkpoint(path)
