@@ -244,7 +244,7 @@ def metadata_config(path: str | Path, metadata: dict[str, str]) -> ManTraNetConf
         return None
     try:
         return ManTraNetConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise WeightFileError(f"{path}: malformed ManTraNet config in its metadata ({e})") from None
 
 
@@ -258,6 +258,13 @@ def load(
 
 def model_from_state_dict(state: dict[str, Tensor], config: ManTraNetConfig, source: str) -> ManTraNet:
     """``ManTraNet(config)`` holding ``state`` (loaded strictly), in eval mode; a misfit names ``source``."""
+    with torch.device("meta"):  # the shapes first, without allocating: a config may declare a huge model
+        shapes = {k: tuple(v.shape) for k, v in ManTraNet(config).state_dict().items()}
+    wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
+    if wrong:
+        found = "; ".join(f"{k}: expected shape {shapes[k]}, found {tuple(state[k].shape)}" for k in wrong[:3])
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {found}{more}")
     model = ManTraNet(config)
     try:
         model.load_state_dict(state, strict=True)

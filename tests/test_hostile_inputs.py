@@ -263,15 +263,7 @@ def test_external_raw_storage_is_refused(h5, tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize(("provenance", "message"), [("{not json", "is not JSON"), ("[1, 2, 3]", "is a JSON list")])
 def test_export_keras_checks_provenance_before_writing(ours, tmp_path, capsys, provenance, message) -> None:
-    tensors, config, _ = mantranet_torch.weights.read_model_weights(ours)
-    bad = tmp_path / "bad.safetensors"
-    data = encode_safetensors(tensors, config, {})
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    header["__metadata__"][PROVENANCE_KEY] = provenance
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    bad.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + header_len :])
+    bad = with_metadata(ours, tmp_path / "bad.safetensors", PROVENANCE_KEY, provenance)
     with pytest.raises(ConversionError, match=rf"{bad}: its provenance metadata .*{message}"):
         export_keras(bad, tmp_path / "out.h5")
     assert main(["export-keras", str(bad), "-o", str(tmp_path / "out.h5")]) == 1
@@ -569,3 +561,43 @@ def test_a_compressed_pt_archive_that_unpacks_beyond_any_weight_file_is_refused_
         mantranet_torch.load(path)
     with pytest.raises(ConversionError, match=r"bomb.pt: its archive unpacks to"):
         read_checkpoint(path)
+
+
+def with_metadata(ours: Path, target: Path, key: str, value: str) -> Path:
+    """``ours`` with one metadata entry replaced."""
+    data = ours.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"][key] = value
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    target.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+    return target
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"first_block_filters": 10**9}, "first_block_filters must exceed 12 and be at most 4096"),
+        ({"first_block_filters": 1e999}, "malformed ManTraNet config .*OverflowError|cannot convert float infinity"),
+        ({"window_sizes": [7, 15, 10**9 + 1]}, "window_sizes must be 1 to 16 odd positive integers up to 4095"),
+        ({"first_block_filters": 32}, r"does not fit ManTraNet .*featex.b1c1.regular_kernel: expected shape"),
+    ],
+)
+def test_a_config_in_the_metadata_cannot_make_a_huge_model(ours, tmp_path, config, message) -> None:
+    _, base, _ = mantranet_torch.weights.read_model_weights(ours)
+    text = json.dumps({**base.to_dict(), **config}).replace("Infinity", "1e999")
+    bad = with_metadata(ours, tmp_path / "bad.safetensors", mantranet_torch.weights.CONFIG_KEY, text)
+    with pytest.raises(WeightFileError, match=rf"{bad}: .*({message})"):
+        mantranet_torch.load(bad)
+
+
+def test_float64_tensors_load_with_a_note(ours, tmp_path, image, capsys) -> None:
+    tensors, config, _ = mantranet_torch.weights.read_model_weights(ours)
+    wide = tmp_path / "wide.safetensors"
+    wide.write_bytes(encode_safetensors({k: v.double() for k, v in tensors.items()}, config, {}))
+    with pytest.warns(mantranet_torch.weights.WeightCastWarning, match=r"wide.safetensors: weights stored as float64"):
+        model = mantranet_torch.load(wide)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tensors.items())
+    assert main(["detect", str(image), "-w", str(wide), "-o", str(tmp_path / "maps")]) == 0
+    assert "note: " in capsys.readouterr().err
