@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tile is not None and args.tile < MIN_TILE:
         raise CommandError(f"--tile {args.tile}: tiles must be at least {MIN_TILE} pixels")
     if args.max_memory is not None and not (math.isfinite(args.max_memory) and 0 < args.max_memory <= MAX_MEMORY_GB):
-        raise CommandError(f"--max-memory {args.max_memory}: must be a number of GB, > 0 and <= {MAX_MEMORY_GB:g}")
+        raise CommandError(f"--max-memory {args.max_memory}: must be a number of GB, > 0 and <= {MAX_MEMORY_GB:,.0f}")
     images = find_images(args.inputs, skip=args.output)
     if not images:
         raise CommandError(f"no images found in {', '.join(str(p) for p in args.inputs)}")

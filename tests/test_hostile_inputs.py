@@ -82,16 +82,25 @@ def one_line_error(capsys, command: str, path: Path | None = None) -> str:
     return lines[0]
 
 
-def run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(*commands: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Each command in a process of its own, all at once: a hang fails the test after a timeout instead of
+    blocking the run."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "mantranet_cli", *argv],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-    )
+    started = [
+        (argv, subprocess.Popen([sys.executable, "-m", "mantranet_cli", *argv], cwd=cwd, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for argv in commands
+    ]  # fmt: skip
+    done = []
+    for argv, process in started:
+        try:
+            out, err = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for _, p in started:
+                p.kill()
+            raise AssertionError(f"mantranet {' '.join(argv)}: no answer within {SUBPROCESS_TIMEOUT_S} s") from None
+        done.append(subprocess.CompletedProcess(argv, process.returncode, out, err))
+    return done
 
 
 # ---- 1. corrupt HDF5 metadata ----
@@ -229,15 +238,15 @@ def test_an_external_link_to_a_fifo_never_blocks(h5, tmp_path, image) -> None:
     expected = f"{path}: array {KERNEL} is an external link (to /x in {fifo})"
     with pytest.raises(ConversionError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         convert_h5(path)
-    # the commands in processes of their own: a hang fails the test after a timeout instead of blocking the run
-    for argv in (
+    convert, detect, identify = run_cli(
         ["convert", str(path), "-o", str(tmp_path / "out")],
         ["detect", str(image), "-w", str(path), "-o", str(tmp_path / "maps")],
-    ):
-        done = run_cli(*argv, cwd=tmp_path)
+        ["weights", "identify", str(path)],
+        cwd=tmp_path,
+    )
+    for done in (convert, detect):
         assert done.returncode == 1 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
-    done = run_cli("weights", "identify", str(path), cwd=tmp_path)
-    assert done.returncode == 0 and "is an external link" in done.stdout, done.stdout + done.stderr
+    assert identify.returncode == 0 and "is an external link" in identify.stdout, identify.stdout + identify.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "maps").exists()
 
 
