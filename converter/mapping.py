@@ -17,8 +17,8 @@ import h5py
 import numpy as np
 import torch
 
-from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
-from mantranet_torch.weights import WeightFileError, check_weight_values
+from mantranet_torch import RELEASES, ManTraNetConfig
+from mantranet_torch.weights import WeightFileError, check_weight_values, state_shapes
 
 from .errors import ConversionError
 
@@ -90,9 +90,7 @@ FROZEN_FEATEX_LAYERS = ("b1c1", "b1c2", "b2c1", "b2c2")
 
 def torch_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
     """The state-dict shapes of a model with ``config``, built without allocating weights."""
-    with torch.device("meta"):
-        model = ManTraNet(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return dict(state_shapes(config))
 
 
 def keras_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:

@@ -7,6 +7,7 @@ ignores), so either file alone is enough to rebuild the model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -256,10 +257,18 @@ def load(
     return model_from_state_dict(tensors, config, str(path)).to(map_location)
 
 
+@functools.lru_cache(maxsize=16)
+def state_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of ``ManTraNet(config)``, from a model on the meta device (nothing allocated).
+    Cached: read-only for callers."""
+    with torch.device("meta"):
+        model = ManTraNet(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def model_from_state_dict(state: dict[str, Tensor], config: ManTraNetConfig, source: str) -> ManTraNet:
     """``ManTraNet(config)`` holding ``state`` (loaded strictly), in eval mode; a misfit names ``source``."""
-    with torch.device("meta"):  # the shapes first, without allocating: a config may declare a huge model
-        shapes = {k: tuple(v.shape) for k, v in ManTraNet(config).state_dict().items()}
+    shapes = state_shapes(config)  # the shapes first, without allocating: a config may declare a huge model
     wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
     if wrong:
         found = "; ".join(f"{k}: expected shape {shapes[k]}, found {tuple(state[k].shape)}" for k in wrong[:3])
