@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from converter import convert_h5
 from converter.atomic import write_bytes_atomic
 from mantranet_torch import ManTraNet
 from mantranet_torch.memory import full_image_bytes, tile_for_budget
-from mantranet_torch.tiling import MIN_TILE, PRECISIONS
+from mantranet_torch.precision import PRECISIONS, SlowPrecisionWarning, bf16_support, resolve_precision
+from mantranet_torch.tiling import MIN_TILE
 from mantranet_torch.weights import model_from_state_dict
 
 from .errors import CommandError
@@ -48,7 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tile", type=int, metavar="SIZE", help=f"compute in tiles of SIZE x SIZE (>= {MIN_TILE})")
     size.add_argument("--max-memory", type=float, metavar="GB", help="use the largest tiles that fit GB (2^30 bytes)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: faster on CPUs with bf16, less exact")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default): true float32, TF32 off; auto: bf16 where the hardware computes it natively "
+        "(AVX-512 BF16/AMX CPUs, CUDA compute capability 8.0+), else fp32; bf16: faster there, less exact, and "
+        "slower than fp32 elsewhere; tf32: TF32 convolutions on NVIDIA Ampere and newer GPUs",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     p.add_argument("--save-npy", action="store_true", help="also write the raw float32 map as <name>.npy")
     p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.png, the map over the image")
@@ -146,9 +155,10 @@ def choose_tile(model: ManTraNet, height: int, width: int, args: argparse.Namesp
     if args.max_memory is None:
         return None
     budget = int(args.max_memory * GB)
-    if full_image_bytes(model, height, width, args.precision) <= budget:
+    precision = resolve_precision(args.precision, next(model.parameters()).device, warn=False)
+    if full_image_bytes(model, height, width, precision) <= budget:
         return max(height, width)
-    return tile_for_budget(model, height, width, budget, args.precision)
+    return tile_for_budget(model, height, width, budget, precision)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if not images:
         raise CommandError(f"no images found in {', '.join(str(p) for p in args.inputs)}")
     device = resolve_device(args.device)
+    args.precision = _precision(args.precision, device)
     model = load_model(args.weights, args.variant, device)
     bar = ProgressBar(len(images))
     failed, skipped, claimed = [], 0, {}
@@ -215,7 +226,9 @@ def detect_one(
         bar.show(path.name, (done, total))
 
     start = time.perf_counter()
-    likelihood = model.predict(image.pixels, tile=tile, precision=args.precision, progress=progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPrecisionWarning)  # said once, before the first image
+        likelihood = model.predict(image.pixels, tile=tile, precision=args.precision, progress=progress)
     seconds = time.perf_counter() - start
     encoders = outputs.encoders(image.pixels, likelihood)
     for target in missing:
@@ -224,6 +237,14 @@ def detect_one(
     lines = [f"{path}: {width} x {height}, {how}, {seconds:.1f} s -> {', '.join(str(p) for p in missing)}"]
     lines += [f"  note: {note}" for note in image.notes]
     return "\n".join(lines)
+
+
+def _precision(precision: str, device: torch.device) -> str:
+    """The precision the run computes in, said when ``auto`` chose it; a slow bf16 is warned of here, once."""
+    resolved = resolve_precision(precision, device)
+    if precision == "auto":
+        print(f"precision auto: {resolved}, as {bf16_support(device).reason}", flush=True)
+    return resolved
 
 
 def _error(bar: ProgressBar, message: str) -> None:

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mantranet_torch.tiling import MIN_TILE, PRECISIONS
+from mantranet_torch.precision import PRECISIONS
+from mantranet_torch.tiling import MIN_TILE
 
 from .errors import CommandError
 from .images import DEFAULT_MAX_PIXELS

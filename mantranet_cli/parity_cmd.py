@@ -7,6 +7,7 @@ TensorFlow is imported inside ``run_parity`` only, so every other command works 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TextIO
 from converter import ConversionError
 from converter.atomic import write_bytes_atomic
 from mantranet_torch import LAYERS
-from parity_tests.api import DONE, IMAGE, LAYER, START, TRACED, ParityEvent, run_parity
+from parity_tests.api import DONE, IMAGE, LAYER, START, TRACED, ParityEvent, run_parity, suggest_map
 from parity_tests.errors import ParityInputError
 from parity_tests.inputs import Crop
 from parity_tests.report import render_table
@@ -43,6 +44,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("weights", type=Path, metavar="WEIGHTS.h5", help="an official-layout ManTraNet Keras file")
     p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="images to compare on (default: built-in)")
     p.add_argument(
+        "--reference",
+        default="ours",
+        metavar="ours|official[:DIR]",
+        help="what the PyTorch side is compared with: 'ours' (default), the project's TensorFlow re-implementation "
+        "of the official numerics; 'official:DIR', your copy of the official ManTraNet code (DIR holds "
+        "modelCore.py), run unmodified under tf_keras, in float64 too as the exact answer of the attribution; "
+        "'official', the copy 'mantranet weights fetch --code' downloaded",
+    )
+    p.add_argument(
         "--torch-weights",
         type=Path,
         action="append",
@@ -50,6 +60,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="PyTorch weights instead of WEIGHTS.h5 converted: ours (.safetensors/.pt), or the earlier PyTorch "
         "port's MantraNetv4.pt, IMTFEv4.pt and AnomalyDetectorv4.pt (give this option twice for the pair); a "
         "checkpoint of one part is completed with the other part from WEIGHTS.h5",
+    )
+    p.add_argument(
+        "--candidate",
+        metavar="FILE.py:FACTORY",
+        help="compare another PyTorch implementation instead of ours: FACTORY in FILE.py returns the nn.Module with "
+        "its weights loaded (called with WEIGHTS.h5 when it takes an argument); needs --layer-map",
+    )
+    p.add_argument(
+        "--layer-map",
+        type=Path,
+        metavar="FILE.json",
+        help="for --candidate: Keras layer name to the candidate's module path, with each output's layout (NCHW, "
+        "NHWC; T marks the time axis of nestedAvgFeatex and divStd) and which output to take; layers it leaves "
+        "out are reported as unmapped. The format is in parity_tests/candidate.py",
+    )
+    p.add_argument(
+        "--suggest-map",
+        type=Path,
+        metavar="FILE.json",
+        help="for --candidate: propose a layer map (modules matched to Keras layers by output shape in execution "
+        "order, the closest to the reference where several fit) on the first IMAGE, write it to FILE.json for "
+        "you to check and edit, and stop",
+    )
+    p.add_argument(
+        "--candidate-input",
+        default="NCHW:-1..1",
+        metavar="LAYOUT:RANGE",
+        help="with --suggest-map: how the candidate's forward takes the image (NCHW or NHWC; -1..1, 0..1 or 0..255)",
     )
     p.add_argument(
         "--variant", type=int, metavar="N", help="the release 0-4 of WEIGHTS.h5, when hash and name do not tell"
@@ -126,6 +164,7 @@ class Progress:
 def print_header(reference: dict, torch_side: dict) -> None:
     print(f"reference: {reference['description']}")
     print(f"torch: {torch_side['description']}")
+    print(f"exact answer of the float64 attribution: {reference['exact']}")
     for note in torch_side["notes"]:
         print(f"  note: {note}")
     sys.stdout.flush()
@@ -144,7 +183,46 @@ def check_json_target(path: Path, report: Path | None, force: bool) -> None:
         raise CommandError(f"--json {path}: already exists; pass --force to replace it", BAD_INPUT)
 
 
+def run_suggest(args: argparse.Namespace) -> int:
+    if args.candidate is None:
+        raise CommandError("--suggest-map needs --candidate FILE.py:FACTORY", BAD_INPUT)
+    if args.suggest_map.exists() and not args.force:
+        raise CommandError(f"--suggest-map {args.suggest_map}: already exists; pass --force to replace it", BAD_INPUT)
+    layout, _, value_range = args.candidate_input.partition(":")
+    try:
+        mapping, suggestions = suggest_map(
+            args.weights,
+            args.candidate,
+            args.images,
+            input_layout=layout,
+            input_range=value_range or "-1..1",
+            variant=args.variant,
+            crop=args.crop,
+        )
+    except ParityInputError as e:
+        raise CommandError(str(e), BAD_INPUT) from None
+    print(f"{'layer':<16}{'module':<32}{'layout':<8}{'output':<8}{'rel. error':>11}  modules of that shape")
+    for s in suggestions:
+        if s.entry is None:
+            print(f"{s.layer:<16}{'(none: unmapped)':<32}{'':<8}{'':<8}{'-':>11}  {'; '.join(s.why)}")
+            continue
+        output = "-" if s.entry.output is None else json.dumps(s.entry.output)
+        row = f"{s.layer:<16}{s.entry.module:<32}{s.entry.layout:<8}{output:<8}{s.relative_error:>11.1e}"
+        print(f"{row}  {s.alternatives}")
+    try:
+        write_bytes_atomic(args.suggest_map, (json.dumps(mapping.to_dict(), indent=2) + "\n").encode(), force=True)
+    except (ConversionError, OSError) as e:
+        raise CommandError(f"cannot write {args.suggest_map}: {e}", BAD_INPUT) from None
+    print(
+        f"wrote {args.suggest_map}: check it (a large relative error means the module computes something else, or "
+        "the layer is computed outside any module), then run with --layer-map"
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.suggest_map is not None:
+        return run_suggest(args)
     modes = [LOCAL] if args.local else list(MODES)
     progress = Progress()
     try:
@@ -156,7 +234,10 @@ def run(args: argparse.Namespace) -> int:
         parity = run_parity(
             args.weights,
             args.images,
+            reference=args.reference,
             torch_weights=args.torch_weights,
+            candidate=args.candidate,
+            layer_map=args.layer_map,
             variant=args.variant,
             modes=modes,
             atol=args.atol,

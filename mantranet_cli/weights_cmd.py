@@ -14,8 +14,11 @@ from converter.convert import FORMATS, first_block_filters
 from converter.download import DownloadError, ProgressBar, download
 from converter.legacy import PART_NAMES, port_checkpoint_by_hash, read_checkpoint, split_parts
 from converter.mapping import FEATEX_LAYER, keras_shapes, official_layers, uses_frozen_order
+from converter.official_code import fetch_official_code
 from converter.releases import (
     file_digests,
+    official_code,
+    official_code_path,
     official_release,
     official_releases,
     port_checkpoints,
@@ -53,8 +56,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     identify = commands.add_parser("identify", help="which file FILE is, by its content (its name is ignored)")
     identify.add_argument("file", type=Path, metavar="FILE")
     identify.set_defaults(run=run_identify)
-    fetch = commands.add_parser("fetch", help="download official release N, verify it, convert it")
-    fetch.add_argument("index", type=int, metavar="N", help="the release 0-4")
+    fetch = commands.add_parser(
+        "fetch",
+        help="download official release N, verify it, convert it; or (--code) the official model code",
+    )
+    fetch.add_argument("index", type=int, nargs="?", metavar="N", help="the release 0-4")
+    fetch.add_argument(
+        "--code",
+        action="store_true",
+        help="download the official src/modelCore.py instead (verified by its git blob SHA-1) for "
+        "'mantranet parity --reference official'; its licence allows academic, non-commercial use only",
+    )
     fetch.add_argument("--url", help="a mirror to download from instead of the official URL")
     fetch.add_argument("-o", "--output", type=Path, metavar="DIR", help="folder for the files (default: weights)")
     fetch.add_argument("--allow-unknown", action="store_true", help="keep a download whose content is not release N")
@@ -254,7 +266,31 @@ def describe_provenance(provenance: dict) -> None:
 # ---- fetch ----
 
 
+def run_fetch_code(args: argparse.Namespace) -> int:
+    target = args.output / official_code().file if args.output else official_code_path()
+    bar = ProgressBar(official_code().file)
+    try:
+        fetched = fetch_official_code(args.url, target, force=args.force, progress=bar)
+    except DownloadError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        bar.close()
+    sha = fetched.digests.git_blob_sha1
+    if not fetched.downloaded:
+        print(f"{target}: already present, verified (git blob SHA-1 {sha})")
+    else:
+        print(f"downloaded {target} ({fetched.digests.size} bytes): verified, the official code (git blob SHA-1 {sha})")
+    print("its licence allows academic, non-commercial use only (see the official ManTraNet README)")
+    return 0
+
+
 def run_fetch(args: argparse.Namespace) -> int:
+    if args.code:
+        if args.index is not None:
+            raise CommandError("give either a release N or --code, not both")
+        return run_fetch_code(args)
+    if args.index is None:
+        raise CommandError("which release? give N (0-4), or --code for the official model code")
     release = official_release(args.index)
     folder = args.output or weights_dir()
     target = folder / release.file

@@ -27,17 +27,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from converter import ConversionError, convert_h5
 from converter.convert import tool_version
 from mantranet_torch import LAYERS, WeightFileError, scale_pixels
 from mantranet_torch.model import DETECTOR_LAYERS
 
+from .candidate import RANGES, CandidateSide, LayerMap, Suggestion, load_candidate, suggest_layer_map
 from .errors import ParityInputError
 from .inputs import Crop, ImageInput, InputImage, check_memory, host_memory, read_inputs
 from .report import Attributed, ImageParity, ParityRun
 from .runner import Reference, compare_layers
-from .sides import torch_side
+from .sides import TorchSide, torch_side
 from .tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES, POLICY, TolerancePolicy
 
 # Beyond this many pixels only the detector is evaluated in float64, from the reference's features: the float64
@@ -127,7 +129,9 @@ def native_stderr_silenced() -> Iterator[None]:
 
 
 def import_reference() -> Any:
-    """The ``reference`` package (TensorFlow), or a one-line install hint."""
+    """The ``reference`` package (TensorFlow), or a one-line install hint. TensorFlow's C++ warnings (float64
+    graphs it does not optimise, for one) are off unless the user set ``TF_CPP_MIN_LOG_LEVEL``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         with native_stderr_silenced():
             import reference
@@ -162,11 +166,119 @@ class _TracingReference:
         return out
 
 
+OURS, OFFICIAL = "ours", "official"
+
+
+@dataclass(frozen=True)
+class ReferenceChoice:
+    """``--reference``: ``ours`` (the project's TensorFlow re-implementation), ``official`` (the official
+    ``modelCore.py`` that ``mantranet weights fetch --code`` downloaded) or ``official:DIR`` (the user's copy)."""
+
+    kind: str
+    code: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ReferenceChoice:
+        if text == OURS:
+            return cls(OURS)
+        if text == OFFICIAL:
+            return cls(OFFICIAL)
+        if text.startswith(OFFICIAL + ":") and len(text) > len(OFFICIAL) + 1:
+            return cls(OFFICIAL, Path(text[len(OFFICIAL) + 1 :]))
+        raise ParityInputError(f"--reference {text}: expected 'ours', 'official' or 'official:DIR'")
+
+
+def build_reference(choice: ReferenceChoice, weights: Path, variant: int | None) -> tuple[Reference, Any, dict]:
+    """The reference, the exact (float64) answer the attribution measures both sides against, and their
+    description for the report. Ours: the TensorFlow re-implementation and the float64 NumPy ``Oracle``. Official:
+    the official code under tf_keras, in float32 and in float64."""
+    from .oracle import Oracle
+
+    package = import_reference()
+    if choice.kind == OURS:
+        ref = package.load(weights, variant)
+        return ref, Oracle(ref.arrays, ref.config), {"kind": OURS, "exact": "float64 NumPy evaluation (oracle.py)"}
+    with native_stderr_silenced():
+        from reference import official
+    try:
+        code = official.find_official_code(choice.code)
+        ref = official.OfficialModel(code, weights, variant)
+        exact = official.OfficialModel(code, weights, variant, dtype="float64")
+    except official.OfficialCodeError as e:
+        raise ParityInputError(str(e)) from None
+    info = {
+        "kind": OFFICIAL,
+        "code": str(code.path),
+        "code_git_blob_sha1": code.git_blob_sha1,
+        "code_verified": code.verified,
+        "exact": "the official code in float64 (K.set_floatx('float64'))",
+    }
+    return ref, exact, info
+
+
+def read_layer_map(layer_map: str | Path | dict | LayerMap | None) -> LayerMap:
+    if layer_map is None:
+        raise ParityInputError(
+            "--candidate needs --layer-map FILE.json (Keras layer name to module path); "
+            "propose one with --suggest-map FILE.json"
+        )
+    if isinstance(layer_map, LayerMap):
+        return layer_map
+    if isinstance(layer_map, dict):
+        return LayerMap.parse(layer_map)
+    return LayerMap.read(layer_map)
+
+
+def _candidate_module(candidate: str | nn.Module, weights: Path) -> tuple[nn.Module, str, list[str]]:
+    if isinstance(candidate, nn.Module):
+        return candidate.eval(), f"{type(candidate).__name__} (a module given in Python)", []
+    model, description = load_candidate(candidate, weights)
+    return model, description, [candidate.rpartition(":")[0]]
+
+
+def candidate_side(candidate: str | nn.Module, layer_map: str | Path | dict | LayerMap | None, weights: Path):
+    """The compared side for a user's PyTorch implementation: loaded, checked against its layer map."""
+    mapping = read_layer_map(layer_map)
+    model, description, paths = _candidate_module(candidate, weights)
+    side = CandidateSide(model, mapping, description)
+    return TorchSide(side, f"candidate {description}, layer map {mapping.source}", paths, side.notes)
+
+
+def suggest_map(
+    weights: str | Path,
+    candidate: str | nn.Module,
+    images: Sequence[ImageInput] = (),
+    *,
+    input_layout: str = "NCHW",
+    input_range: str = "-1..1",
+    variant: int | None = None,
+    crop: str | Crop | None = None,
+) -> tuple[LayerMap, list[Suggestion]]:
+    """A layer map proposed for ``candidate`` from the first image (default: the built-in noise image), for the
+    user to check and edit: its modules in execution order matched to the Keras layers by output shape, the
+    closest to our reference's output where several fit (``candidate.suggest_layer_map``)."""
+    if input_layout not in ("NCHW", "NHWC") or input_range not in RANGES:
+        raise ParityInputError(f"input layout {input_layout!r} / range {input_range!r}: see candidate.LayerMap")
+    if isinstance(crop, str):
+        crop = Crop.parse(crop)
+    image = read_inputs(list(images)[:1], crop)[0]
+    try:
+        ref = import_reference().load(weights, variant)
+    except (ConversionError, WeightFileError) as e:
+        raise ParityInputError(str(e)) from None
+    model, _, _ = _candidate_module(candidate, Path(weights))
+    x = scale_pixels(torch.from_numpy(image.pixels)).numpy()[None]
+    return suggest_layer_map(model, x, ref.trace(x), input_layout, input_range)
+
+
 def run_parity(
     weights: str | Path,
     images: Sequence[ImageInput] = (),
     *,
+    reference: str | ReferenceChoice = OURS,
     torch_weights: Sequence[str | Path] | None = None,
+    candidate: str | nn.Module | None = None,
+    layer_map: str | Path | dict | LayerMap | None = None,
     variant: int | None = None,
     modes: Sequence[str] = MODES,
     atol: float | None = None,
@@ -177,13 +289,21 @@ def run_parity(
 ) -> ParityRun:
     """Compare the PyTorch model with the TensorFlow reference layer by layer on ``images``.
 
-    ``weights``: an official-layout ManTraNet ``.h5`` file; the reference runs it, and the PyTorch side is the
+    ``weights``: an official-layout ManTraNet ``.h5`` file; the reference runs it (``reference``: ``"ours"``, the
+    project's TensorFlow re-implementation with a float64 NumPy evaluation as the exact answer; ``"official"`` or
+    ``"official:DIR"``, the official ``modelCore.py`` run under tf_keras, in float64 for the exact answer: see
+    ``ReferenceChoice``), and the PyTorch side is the
     same file converted in memory unless ``torch_weights`` names our ``.safetensors``/``.pt`` or the earlier
     port's checkpoints (one or two files; a checkpoint of one part is completed from ``weights``). ``variant``:
     the release 0-4 when neither the file's hash nor its name tells. ``images``: file paths, H x W x 3 uint8 RGB
     arrays, or none for the built-in set. ``modes``: cumulative and/or local. ``atol``/``rtol``: one tolerance for
     every layer instead of the project's per-layer policy. ``crop``: ``"WxH[+X+Y]"`` or a ``Crop``, applied to
     every image. ``progress``: called with a ``ParityEvent`` as the run goes.
+
+    ``candidate``: compare another PyTorch implementation instead of ours: ``"FILE.py:FACTORY"`` (FACTORY returns
+    the ``nn.Module`` with its weights loaded; it gets ``weights`` when it takes an argument) or the module itself,
+    lined up with the Keras layers by ``layer_map`` (a JSON file, its dict, or a ``candidate.LayerMap``; see
+    ``candidate.py``, and ``suggest_map`` to propose one). Layers it does not map are reported as unmapped.
 
     Returns the ``ParityRun`` (``passed``, ``first_divergent_layer``, per-image reports, ``to_json()``).
     Raises ``ParityInputError`` for anything it cannot compare, before any comparison starts.
@@ -192,6 +312,7 @@ def run_parity(
     if not modes:
         raise ParityInputError(f"modes: expected some of {', '.join(MODES)}")
     policy, tolerance = tolerance_policy(atol, rtol)
+    choice = reference if isinstance(reference, ReferenceChoice) else ReferenceChoice.parse(reference)
     if isinstance(crop, str):
         crop = Crop.parse(crop)
     inputs = read_inputs(list(images), crop)
@@ -199,18 +320,27 @@ def run_parity(
         check_memory(inputs, host_memory())
     try:
         conversion = convert_h5(Path(weights), variant)
-        side = torch_side([Path(p) for p in torch_weights] if torch_weights else None, conversion)
-        ref = import_reference().load(weights, variant)
+        if candidate is not None:
+            if torch_weights:
+                raise ParityInputError("--candidate and --torch-weights: give one of them")
+            side = candidate_side(candidate, layer_map, Path(weights))
+        else:
+            side = torch_side([Path(p) for p in torch_weights] if torch_weights else None, conversion)
+        ref, oracle, about = build_reference(choice, Path(weights), variant)
     except (ConversionError, WeightFileError) as e:
         raise ParityInputError(str(e)) from None
-    from .oracle import Oracle
 
     ident = conversion.identification
     release = ident.release.file if ident.release else f"release {ident.index}"
+    if choice.kind == OURS:
+        what = "the project's TensorFlow reference"
+    else:
+        code = "" if about["code_verified"] else " (NOT the official file: its git blob SHA-1 differs)"
+        what = f"the official code {about['code']}{code}, under tf_keras"
     run = ParityRun(
         reference={
-            "kind": "ours",
-            "description": f"{weights}: {release} (identified by {ident.by}), the project's TensorFlow reference",
+            **about,
+            "description": f"{weights}: {release} (identified by {ident.by}), {what}",
             "path": str(weights),
             "release": release,
             "variant": ident.index,
@@ -224,7 +354,6 @@ def run_parity(
     )
     notify = progress or (lambda event: None)
     notify(ParityEvent(START, run, len(inputs)))
-    oracle = Oracle(ref.arrays, ref.config)
     with _torch_threads(torch_threads()):
         for index, image in enumerate(inputs, start=1):
             height, width = image.pixels.shape[:2]

@@ -4,8 +4,12 @@ ours, or the earlier port's checkpoints), completed from WEIGHTS.h5 when it hold
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from converter.convert import Conversion
 from converter.legacy import DETECTOR, PART_NAMES, EarlierPortWarning, load_earlier_port
@@ -21,14 +25,33 @@ from mantranet_torch.weights import (
 )
 
 from .errors import ParityInputError
+from .runner import Side
 
 
 @dataclass
 class TorchSide:
-    model: ManTraNet
+    """What is compared with the reference: our model (or any ``runner.Side``), described for the report."""
+
+    model: ManTraNet | Side
     description: str
     paths: list[str]
     notes: list[str]
+
+
+class ReferenceSide:
+    """The project's TensorFlow reference as a compared ``Side`` (to check it against the official code)."""
+
+    def __init__(self, model: Any) -> None:
+        from .reference_layers import reference_layers
+
+        self.model = model
+        self.layers = reference_layers(model)
+
+    def stages(self, x: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        yield from self.model.trace(x).items()
+
+    def layer(self, name: str, *inputs: np.ndarray) -> np.ndarray:
+        return self.layers[name](*inputs)
 
 
 def _is_ours(path: Path) -> bool:
