@@ -120,7 +120,7 @@ class Evaluator:
             from mantranet_cli.detect_cmd import load_model
 
             with self._weights_file() as path:
-                self._model = load_model(path, self.setup.variant, _device())
+                self._model = load_model(path, self.setup.variant, device())
         return self._model
 
     @property
@@ -245,7 +245,7 @@ def _read_pixels(task: Task, max_pixels: int) -> tuple[np.ndarray, list[str]]:
     return image.pixels, image.notes
 
 
-def _device():
+def device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
