@@ -254,7 +254,13 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
         if progress:
             progress(done, total)
 
-    setup = Setup(str(config.weights), config.variant, config.options, config.execution)
+    setup = Setup(
+        str(config.weights),
+        config.variant,
+        config.options,
+        config.execution,
+        compare_reference=config.compare_reference,
+    )
     engine = {"engine": config.engine}
     if todo:
         if config.engine == "ray":
