@@ -86,6 +86,7 @@ class ParityRun:
     modes: list[str]
     images: list[ImageParity] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    shrunk: list[dict[str, Any]] = field(default_factory=list)  # minimal failing inputs found (--shrink)
 
     @property
     def passed(self) -> bool:
@@ -129,6 +130,7 @@ class ParityRun:
             "torch": self.torch,
             "tolerance": self.tolerance,
             "versions": self.versions,
+            "shrunk": self.shrunk,
         }
 
     def to_json(self) -> str:
