@@ -257,3 +257,14 @@ def test_ray_requests_the_cluster_cannot_place_are_errors_not_waits():
         _ray_shape([1, 1], 1, 3)
     with pytest.raises(EngineError, match="--threads 4: the largest Ray node has 2 CPUs"):
         _ray_shape([2, 2], 4, None)
+
+
+def test_resize_to_a_long_side_keeps_the_aspect_and_moves_the_mask():
+    from evaluation.perturb import resize_long_side
+
+    pixels = np.zeros((60, 120, 3), np.uint8)
+    mask = np.zeros((60, 120), bool)
+    mask[:, 60:] = True
+    small, small_mask = resize_long_side(pixels, mask, 40)
+    assert small.shape == (20, 40, 3) and small_mask.shape == (20, 40)
+    assert small_mask[:, 20:].all() and not small_mask[:, :20].any()
