@@ -278,7 +278,7 @@ def image_table(image: ImageParity, reference_label: str = "ref") -> str:
 
 # Why the reference's float32 result drifts from the exact value on these layers, for the explanation lines.
 DRIFT_CAUSES = {
-    "nestedAvgFeatex": "its float32 window means come from integral images (cumulative sums over the whole image), "
+    "nestedAvgFeatex": "its float32 window means come from integral images, cumulative sums over the whole image "
     "whose rounding grows with the image and jumps with any ulp of difference in bnorm",
     "glbStd": "its float32 standard deviation",
 }
