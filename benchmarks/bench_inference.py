@@ -1,6 +1,6 @@
 """Inference speed of ManTraNet on this machine, every contender measured in one run on the same image.
 
-    .venv/bin/python benchmarks/bench_inference.py [--megapixels 1] [--json PATH] [--weights FILE]
+    .venv/bin/python benchmarks/bench_inference.py [--megapixels 1] [--json PATH] [--weights FILE] [--only fp32,bf16]
 
 Measures the machine's throughput for a 3x3 256 -> 256 convolution (the roofline: most of the
 arithmetic is that layer; probed before and after every contender, since the load on a shared machine
@@ -10,6 +10,11 @@ s/MP, as a fraction of the roofline, ratios to each other and peak memory, and c
 Each contender runs in a fresh worker process (its peak RSS is its own) with the same thread count;
 timings are the best of ``--repeats`` runs after a warm-up. Speed does not depend on weight values,
 so seeded synthetic Ptrain4 weights are used unless ``--weights``.
+
+bf16 is fast only where the CPU computes bfloat16 natively (mantranet_torch.precision.bf16_support): the
+run prints the CPU's capability and bf16 flags, labels the bf16 row "emulated" where it is not native,
+and there skips measuring bf16's error (nobody should use it there). ONEDNN_MAX_CPU_ISA=AVX512_CORE in the
+environment shows the emulated case on a CPU that has AVX-512 BF16.
 """
 
 from __future__ import annotations
@@ -257,13 +262,18 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     import torch
 
+    from mantranet_torch.precision import CPU_BF16_FEATURES, bf16_support
+
+    features = torch.cpu.get_capabilities()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "avx512_bf16": "avx512_bf16" in flags,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_flags": {key: bool(features.get(key)) for key in CPU_BF16_FEATURES},
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+        "bf16": vars(bf16_support("cpu")),
         "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -282,28 +292,36 @@ def report(args: argparse.Namespace) -> dict:
     del model
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB, torch {info['torch']}")
     print(f"image: {described} ({pixels / 1e6:.3f} MP); load average {info['load_average_before'][0]:.2f}")
+    bf16 = info["bf16"]
+    flags = ", ".join(f"{key} {'yes' if on else 'no'}" for key, on in info["bf16_flags"].items())
+    isa = f", ONEDNN_MAX_CPU_ISA={info['onednn_max_cpu_isa']}" if info["onednn_max_cpu_isa"] else ""
+    capability = f"{info['cpu_capability']} (torch.backends.cpu.get_cpu_capability())"
+    print(f"CPU capability: {capability}; bf16 flags: {flags}{isa}")
+    print(f"bf16 {'native' if bf16['native'] else 'EMULATED'}: {bf16['reason']}")
     featex = sum(v for k, v in macs.items() if k not in ("outlierTrans", "cLSTM", "pred"))
     print(
         f"arithmetic: {sum(macs.values()):,} multiply-adds per pixel (Featex {featex:,}, cLSTM {macs['cLSTM']:,}) "
         f"= {flop_px / 1e6:.4f} TFLOP per MP"
     )
     results, probes = {}, []
+    contenders = [name for name in CONTENDERS if name in args.only.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         image_path = Path(tmp) / "image.npy"
         np.save(image_path, image)
         # The roofline is probed before and after every contender: on a shared machine the load drifts,
         # and each contender is judged against the convolution speed of its own moment.
         probes.append(spawn("roofline", args, image_path, Path(tmp)).get("gflops"))
-        for name in CONTENDERS:
+        for name in contenders:
             results[name] = spawn(name, args, image_path, Path(tmp))
             probes.append(spawn("roofline", args, image_path, Path(tmp)).get("gflops"))
-        results["bf16-error"] = spawn("bf16-error", args, image_path, Path(tmp))
+        if "bf16" in contenders and bf16["native"]:  # emulated bf16 is not worth measuring
+            results["bf16-error"] = spawn("bf16-error", args, image_path, Path(tmp))
     info["load_average_after"] = os.getloadavg()
 
     measured = [p for p in probes if p]
     roof = max(measured) if measured else None
     rows = {}
-    for i, name in enumerate(CONTENDERS):
+    for i, name in enumerate(contenders):
         r = results[name]
         if "error" in r:
             rows[name] = {"error": r["error"]}
@@ -324,18 +342,19 @@ def report(args: argparse.Namespace) -> dict:
     spread = f"{min(measured):.1f} to {max(measured):.1f}" if measured else "n/a"
     print(f"\nroofline: 3x3 {CONV_CHANNELS}->{CONV_CHANNELS} convolution, {spread} GFLOP/s over {len(measured)} probes")
     print("(each contender's fraction is of the mean of the probes just before and after it)")
-    print(f"{'contender':<12}{'s/MP':>8}{'GFLOP/s':>9}{'roofline':>10}{'peak RSS':>10}{'(model+run)':>13}")
+    print(f"{'contender':<16}{'s/MP':>8}{'GFLOP/s':>9}{'roofline':>10}{'peak RSS':>10}{'(model+run)':>13}")
     for name, row in rows.items():
+        label = "bf16 (emulated)" if name == "bf16" and not bf16["native"] else name
         if "error" in row:
-            print(f"{name:<12} unavailable: {row['error']}")
+            print(f"{label:<16} unavailable: {row['error']}")
             continue
         print(
-            f"{name:<12}{row['s_per_mp']:>8.2f}{row['gflops']:>9.1f}{row.get('roofline_fraction', 0):>10.1%}"
+            f"{label:<16}{row['s_per_mp']:>8.2f}{row['gflops']:>9.1f}{row.get('roofline_fraction', 0):>10.1%}"
             f"{row['peak_rss_gb']:>9.2f}G{row['peak_rss_gb'] - row['rss_before_gb']:>12.2f}G"
         )
     ratios = {}
-    for a in CONTENDERS:
-        for b in CONTENDERS:
+    for a in contenders:
+        for b in contenders:
             if a != b and "seconds" in rows[a] and "seconds" in rows[b]:
                 ratios[f"{a} vs {b}"] = rows[b]["seconds"] / rows[a]["seconds"]
     print("\nspeed ratios (how many times faster the first is):")
@@ -343,13 +362,15 @@ def report(args: argparse.Namespace) -> dict:
         if key.split(" vs ")[0] in ("fp32", "bf16"):
             print(f"  {key:<24}{value:>6.2f}x")
     agreement = {}
-    fp32_map = results["fp32"].get("map")
+    fp32_map = results.get("fp32", {}).get("map")
     for name in ("bf16", "tensorflow", "naive"):
-        other = results[name].get("map")
+        other = results.get(name, {}).get("map")
         if fp32_map is not None and other is not None:
             agreement[name] = float(np.abs(other.astype(np.float64) - fp32_map).max())
     print("\nmax |map - fp32 map| on the benchmark image: " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()))
-    errors = results["bf16-error"].get("images", {})
+    errors = results.get("bf16-error", {}).get("images", {})
+    if "bf16" in contenders and not bf16["native"]:
+        print("bf16 vs fp32 on the sample images: not measured, bf16 is emulated here (slower than fp32)")
     if errors:
         worst = max(e["max"] for e in errors.values())
         mean = float(np.mean([e["mean"] for e in errors.values()]))
@@ -358,7 +379,7 @@ def report(args: argparse.Namespace) -> dict:
             f"mean {mean:.5f} (aim <= {BF16_ERROR_AIM})"
         )
     achieved = {
-        "fp32 >= 85% of the roofline": rows["fp32"].get("roofline_fraction"),
+        "fp32 >= 85% of the roofline": rows.get("fp32", {}).get("roofline_fraction"),
         "fp32 >= 2x the naive baseline": ratios.get("fp32 vs naive"),
         "fp32 >= 1.15x the TensorFlow reference": ratios.get("fp32 vs tensorflow"),
         "bf16 >= 1.6x fp32": ratios.get("bf16 vs fp32"),
@@ -367,6 +388,8 @@ def report(args: argparse.Namespace) -> dict:
     for target, needed in TARGETS.items():
         got = achieved[target]
         verdict = "n/a" if got is None else ("met" if got >= needed else f"MISSED by {needed - got:.3f}")
+        if target.startswith("bf16") and not bf16["native"]:
+            verdict = "n/a: bf16 is emulated here"  # the target is for CPUs with native bfloat16
         print(f"  {target:<42}{'' if got is None else f'{got:.3f}':>8}  {verdict}")
     print(f"load average after: {info['load_average_after'][0]:.2f}")
     return {
@@ -391,6 +414,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="threads for every contender (default: torch's default)")
     parser.add_argument("--weights", help="weights to use instead of synthetic ones (.safetensors, .pt or .h5)")
     parser.add_argument("--error-megapixels", type=float, default=0.1, help="size of each sample for the bf16 error")
+    parser.add_argument(
+        "--only", default=",".join(CONTENDERS), help=f"comma-separated contenders (default: {','.join(CONTENDERS)})"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     for hidden in ("--image", "--result", "--output-map"):

@@ -88,6 +88,25 @@ def port_checkpoints() -> list[PortCheckpoint]:
     ]
 
 
+@dataclass(frozen=True)
+class OfficialCode:
+    """The official model code, ``src/modelCore.py``: its name, git blob SHA-1 and official URL."""
+
+    file: str
+    git_blob_sha1: str
+    url: str
+
+
+def official_code() -> OfficialCode:
+    entry = _table()["official_code"]
+    return OfficialCode(entry["file"], entry["git_blob_sha1"], entry["url"])
+
+
+def official_code_path() -> Path:
+    """Where ``mantranet weights fetch --code`` keeps the official ``modelCore.py``."""
+    return weights_dir() / "official" / official_code().file
+
+
 def official_release(index: int) -> OfficialRelease:
     for r in official_releases():
         if r.index == index:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +17,13 @@ import torch
 
 import mantranet_torch
 from converter import convert_h5
-from converter.atomic import write_bytes_atomic
+from converter.atomic import make_folder, staged_path, write_bytes_atomic
 from mantranet_torch import ManTraNet
+from mantranet_torch.files import os_reason
 from mantranet_torch.memory import full_image_bytes, tile_for_budget
-from mantranet_torch.tiling import MIN_TILE, PRECISIONS
-from mantranet_torch.weights import model_from_state_dict
+from mantranet_torch.precision import PRECISIONS, SlowPrecisionWarning, bf16_support, resolve_precision
+from mantranet_torch.tiling import MIN_TILE
+from mantranet_torch.weights import WeightCastWarning, model_from_state_dict
 
 from .errors import CommandError
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, read_image
@@ -27,6 +31,7 @@ from .maps import encode_mask, encode_npy, encode_overlay
 
 DEFAULT_OUTPUT = Path("mantranet_out")
 GB = 2**30
+MAX_MEMORY_GB = 2.0**20  # a petabyte: beyond any machine, and far from int64 when counted in bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +53,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tile", type=int, metavar="SIZE", help=f"compute in tiles of SIZE x SIZE (>= {MIN_TILE})")
     size.add_argument("--max-memory", type=float, metavar="GB", help="use the largest tiles that fit GB (2^30 bytes)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: faster on CPUs with bf16, less exact")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default): true float32, TF32 off; auto: bf16 where the hardware computes it natively "
+        "(AVX-512 BF16/AMX CPUs, CUDA compute capability 8.0+), else fp32; bf16: faster there, less exact, and "
+        "slower than fp32 elsewhere; tf32: TF32 convolutions on NVIDIA Ampere and newer GPUs",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     p.add_argument("--save-npy", action="store_true", help="also write the raw float32 map as <name>.npy")
     p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.png, the map over the image")
@@ -135,6 +147,8 @@ def load_model(path: Path, variant: int | None, device: torch.device) -> ManTraN
     """Our weight files as they are; an official .h5 converted in memory (nothing is written)."""
     if path.suffix.lower() in (".h5", ".hdf5"):
         conversion = convert_h5(path, variant)
+        for note in conversion.keras.notes:
+            print(f"mantranet detect: note: {path}: {note}", file=sys.stderr)
         return model_from_state_dict(conversion.state_dict, conversion.config, str(path)).to(device)
     return mantranet_torch.load(path, map_location=device)
 
@@ -146,21 +160,28 @@ def choose_tile(model: ManTraNet, height: int, width: int, args: argparse.Namesp
     if args.max_memory is None:
         return None
     budget = int(args.max_memory * GB)
-    if full_image_bytes(model, height, width, args.precision) <= budget:
+    precision = resolve_precision(args.precision, next(model.parameters()).device, warn=False)
+    if full_image_bytes(model, height, width, precision) <= budget:
         return max(height, width)
-    return tile_for_budget(model, height, width, budget, args.precision)
+    return tile_for_budget(model, height, width, budget, precision)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.tile is not None and args.tile < MIN_TILE:
         raise CommandError(f"--tile {args.tile}: tiles must be at least {MIN_TILE} pixels")
-    if args.max_memory is not None and args.max_memory <= 0:
-        raise CommandError(f"--max-memory {args.max_memory}: must be positive")
+    if args.max_memory is not None and not (math.isfinite(args.max_memory) and 0 < args.max_memory <= MAX_MEMORY_GB):
+        raise CommandError(f"--max-memory {args.max_memory}: must be a number of GB, > 0 and <= {MAX_MEMORY_GB:,.0f}")
     images = find_images(args.inputs, skip=args.output)
     if not images:
         raise CommandError(f"no images found in {', '.join(str(p) for p in args.inputs)}")
     device = resolve_device(args.device)
-    model = load_model(args.weights, args.variant, device)
+    args.precision = _precision(args.precision, device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", WeightCastWarning)
+        model = load_model(args.weights, args.variant, device)
+    for w in caught:
+        print(f"mantranet detect: note: {w.message}", file=sys.stderr)
+    check_output_folder(args.output)  # before any inference
     bar = ProgressBar(len(images))
     failed, skipped, claimed = [], 0, {}
     for path, relative in images:
@@ -201,6 +222,16 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def check_output_folder(folder: Path) -> None:
+    """Create the output folder and try a file in it, before any inference: an unwritable folder fails now."""
+    make_folder(folder)
+    try:
+        with staged_path(folder / "write-test"):
+            pass
+    except OSError as e:
+        raise CommandError(f"{folder}: cannot write in the output folder ({os_reason(e)})") from None
+
+
 def detect_one(
     model: ManTraNet, path: Path, outputs: Outputs, missing: list[Path], args: argparse.Namespace, bar: ProgressBar
 ) -> str:
@@ -215,7 +246,9 @@ def detect_one(
         bar.show(path.name, (done, total))
 
     start = time.perf_counter()
-    likelihood = model.predict(image.pixels, tile=tile, precision=args.precision, progress=progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPrecisionWarning)  # said once, before the first image
+        likelihood = model.predict(image.pixels, tile=tile, precision=args.precision, progress=progress)
     seconds = time.perf_counter() - start
     encoders = outputs.encoders(image.pixels, likelihood)
     for target in missing:
@@ -224,6 +257,14 @@ def detect_one(
     lines = [f"{path}: {width} x {height}, {how}, {seconds:.1f} s -> {', '.join(str(p) for p in missing)}"]
     lines += [f"  note: {note}" for note in image.notes]
     return "\n".join(lines)
+
+
+def _precision(precision: str, device: torch.device) -> str:
+    """The precision the run computes in, said when ``auto`` chose it; a slow bf16 is warned of here, once."""
+    resolved = resolve_precision(precision, device)
+    if precision == "auto":
+        print(f"precision auto: {resolved}, as {bf16_support(device).reason}", flush=True)
+    return resolved
 
 
 def _error(bar: ProgressBar, message: str) -> None:

@@ -1,51 +1,31 @@
 """``mantranet parity``: the first layer where the PyTorch model and the TensorFlow reference part ways, on the
-user's own weight file and images.
+user's own weight file and images. Arguments in, ``parity_tests.run_parity`` does the work, the table out.
 
-TensorFlow is imported inside ``run`` only, so every other command works without it.
+TensorFlow is imported inside ``run_parity`` only, so every other command works without it.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
-import os
+import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
-import torch
-
-from converter import ConversionError, convert_h5
+from converter import ConversionError
 from converter.atomic import write_bytes_atomic
-from converter.convert import tool_version
-from mantranet_torch import LAYERS, ManTraNet, WeightFileError, scale_pixels
-from mantranet_torch.model import DETECTOR_LAYERS
-from parity_tests.oracle import Oracle
-from parity_tests.report import Attributed, ImageParity, ParityRun, render_table
+from mantranet_torch import LAYERS
+from parity_tests.api import DONE, IMAGE, LAYER, START, TRACED, ParityEvent, run_parity, suggest_map
+from parity_tests.errors import ParityInputError
+from parity_tests.inputs import Crop
+from parity_tests.report import render_table
 from parity_tests.report_page import ReportError, check_target, write_report
-from parity_tests.runner import Reference, run_parity
-from parity_tests.tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES, POLICY, TolerancePolicy
+from parity_tests.tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES
 
 from .errors import BAD_INPUT, CommandError
-from .parity_inputs import Crop, InputImage, available_memory, check_memory, read_inputs
-from .parity_torch import torch_side
 
-# The float64 feature extractor is the slow part of attribution: one image took 4.0 s with the whole network in
-# float64 and 1.5 s with the detector alone at 48 x 48, 49 s and 33 s at 160 x 160 (2 busy cores). Beyond this size
-# only the detector is evaluated in float64 (its drift, the official window means', grows with the image).
-FULL_ATTRIBUTION_PIXELS = 96 * 96
 TRACE_STEPS = 10  # the reference's trace, counted as this many layer steps for the progress estimate
-
-
-def torch_threads() -> int:
-    """PyTorch's threads while TensorFlow shares the machine: half the cores. The two alternate layer by layer
-    and TensorFlow's pool keeps spinning between its ops: on 2 cores, 1 PyTorch thread ran the built-in set in
-    29 s and a 160 x 160 image in 29 s, 2 threads in 57 s and 38 s."""
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +44,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("weights", type=Path, metavar="WEIGHTS.h5", help="an official-layout ManTraNet Keras file")
     p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="images to compare on (default: built-in)")
     p.add_argument(
+        "--reference",
+        default="ours",
+        metavar="ours|official[:DIR]",
+        help="what the PyTorch side is compared with: 'ours' (default), the project's TensorFlow re-implementation "
+        "of the official numerics; 'official:DIR', your copy of the official ManTraNet code (DIR holds "
+        "modelCore.py), run unmodified under tf_keras, in float64 too as the exact answer of the attribution; "
+        "'official', the copy 'mantranet weights fetch --code' downloaded",
+    )
+    p.add_argument(
         "--torch-weights",
         type=Path,
         action="append",
@@ -71,6 +60,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="PyTorch weights instead of WEIGHTS.h5 converted: ours (.safetensors/.pt), or the earlier PyTorch "
         "port's MantraNetv4.pt, IMTFEv4.pt and AnomalyDetectorv4.pt (give this option twice for the pair); a "
         "checkpoint of one part is completed with the other part from WEIGHTS.h5",
+    )
+    p.add_argument(
+        "--candidate",
+        metavar="FILE.py:FACTORY",
+        help="compare another PyTorch implementation instead of ours: FACTORY in FILE.py returns the nn.Module with "
+        "its weights loaded (called with WEIGHTS.h5 when it takes an argument); needs --layer-map",
+    )
+    p.add_argument(
+        "--layer-map",
+        type=Path,
+        metavar="FILE.json",
+        help="for --candidate: Keras layer name to the candidate's module path, with each output's layout (NCHW, "
+        "NHWC; T marks the time axis of nestedAvgFeatex and divStd) and which output to take; layers it leaves "
+        "out are reported as unmapped. The format is in parity_tests/candidate.py",
+    )
+    p.add_argument(
+        "--suggest-map",
+        type=Path,
+        metavar="FILE.json",
+        help="for --candidate: propose a layer map (modules matched to Keras layers by output shape in execution "
+        "order, the closest to the reference where several fit) on the first IMAGE, write it to FILE.json for "
+        "you to check and edit, and stop",
+    )
+    p.add_argument(
+        "--candidate-input",
+        default="NCHW:-1..1",
+        metavar="LAYOUT:RANGE",
+        help="with --suggest-map: how the candidate's forward takes the image (NCHW or NHWC; -1..1, 0..1 or 0..255)",
     )
     p.add_argument(
         "--variant", type=int, metavar="N", help="the release 0-4 of WEIGHTS.h5, when hash and name do not tell"
@@ -94,53 +111,55 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="compare on a W x H region of each image (centred unless +X+Y gives its top-left corner); the "
         "comparison keeps every layer's output in memory, about 45 KB per pixel",
     )
+    p.add_argument(
+        "--shrink",
+        type=Path,
+        metavar="DIR",
+        help="when an image fails: search for the smallest crop of it, then the simplest pixel content, that still "
+        "fails at the same first divergent layer; save it in DIR as PNG with the command line that reproduces it",
+    )
+    p.add_argument(
+        "--shrink-budget",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="time the --shrink search may take, for all failing images together (default 60)",
+    )
     p.set_defaults(run=run)
-
-
-def tolerance_policy(atol: float | None, rtol: float | None) -> tuple[TolerancePolicy, dict]:
-    """The project's per-layer policy, or one tolerance for every layer when --atol or --rtol is given."""
-    for flag, value in (("--atol", atol), ("--rtol", rtol)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise CommandError(f"{flag} {value}: must be a finite number >= 0", BAD_INPUT)
-    if atol is None and rtol is None:
-        return POLICY, {"policy": "project", "table": POLICY.to_dict()}
-    atol = DEFAULT_ATOL if atol is None else atol
-    rtol = DEFAULT_RTOL if rtol is None else rtol
-    policy = TolerancePolicy.uniform(atol, rtol)
-    return policy, {"policy": "uniform", "atol": atol, "rtol": rtol, "table": policy.to_dict()}
 
 
 # --- progress -----------------------------------------------------------------------------------------------
 
 
 class Progress:
-    """Layers done for the current image on stderr, with an estimate of the time left: one self-rewriting line on
-    a terminal; elsewhere (a log file) a line as each image starts, as its reference trace and each mode finish."""
+    """``run_parity``'s events on stderr: the layers done for the current image with an estimate of the time
+    left, as one self-rewriting line on a terminal; elsewhere (a log file) a line as each image starts, as its
+    reference trace and each mode finish. The run's header goes to stdout when it starts."""
 
-    def __init__(self, total_images: int, modes: list[str], stream: TextIO = sys.stderr) -> None:
-        self.total_images, self.modes, self.stream = total_images, modes, stream
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
         self.live = stream.isatty()
-        self.steps = TRACE_STEPS + len(modes) * len(LAYERS)
 
-    def start(self, index: int, image: InputImage) -> None:
-        height, width = image.pixels.shape[:2]
-        self.label = f"image {index}/{self.total_images} {image.name} ({width} x {height})"
-        self.started, self.done = time.perf_counter(), 0
-        self._show("tracing the reference", logged=True)
-
-    def traced(self) -> None:
-        self.done = TRACE_STEPS
-        self._show("reference traced", logged=True)
-
-    def layer(self, mode: str, name: str) -> None:
-        self.done += 1
-        if name == LAYERS[-1]:
-            self._show(f"{mode} mode done", logged=True)
-        else:
-            self._show(f"{mode} {LAYERS.index(name) + 1}/{len(LAYERS)} {name}")
-
-    def finish(self) -> None:
-        if self.live:
+    def __call__(self, event: ParityEvent) -> None:
+        if event.kind == START:
+            print_header(event.run.reference, event.run.torch)
+            return
+        if event.kind == IMAGE:
+            height, width = event.image.pixels.shape[:2]
+            self.steps = TRACE_STEPS + len(event.run.modes) * len(LAYERS)
+            self.label = f"image {event.index}/{event.count} {event.image.name} ({width} x {height})"
+            self.started, self.done = time.perf_counter(), 0
+            self._show("tracing the reference", logged=True)
+        elif event.kind == TRACED:
+            self.done = TRACE_STEPS
+            self._show("reference traced", logged=True)
+        elif event.kind == LAYER:
+            self.done += 1
+            if event.layer == LAYERS[-1]:
+                self._show(f"{event.mode} mode done", logged=True)
+            else:
+                self._show(f"{event.mode} {LAYERS.index(event.layer) + 1}/{len(LAYERS)} {event.layer}")
+        elif event.kind == DONE and self.live:
             self.stream.write("\r\033[K")
             self.stream.flush()
 
@@ -156,117 +175,13 @@ class Progress:
             print(line, file=self.stream, flush=True)
 
 
-class TracingReference:
-    """The reference as ``run_parity`` sees it, telling the progress display when its trace is done."""
-
-    def __init__(self, reference: Reference, progress: Progress) -> None:
-        self.reference, self.progress = reference, progress
-        self.arrays = reference.arrays
-
-    def trace(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.reference.trace(x)
-        self.progress.traced()
-        return out
-
-
-# --- the run ------------------------------------------------------------------------------------------------
-
-
-def attribution_for(pixels: int, modes: list[str]) -> tuple[list[str] | None, Attributed]:
-    """``oracle_layers`` for ``run_parity`` and what it covers: every layer on small images, else the detector's,
-    in both modes from the reference's features (``cumulative_from_reference``)."""
-    if pixels <= FULL_ATTRIBUTION_PIXELS:
-        return None, Attributed(list(LAYERS), modes, f"{pixels} pixels: the whole network in float64")
-    reason = (
-        f"{pixels} pixels > {FULL_ATTRIBUTION_PIXELS}: the float64 feature extractor is slow at this size, so the "
-        "float64 detector starts from the reference's features"
-    )
-    return list(DETECTOR_LAYERS), Attributed(list(DETECTOR_LAYERS), modes, reason)
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """File descriptor 2 sent to /dev/null: TensorFlow's C++ start-up notices bypass Python and its log level."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _import_reference():
-    try:
-        with _native_stderr_silenced():
-            import reference
-    except ImportError as e:
-        raise CommandError(
-            f"the TensorFlow reference needs TensorFlow ({e}); "
-            "install it with: pip install 'mantranet-torch[reference]'",
-            BAD_INPUT,
-        ) from None
-    return reference
-
-
-def _versions() -> dict[str, str]:
-    import keras
-    import tensorflow as tf
-
-    return {
-        "mantranet-torch": tool_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-    }
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def compare_images(
-    parity: ParityRun,
-    images: list[InputImage],
-    ref: Reference,
-    model: ManTraNet,
-    oracle: Oracle,
-    policy: TolerancePolicy,
-    progress: Progress,
-) -> None:
-    """Run the engine on each image in turn, adding its report to ``parity``."""
-    modes = parity.modes
-    for index, image in enumerate(images, start=1):
-        height, width = image.pixels.shape[:2]
-        oracle_layers, attributed = attribution_for(height * width, modes)
-        x = scale_pixels(torch.from_numpy(image.pixels)).numpy()[None]
-        progress.start(index, image)
-        started = time.perf_counter()
-        report = run_parity(
-            TracingReference(ref, progress),
-            model,
-            x,
-            oracle=oracle,
-            oracle_layers=oracle_layers,
-            modes=modes,
-            policy=policy,
-            progress=progress.layer,
-            cumulative_from_reference=True,
-        )
-        progress.finish()
-        seconds = time.perf_counter() - started
-        parity.images.append(
-            ImageParity(image.name, image.source, height, width, image.notes, attributed, report, seconds)
-        )
+def print_header(reference: dict, torch_side: dict) -> None:
+    print(f"reference: {reference['description']}")
+    print(f"torch: {torch_side['description']}")
+    print(f"exact answer of the float64 attribution: {reference['exact']}")
+    for note in torch_side["notes"]:
+        print(f"  note: {note}")
+    sys.stdout.flush()
 
 
 def check_json_target(path: Path, report: Path | None, force: bool) -> None:
@@ -282,51 +197,84 @@ def check_json_target(path: Path, report: Path | None, force: bool) -> None:
         raise CommandError(f"--json {path}: already exists; pass --force to replace it", BAD_INPUT)
 
 
-def run(args: argparse.Namespace) -> int:
-    policy, tolerance = tolerance_policy(args.atol, args.rtol)
-    modes = [LOCAL] if args.local else list(MODES)
-    crop = Crop.parse(args.crop) if args.crop else None
+def run_suggest(args: argparse.Namespace) -> int:
+    if args.candidate is None:
+        raise CommandError("--suggest-map needs --candidate FILE.py:FACTORY", BAD_INPUT)
+    if args.suggest_map.exists() and not args.force:
+        raise CommandError(f"--suggest-map {args.suggest_map}: already exists; pass --force to replace it", BAD_INPUT)
+    layout, _, value_range = args.candidate_input.partition(":")
     try:
+        mapping, suggestions = suggest_map(
+            args.weights,
+            args.candidate,
+            args.images,
+            input_layout=layout,
+            input_range=value_range or "-1..1",
+            variant=args.variant,
+            crop=args.crop,
+        )
+    except ParityInputError as e:
+        raise CommandError(str(e), BAD_INPUT) from None
+    print(f"{'layer':<16}{'module':<32}{'layout':<8}{'output':<8}{'rel. error':>11}  modules of that shape")
+    for s in suggestions:
+        if s.entry is None:
+            print(f"{s.layer:<16}{'(none: unmapped)':<32}{'':<8}{'':<8}{'-':>11}  {'; '.join(s.why)}")
+            continue
+        output = "-" if s.entry.output is None else json.dumps(s.entry.output)
+        row = f"{s.layer:<16}{s.entry.module:<32}{s.entry.layout:<8}{output:<8}{s.relative_error:>11.1e}"
+        print(f"{row}  {s.alternatives}")
+    try:
+        write_bytes_atomic(args.suggest_map, (json.dumps(mapping.to_dict(), indent=2) + "\n").encode(), force=True)
+    except (ConversionError, OSError) as e:
+        raise CommandError(f"cannot write {args.suggest_map}: {e}", BAD_INPUT) from None
+    print(
+        f"wrote {args.suggest_map}: check it (a large relative error means the module computes something else, or "
+        "the layer is computed outside any module), then run with --layer-map"
+    )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.suggest_map is not None:
+        return run_suggest(args)
+    modes = [LOCAL] if args.local else list(MODES)
+    progress = Progress()
+    try:
+        crop = Crop.parse(args.crop) if args.crop else None
         if args.report is not None:
             check_target(args.report)
         if args.json is not None:
             check_json_target(args.json, args.report, args.force)
-        images = read_inputs(args.images, crop)
-        check_memory(images, available_memory())
-        conversion = convert_h5(args.weights, args.variant)
-        side = torch_side(args.torch_weights, conversion)
-        reference = _import_reference()
-        ref = reference.load(args.weights, args.variant)
-    except (ConversionError, WeightFileError, ReportError) as e:
+        parity = run_parity(
+            args.weights,
+            args.images,
+            reference=args.reference,
+            torch_weights=args.torch_weights,
+            candidate=args.candidate,
+            layer_map=args.layer_map,
+            variant=args.variant,
+            modes=modes,
+            atol=args.atol,
+            rtol=args.rtol,
+            crop=crop,
+            progress=progress,
+            shrink=args.shrink,
+            shrink_budget=args.shrink_budget,
+        )
+    except (ParityInputError, ReportError) as e:
         raise CommandError(str(e), BAD_INPUT) from None
-    ident = conversion.identification
-    release = ident.release.file if ident.release else f"release {ident.index}"
-    print(f"reference: {args.weights}: {release} (identified by {ident.by}), TensorFlow")
-    print(f"torch: {side.description}")
-    for note in side.notes:
-        print(f"  note: {note}")
-    sys.stdout.flush()
-
-    parity = ParityRun(
-        reference={
-            "path": str(args.weights),
-            "release": release,
-            "variant": ident.index,
-            "identified_by": ident.by,
-            "config": conversion.config.to_dict(),
-        },
-        torch={"description": side.description, "paths": side.paths, "notes": side.notes},
-        tolerance=tolerance,
-        modes=modes,
-        versions=_versions(),
-    )
-    oracle = Oracle(ref.arrays, ref.config)
-    progress = Progress(len(images), modes)
-    with _torch_threads(torch_threads()):
-        compare_images(parity, images, ref, side.model, oracle, policy, progress)
-
     print()
     print(render_table(parity))
+    for found in parity.shrunk:
+        simplified = f", {', '.join(found['simplified'])}" if found["simplified"] else ""
+        original = found["original"]
+        print(
+            f"shrunk {found['image']} ({original['width']} x {original['height']}) to {found['width']} x "
+            f"{found['height']}{simplified}, still failing first at {found['layer']} ({found['checks']} checks, "
+            f"{found['seconds']:.0f} s{', budget spent' if found['budget_exhausted'] else ''}): wrote {found['path']}"
+        )
+        if found["command"]:
+            print(f"  reproduce: {found['command']}")
     try:
         if args.json is not None:
             write_bytes_atomic(args.json, parity.to_json().encode(), force=args.force)

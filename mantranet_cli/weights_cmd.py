@@ -11,11 +11,14 @@ import numpy as np
 
 from converter import ConversionError, convert_h5, output_paths, read_keras_h5, save_conversion
 from converter.convert import FORMATS, first_block_filters
-from converter.download import DownloadError, ProgressBar, download
+from converter.download import DEADLINE_S, DownloadError, ProgressBar, download
 from converter.legacy import PART_NAMES, port_checkpoint_by_hash, read_checkpoint, split_parts
-from converter.mapping import FEATEX_LAYER, keras_shapes, official_layers, uses_frozen_order
+from converter.mapping import FEATEX_LAYER, check_declared_sizes, keras_shapes, official_layers, uses_frozen_order
+from converter.official_code import fetch_official_code
 from converter.releases import (
     file_digests,
+    official_code,
+    official_code_path,
     official_release,
     official_releases,
     port_checkpoints,
@@ -24,6 +27,7 @@ from converter.releases import (
     weights_dir,
 )
 from mantranet_torch import RELEASES, ManTraNetConfig
+from mantranet_torch.files import file_problem, os_reason
 from mantranet_torch.weights import (
     MODEL_PARTS,
     PROVENANCE_KEY,
@@ -53,14 +57,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     identify = commands.add_parser("identify", help="which file FILE is, by its content (its name is ignored)")
     identify.add_argument("file", type=Path, metavar="FILE")
     identify.set_defaults(run=run_identify)
-    fetch = commands.add_parser("fetch", help="download official release N, verify it, convert it")
-    fetch.add_argument("index", type=int, metavar="N", help="the release 0-4")
+    fetch = commands.add_parser(
+        "fetch",
+        help="download official release N, verify it, convert it; or (--code) the official model code",
+    )
+    fetch.add_argument("index", type=int, nargs="?", metavar="N", help="the release 0-4")
+    fetch.add_argument(
+        "--code",
+        action="store_true",
+        help="download the official src/modelCore.py instead (verified by its git blob SHA-1) for "
+        "'mantranet parity --reference official'; its licence allows academic, non-commercial use only",
+    )
     fetch.add_argument("--url", help="a mirror to download from instead of the official URL")
     fetch.add_argument("-o", "--output", type=Path, metavar="DIR", help="folder for the files (default: weights)")
     fetch.add_argument("--allow-unknown", action="store_true", help="keep a download whose content is not release N")
     fetch.add_argument("--no-convert", action="store_true", help="download and verify only")
     fetch.add_argument("--format", choices=sorted(FORMATS), default="safetensors", help="of the converted file")
     fetch.add_argument("--force", action="store_true", help="replace existing files")
+    fetch.add_argument(
+        "--timeout",
+        type=float,
+        default=DEADLINE_S,
+        metavar="SECONDS",
+        help="give up on a transfer not done in this time (default: %(default)g); an interrupted download resumes",
+    )
     fetch.set_defaults(run=run_fetch)
 
 
@@ -89,9 +109,16 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def local_status(path: Path, git_blob_sha1: str) -> str:
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == "no such file":
         return "-"
-    return "verified" if file_digests(path).git_blob_sha1 == git_blob_sha1 else "present, content differs"
+    if problem:
+        return f"present, {problem}"
+    try:
+        digests = file_digests(path)
+    except OSError as e:
+        return f"present, unreadable ({os_reason(e)})"
+    return "verified" if digests.git_blob_sha1 == git_blob_sha1 else "present, content differs"
 
 
 def converted(folder: Path, stem: str) -> str:
@@ -110,9 +137,13 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 
 def run_identify(args: argparse.Namespace) -> int:
     path: Path = args.file
-    if not path.is_file():
-        raise CommandError(f"{path}: no such file")
-    digests = file_digests(path)
+    problem = file_problem(path)
+    if problem:
+        raise CommandError(f"{path}: {problem}")
+    try:
+        digests = file_digests(path)
+    except OSError as e:
+        raise CommandError(f"{path}: cannot be read ({os_reason(e)})") from None
     print(f"{path}: {digests.size} bytes, git blob SHA-1 {digests.git_blob_sha1}")
     release, checkpoint = release_by_hash(digests.git_blob_sha1), port_checkpoint_by_hash(digests.git_blob_sha1)
     if release is not None:
@@ -157,10 +188,12 @@ def sniff(path: Path) -> str | None:
 
 def describe_hdf5(path: Path) -> None:
     try:
-        keras = read_keras_h5(path)
+        keras = read_keras_h5(path, lambda datasets: check_declared_sizes(datasets, str(path)))
     except ConversionError as e:
-        print(f"  format: HDF5, but not a Keras weight file ({e})")
+        print(f"  format: HDF5, but not a Keras weight file ({str(e).removeprefix(f'{path}: ')})")
         return
+    for note in keras.notes:
+        print(f"  note: {note}")
     with h5py.File(path, "r") as f:
         root = f if keras.layout == "weights-only" else f["model_weights"]
         names = np.atleast_1d(np.asarray(root.attrs.get("layer_names", []), dtype=object))
@@ -254,7 +287,31 @@ def describe_provenance(provenance: dict) -> None:
 # ---- fetch ----
 
 
+def run_fetch_code(args: argparse.Namespace) -> int:
+    target = args.output / official_code().file if args.output else official_code_path()
+    bar = ProgressBar(official_code().file)
+    try:
+        fetched = fetch_official_code(args.url, target, force=args.force, progress=bar)
+    except DownloadError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        bar.close()
+    sha = fetched.digests.git_blob_sha1
+    if not fetched.downloaded:
+        print(f"{target}: already present, verified (git blob SHA-1 {sha})")
+    else:
+        print(f"downloaded {target} ({fetched.digests.size} bytes): verified, the official code (git blob SHA-1 {sha})")
+    print("its licence allows academic, non-commercial use only (see the official ManTraNet README)")
+    return 0
+
+
 def run_fetch(args: argparse.Namespace) -> int:
+    if args.code:
+        if args.index is not None:
+            raise CommandError("give either a release N or --code, not both")
+        return run_fetch_code(args)
+    if args.index is None:
+        raise CommandError("which release? give N (0-4), or --code for the official model code")
     release = official_release(args.index)
     folder = args.output or weights_dir()
     target = folder / release.file
@@ -267,6 +324,7 @@ def run_fetch(args: argparse.Namespace) -> int:
             allow_unknown=args.allow_unknown,
             force=args.force,
             progress=bar,
+            deadline_s=args.timeout,
         )
     except DownloadError as e:
         raise CommandError(str(e)) from None

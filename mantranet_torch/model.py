@@ -27,6 +27,7 @@ from .layers import (
     l2_normalize_tf,
 )
 from .memory import automatic_tile
+from .precision import float32_precision, resolve_precision
 from .tiling import Progress, extract_features, last_output, predict_tiled
 
 # (Keras name, in channels, out channels) of the 3x3 convolutions after b1c1, in network order.
@@ -168,16 +169,21 @@ class ManTraNet(nn.Module):
         tile: compute the map in tiles of at most tile x tile pixels, in bounded memory and exactly
         (up to float32 rounding); by default the whole image at once, or the largest tiles that fit
         when the whole image would not fit in the device's available memory.
-        precision: "fp32", or "bf16" for a bfloat16 feature extractor (faster where supported, less exact).
+        precision: "fp32" (true float32, TF32 off), "tf32" (TF32 convolutions on NVIDIA GPUs of compute
+        capability 8.0+), "bf16" (a bfloat16 feature extractor: less exact, faster only where bfloat16 is
+        native; elsewhere a ``SlowPrecisionWarning``), or "auto" (bf16 where native, else fp32); see
+        ``mantranet_torch.precision``. The float32 settings are set for the call and restored after it.
         progress: called with (tiles done, tiles in all) during a tiled run.
         """
         param = next(self.parameters())
         x = to_model_input(image).to(device=param.device, dtype=param.dtype)
         if x.shape[0] != 1:
             raise ValueError(f"predict takes one image, got a batch of {x.shape[0]}")
+        precision = resolve_precision(precision, x.device)
         height, width = x.shape[-2:]
         if tile is None:
             tile = automatic_tile(self, height, width, x.device, precision)
-        if tile is not None and tile < max(height, width):
-            return predict_tiled(self, x, tile, precision, progress)
-        return self.detector(extract_features(self, x, precision))[0, 0].float().cpu().numpy()
+        with float32_precision(precision):
+            if tile is not None and tile < max(height, width):
+                return predict_tiled(self, x, tile, precision, progress)
+            return self.detector(extract_features(self, x, precision))[0, 0].float().cpu().numpy()

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from .layers import CombinedConv2d, ImageStatistics, SymmetricConv2d
+from .precision import FLOAT32_SETTINGS
 
 MIN_TILE = 32  # smaller tiles are exact too, but spend most of their time on halos
-PRECISIONS = ("fp32", "bf16")
 Progress = Callable[[int, int], None]
 
 
@@ -182,13 +182,13 @@ class FeatureSpool:
 
 
 def autocast(device_type: str, precision: str) -> torch.autocast:
-    """Mixed precision for the feature extractor: "fp32" (off) or "bf16" (bfloat16 convolutions).
+    """Mixed precision for the feature extractor: bfloat16 convolutions for "bf16", off for "fp32" and "tf32".
 
     The detector always runs in x's own dtype: its statistics, window means and ConvLSTM state are
-    where rounding would show.
+    where rounding would show. ("auto" is resolved before: see precision.resolve_precision.)
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in FLOAT32_SETTINGS:
+        raise ValueError(f"precision must be one of {tuple(FLOAT32_SETTINGS)}, got {precision!r}")
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

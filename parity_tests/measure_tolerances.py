@@ -20,7 +20,7 @@ import torch
 from mantranet_torch import LAYERS, RELEASES
 
 from .official_files import WeightStore
-from .runner import run_parity
+from .runner import compare_layers
 from .strategies import IMAGE_KINDS, Shape, make_image
 from .tolerances import MODES
 
@@ -59,7 +59,7 @@ def measure(
                 for shape in shapes:
                     case = f"Ptrain{release} seed {seed} {kind} {shape.batch}x{shape.height}x{shape.width}"
                     start = time.perf_counter()
-                    report = run_parity(w.reference, w.model, make_image(kind, shape, seed), oracle=w.oracle)
+                    report = compare_layers(w.reference, w.model, make_image(kind, shape, seed), oracle=w.oracle)
                     for layer in report.layers:
                         for mode, comparison in layer.comparisons.items():
                             attribution = (

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,10 +24,26 @@ from parity_tests.oracle import Oracle
 from parity_tests.reference_layers import reference_layers
 from parity_tests.runner import torch_layers
 
+if TYPE_CHECKING:
+    from reference.official import OfficialModel
+
 SEEDS = (0, 1, 2)
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared from the repository root
 SAMPLES = SHARED / "samples"
 SEED_PORT_DETECTOR = SHARED / "seed-port" / "AnomalyDetectorv4.pt"
+OFFICIAL_CODE = SHARED / "official" / "modelCore.py"  # the original model code: test data, never in the project
+
+
+def official_code_missing() -> str | None:
+    """Why the tests that run the original code cannot run here, or None when they can."""
+    if not OFFICIAL_CODE.is_file():
+        return f"the official modelCore.py not found at {OFFICIAL_CODE}"
+    try:
+        import tf_keras  # noqa: F401
+    except ImportError:
+        return "tf_keras (the reference extra) is not installed"
+    return None
+
 
 ArrayEdit = Callable[[dict[str, np.ndarray], np.random.Generator], None]
 
@@ -68,6 +85,20 @@ class Weights:
     @cached_property
     def oracle(self) -> Oracle:
         return Oracle(self.reference.arrays, self.reference.config)
+
+    @cached_property
+    def official(self) -> OfficialModel:
+        """The official code (``OFFICIAL_CODE``) under tf_keras, loading the same file, float32."""
+        from reference.official import OfficialModel, find_official_code
+
+        return OfficialModel(find_official_code(OFFICIAL_CODE), self.path)
+
+    @cached_property
+    def official64(self) -> OfficialModel:
+        """The same in float64: the exact answer when the official code is the reference."""
+        from reference.official import OfficialModel, find_official_code
+
+        return OfficialModel(find_official_code(OFFICIAL_CODE), self.path, dtype="float64")
 
     @cached_property
     def reference_layers(self) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 from converter.atomic import new_path_mode
 from mantranet_torch import LAYERS
 
+from .compare import Comparison
 from .plots import SERIES_COLOURS, Series, error_plot, heat_map, png_bytes
 from .report import ImageParity, ParityRun, further_from_exact, verdict
 from .runner import LayerResult
@@ -127,13 +128,17 @@ def heat_map_name(index: int, image: ImageParity, layer: str, mode: str) -> str:
 
 
 def _plot_series(results: list[LayerResult], modes: list[str]) -> list[Series]:
+    # An unmapped layer (no comparison in a mode) is drawn at zero error, never as failing.
+    def get(r: LayerResult, mode: str) -> Comparison:
+        return r.comparisons.get(mode) or Comparison(r.name, [], 0.0, 0.0, passed=True)
+
     return [
         Series(
             mode,
-            [r.comparisons[mode].max_abs for r in results],
-            [not r.comparisons[mode].passed for r in results],
+            [get(r, mode).max_abs for r in results],
+            [not get(r, mode).passed for r in results],
             SERIES_COLOURS[mode],
-            [r.comparisons[mode].reference_drift > 0 for r in results],
+            [get(r, mode).reference_drift > 0 for r in results],
         )
         for mode in MODES
         if mode in modes
@@ -142,7 +147,7 @@ def _plot_series(results: list[LayerResult], modes: list[str]) -> list[Series]:
 
 def _tolerance_line(results: list[LayerResult]) -> list[float]:
     """Per layer, the largest tolerance applied in the headline mode (cumulative where it ran)."""
-    return [r.headline.atol_max or r.headline.atol for r in results]
+    return [0.0 if r.headline is None else r.headline.atol_max or r.headline.atol for r in results]
 
 
 def _figures(run: ParityRun) -> dict[str, bytes]:
@@ -180,6 +185,9 @@ def _summary_table(run: ParityRun) -> str:
         cells = ""
         for mode in modes:
             s = layer[mode]
+            if s is None:
+                cells += "<td>unmapped</td><td>-</td><td>-</td>"
+                continue
             cells += f"<td>{_fmt(s['max_abs'])}</td><td>{_fmt(s['max_rel'])}</td><td>{s['fraction_over']:.3%}</td>"
         failing = ", ".join(layer["failing_images"]) or "-"
         index = layer["worst_index"]
@@ -200,14 +208,16 @@ def _image_table(image: ImageParity) -> str:
     for r in image.report.layers:
         cells = ""
         for mode in image.report.modes:
-            c = r.comparisons[mode]
+            c = r.comparisons.get(mode)
+            if c is None:
+                cells += "<td>unmapped</td>" + "<td>-</td>" * 4
+                continue
             cells += f"<td>{_fmt(c.max_abs)}</td><td>{_fmt(c.p99_abs)}</td><td>{_fmt(c.max_rel)}</td>"
             cells += f"<td>{c.fraction_over:.3%}</td><td>{_fmt(c.min_atol)}</td>"
         further = further_from_exact(r) or "-"
         growth = "-" if r.growth is None else f"&times;{r.growth:.3g}"
-        where = (
-            "-" if r.headline.worst_index is None else ", ".join(f"{k} {v}" for k, v in r.headline.worst_index.items())
-        )
+        index = None if r.headline is None else r.headline.worst_index
+        where = "-" if index is None else ", ".join(f"{k} {v}" for k, v in index.items())
         rows.append(
             f"<tr class='{'ok' if r.passed else 'fail'}'><td>{_e(r.name)}</td>{cells}<td>{growth}</td>"
             f"<td>{_e(further)}</td><td class='mono'>{_e(where)}</td></tr>"

@@ -1,6 +1,6 @@
 """Layer-by-layer parity of the PyTorch model against the TensorFlow reference, with float64 attribution.
 
-``run_parity`` taps every named layer (``mantranet_torch.LAYERS``) in both frameworks and compares them in
+``compare_layers`` taps every named layer (``mantranet_torch.LAYERS``) in both frameworks and compares them in
 two modes: cumulative (each framework on its own previous outputs, as in use) and local (each PyTorch
 layer fed the reference's input to that layer, so its error is its own). With the float64 ``Oracle`` it
 also measures each framework's error against the exact value, in both modes, so that a difference is
@@ -46,11 +46,50 @@ Progress = Callable[[str, str], None]  # (mode, layer), called as each layer is 
 
 
 class Reference(Protocol):
-    """What the runner needs of the reference (``ReferenceModel``): its Keras weights, every layer's output."""
+    """What the runner needs of the reference (``ReferenceModel``, ``OfficialModel``): its Keras weights, every
+    layer's output."""
 
     arrays: dict[str, np.ndarray]
 
     def trace(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class Side(Protocol):
+    """An implementation compared with the reference, in the reference's terms: NHWC float arrays keyed by the
+    Keras layer names of ``LAYERS``. Anything that computes ManTraNet can be one: our PyTorch model
+    (``ModelSide``), another TensorFlow implementation, a user's PyTorch port (``candidate.CandidateSide``),
+    an exported graph (an ONNX session whose intermediate outputs are named by the layer map).
+
+    ``stages(x)``: each layer it has, in network order, computed from the image ``x`` (N x H x W x 3 in
+    [-1, 1]) on its own previous outputs (cumulative mode); a layer it lacks is simply not yielded (reported as
+    unmapped). ``layer(name, *inputs)``: that layer alone on the given inputs (``LAYER_INPUTS``; local mode), or
+    None where it cannot run one layer alone.
+    """
+
+    def stages(self, x: np.ndarray) -> Iterator[tuple[str, np.ndarray]]: ...
+
+    def layer(self, name: str, *inputs: np.ndarray) -> np.ndarray | None: ...
+
+
+class ModelSide:
+    """Our ``ManTraNet`` as a ``Side``: ``stages`` and the named layers of ``torch_layers``, float32."""
+
+    def __init__(self, model: ManTraNet) -> None:
+        self.model = model
+        self.layers = torch_layers(model)
+
+    def stages(self, x: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        with torch.inference_mode():
+            for name, out in self.model.stages(from_nhwc(x)):
+                yield name, to_nhwc(out)
+
+    def layer(self, name: str, *inputs: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return to_nhwc(self.layers[name](*(from_nhwc(a) for a in inputs)))
+
+
+def as_side(candidate: ManTraNet | Side) -> Side:
+    return ModelSide(candidate) if isinstance(candidate, ManTraNet) else candidate
 
 
 def torch_layers(model: ManTraNet) -> dict[str, Callable[..., Tensor]]:
@@ -122,7 +161,12 @@ class LayerResult:
         return all(c.passed for c in self.comparisons.values())
 
     @property
-    def headline(self) -> Comparison:
+    def unmapped(self) -> bool:
+        """The compared implementation has no such layer (or none the layer map names): reported, not failed."""
+        return self.cumulative is None and self.local is None
+
+    @property
+    def headline(self) -> Comparison | None:
         """The comparison whose numbers head the layer's entry: cumulative (as in use), else local."""
         return self.cumulative or self.local
 
@@ -131,10 +175,11 @@ class LayerResult:
         return {
             "name": self.name,
             "passed": self.passed,
-            "shape": head.shape,
-            "max_abs": head.max_abs,
-            "max_rel": head.max_rel,
-            "worst_index": head.worst_index,
+            "unmapped": self.unmapped,
+            "shape": None if head is None else head.shape,
+            "max_abs": None if head is None else head.max_abs,
+            "max_rel": None if head is None else head.max_rel,
+            "worst_index": None if head is None else head.worst_index,
             "growth": self.growth,
             "cumulative": None if self.cumulative is None else self.cumulative.to_dict(),
             "local": None if self.local is None else self.local.to_dict(),
@@ -184,6 +229,9 @@ class ParityReport:
                 return layer
         raise KeyError(f"no layer {name!r} in this report")
 
+    def unmapped(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.unmapped]
+
     def failures(self) -> list[str]:
         """One message per failing (layer, mode), in network order."""
         return [
@@ -193,7 +241,8 @@ class ParityReport:
     def summary(self) -> str:
         """A short verdict for assertion messages: the first divergent layer and every failure."""
         if self.passed:
-            return f"all {len(self.layers)} layers within tolerance ({', '.join(self.modes)})"
+            compared = len(self.layers) - len(self.unmapped())
+            return f"all {compared} compared layers within tolerance ({', '.join(self.modes)})"
         return f"first divergent layer: {self.first_divergent_layer}\n" + "\n".join(self.failures())
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,13 +253,14 @@ class ParityReport:
             "input_shape": self.input_shape,
             "modes": self.modes,
             "attributed": self.attributed,
+            "unmapped": self.unmapped(),
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
 
-def run_parity(
+def compare_layers(
     reference: Reference,
-    model: ManTraNet,
+    model: ManTraNet | Side,
     x: np.ndarray,
     *,
     oracle: Oracle | None = None,
@@ -222,36 +272,37 @@ def run_parity(
 ) -> ParityReport:
     """Compare ``model`` with ``reference`` on ``x`` (N x H x W x 3, float32 in [-1, 1]) layer by layer.
 
-    With ``oracle``, every layer is also evaluated in float64 (from the reference's inputs in local mode)
-    and each framework's error against it is reported. ``oracle_layers`` limits that to some layers in
+    ``model``: our ``ManTraNet`` (run as it is: float32, eval mode) or any ``Side``; layers a side lacks are
+    reported as unmapped. With ``oracle`` (the float64 ``Oracle``, or the official code in float64: anything with
+    ``stages`` and ``layer``), every layer is also evaluated in float64 (from the reference's inputs in local mode)
+    and each side's error against it is reported. ``oracle_layers`` limits that to some layers in
     local mode (the float64 feature extractor is slow on large images: the detector alone is cheap);
     cumulative attribution needs the whole float64 chain, so it runs only when no limit is given, unless
     ``cumulative_from_reference``: then the float64 chain starts from the reference's own inputs to the first
     of ``oracle_layers`` and runs on to the end. That arbitrates the detector's drift in cumulative mode on
     large images (the official float32 window means drift as images grow) against the exact value of the
-    reference's features; the PyTorch side's inherited feature error is what its cumulative tolerance covers.
-    The model runs as it is (float32, eval mode).
+    reference's features; the compared side's inherited feature error is what its cumulative tolerance covers.
     """
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
         raise ValueError(f"modes must be some of {', '.join(MODES)}, got {list(modes)}")
+    side = as_side(model)
     x = np.ascontiguousarray(x, dtype=np.float32)
     ref = reference.trace(x)
     missing = [name for name in LAYERS if name not in ref]
     if missing:
         raise ValueError(f"the reference's trace lacks layers {missing}")
     results = {name: LayerResult(name) for name in LAYERS}
-    with torch.inference_mode():
-        if CUMULATIVE in modes:
-            exact_stages = None
-            if oracle is not None and oracle_layers is None:
-                exact_stages = oracle.stages(x)
-            elif oracle is not None and cumulative_from_reference:
-                exact_stages = _exact_from_reference(oracle, oracle_layers, x, ref)
-            _cumulative(results, ref, reference.arrays, model, x, exact_stages, policy, progress)
-        if LOCAL in modes:
-            chosen = LAYERS if oracle_layers is None else oracle_layers
-            _local(results, ref, model, x, oracle, chosen, policy, progress)
+    if CUMULATIVE in modes:
+        exact_stages = None
+        if oracle is not None and oracle_layers is None:
+            exact_stages = oracle.stages(x)
+        elif oracle is not None and cumulative_from_reference:
+            exact_stages = _exact_from_reference(oracle, oracle_layers, x, ref)
+        _cumulative(results, ref, reference.arrays, side, x, exact_stages, policy, progress)
+    if LOCAL in modes:
+        chosen = LAYERS if oracle_layers is None else oracle_layers
+        _local(results, ref, side, x, oracle, chosen, policy, progress)
     return ParityReport(list(x.shape), [m for m in MODES if m in modes], oracle is not None, list(results.values()))
 
 
@@ -259,18 +310,26 @@ def _cumulative(
     results: dict[str, LayerResult],
     ref: dict[str, np.ndarray],
     arrays: dict[str, np.ndarray],
-    model: ManTraNet,
+    side: Side,
     x: np.ndarray,
     exact_stages: Iterator[tuple[str, np.ndarray | None]] | None,
     policy: TolerancePolicy,
     progress: Progress | None,
 ) -> None:
-    for name, out in model.stages(from_nhwc(x)):
+    remaining = iter(LAYERS)
+    for name, actual in side.stages(x):
         exact = None
-        if exact_stages is not None:
-            exact_name, exact = next(exact_stages)
-            assert exact_name == name, f"oracle yields {exact_name} where the model yields {name}"
-        actual = to_nhwc(out)
+        # The layers before this one that the side did not yield are unmapped; the oracle keeps pace.
+        for skipped in remaining:
+            if exact_stages is not None:
+                exact_name, exact = next(exact_stages)
+                assert exact_name == skipped, f"oracle yields {exact_name} where {skipped} is due"
+            if skipped == name:
+                break
+            if progress is not None:
+                progress(CUMULATIVE, skipped)
+        else:
+            raise ValueError(f"the compared side yields {name!r} out of network order or twice")
         atol = policy.atol(name, CUMULATIVE, ref, arrays)
         result = results[name]
         result.cumulative, result.cumulative_attribution = _judge(
@@ -279,6 +338,9 @@ def _cumulative(
         result.diff_maps[CUMULATIVE] = diff_map(ref[name], actual)
         if progress is not None:
             progress(CUMULATIVE, name)
+    for skipped in remaining:
+        if progress is not None:
+            progress(CUMULATIVE, skipped)
 
 
 def _exact_from_reference(
@@ -298,22 +360,23 @@ def _exact_from_reference(
 def _local(
     results: dict[str, LayerResult],
     ref: dict[str, np.ndarray],
-    model: ManTraNet,
+    side: Side,
     x: np.ndarray,
     oracle: Oracle | None,
     oracle_layers: Collection[str],
     policy: TolerancePolicy,
     progress: Progress | None,
 ) -> None:
-    layers = torch_layers(model)
     for name in LAYERS:
         inputs = [x if source == INPUT else ref[source] for source in LAYER_INPUTS[name]]
-        out = to_nhwc(layers[name](*(from_nhwc(a) for a in inputs)))
-        exact = None if oracle is None or name not in oracle_layers else oracle.layer(name, *inputs)
-        atol = policy.atol(name, LOCAL, ref)
-        result = results[name]
-        result.local, result.local_attribution = _judge(name, ref[name], out, exact, policy.get(name, LOCAL), atol)
-        result.diff_maps[LOCAL] = diff_map(ref[name], out)
+        out = side.layer(name, *inputs)
+        if out is not None:
+            exact = None if oracle is None or name not in oracle_layers else oracle.layer(name, *inputs)
+            atol = policy.atol(name, LOCAL, ref)
+            result = results[name]
+            tol = policy.get(name, LOCAL)
+            result.local, result.local_attribution = _judge(name, ref[name], out, exact, tol, atol)
+            result.diff_maps[LOCAL] = diff_map(ref[name], out)
         if progress is not None:
             progress(LOCAL, name)
 

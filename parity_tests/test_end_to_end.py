@@ -19,7 +19,7 @@ from mantranet_torch import RELEASES, ManTraNet, scale_pixels
 from parity_tests.official_files import SAMPLES, SEED_PORT_DETECTOR, WeightStore
 from parity_tests.oracle import Oracle
 from parity_tests.profiles import examples
-from parity_tests.runner import ParityReport, run_parity
+from parity_tests.runner import ParityReport, compare_layers
 from parity_tests.strategies import ImageRecipe, images, weight_seeds
 
 DRAWN_PIXELS = 1600  # per drawn example: under 2 s for both frameworks, both modes and the oracle
@@ -52,7 +52,7 @@ def _assert_passes(report: ParityReport) -> None:
 @given(seed=weight_seeds(), image=images(DRAWN_PIXELS))
 def test_release_on_drawn_images(weights: WeightStore, release: int, seed: int, image: ImageRecipe) -> None:
     w = weights.get(release, seed)
-    _assert_passes(run_parity(w.reference, w.model, image.build(), oracle=w.oracle))
+    _assert_passes(compare_layers(w.reference, w.model, image.build(), oracle=w.oracle))
 
 
 @needs_samples
@@ -62,7 +62,7 @@ def test_release_on_drawn_images(weights: WeightStore, release: int, seed: int, 
 )
 def test_release_on_real_crops(weights: WeightStore, release: int, name: str, height: int, width: int) -> None:
     w = weights.get(release, 1)
-    _assert_passes(run_parity(w.reference, w.model, real_crop(name, height, width), oracle=w.oracle))
+    _assert_passes(compare_layers(w.reference, w.model, real_crop(name, height, width), oracle=w.oracle))
 
 
 @needs_samples
@@ -83,7 +83,7 @@ def test_trained_anomaly_detector_in_both_frameworks(weights: WeightStore, tmp_p
     write_official_h5(path, torch_to_keras(state), RELEASES[4])
     ref = reference.load(path)
     x = real_crop("forged/I02_dm545yj_0.jpg", 64, 64)
-    report = run_parity(ref, model.eval(), x, oracle=Oracle(ref.arrays, ref.config))
+    report = compare_layers(ref, model.eval(), x, oracle=Oracle(ref.arrays, ref.config))
     _assert_passes(report)
     # The import's bnorm (moving mean 0, variance 0) scales features by 1/sqrt(1e-3) without centring them:
     # the reference's float32 integral images then drift, and the float64 value says so.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from parity_tests.official_files import WeightStore
-from parity_tests.runner import judge_layer, run_parity
+from parity_tests.runner import compare_layers, judge_layer
 from parity_tests.strategies import ImageRecipe, Shape
 from parity_tests.tolerances import LOCAL, POLICY
 
@@ -50,7 +50,7 @@ def test_port_is_within_its_local_tolerance_of_float64_on_every_layer(weights: W
     # that layer's local tolerance of the exact value, and the attribution of any difference is never the port.
     w = weights.get(2, 1)
     x = ImageRecipe("smooth", Shape(2, 24, 31), seed=3).build()
-    report = run_parity(w.reference, w.model, x, oracle=w.oracle, modes=[LOCAL])
+    report = compare_layers(w.reference, w.model, x, oracle=w.oracle, modes=[LOCAL])
     assert report.passed, report.summary()
     for layer in report.layers:
         attribution = layer.local_attribution
@@ -63,7 +63,7 @@ def test_attribution_limited_to_chosen_layers(weights: WeightStore) -> None:
     w = weights.get(4, 0)
     x = ImageRecipe("pixels", Shape(1, 12, 9), seed=1).build()
     chosen = ("nestedAvgFeatex", "divStd")
-    report = run_parity(w.reference, w.model, x, oracle=w.oracle, oracle_layers=chosen)
+    report = compare_layers(w.reference, w.model, x, oracle=w.oracle, oracle_layers=chosen)
     assert report.passed, report.summary()
     assert [layer.name for layer in report.layers if layer.local_attribution is not None] == list(chosen)
     assert all(layer.cumulative_attribution is None for layer in report.layers)  # needs the whole float64 chain

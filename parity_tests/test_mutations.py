@@ -1,4 +1,5 @@
-"""The parity comparison catches the known porting traps, each at the layer where it lives.
+"""The parity comparison catches the known porting traps, each at the layer where it lives, against our
+TensorFlow reference and against the original code itself.
 
 Each mutant is the PyTorch model with one piece deliberately broken the way ports get it wrong. The
 full comparison (both modes, with the float64 oracle) must fail, name that layer as the first divergent
@@ -23,10 +24,9 @@ import mantranet_torch.layers
 import mantranet_torch.model
 from mantranet_torch import ManTraNet
 from mantranet_torch.layers import CombinedConv2d, bayar_constraint, symmetric_pad
-from parity_tests.official_files import WeightStore
-from parity_tests.runner import ParityReport, run_parity
+from parity_tests.official_files import WeightStore, official_code_missing
+from parity_tests.runner import ParityReport, Reference, compare_layers
 from parity_tests.strategies import ImageRecipe, Shape
-from reference import ReferenceModel
 
 # 16 x 20: sides over b1c1's pad of 2 (reflect padding needs that), every window of 7 or more crosses
 # the border, non-square; real-image-like pixel values, so no border is constant.
@@ -179,7 +179,7 @@ MUTANTS = (
 class RecordedReference:
     """The reference's trace of one input, computed once and shared by every mutant (it does not change)."""
 
-    def __init__(self, reference: ReferenceModel, x: np.ndarray) -> None:
+    def __init__(self, reference: Reference, x: np.ndarray) -> None:
         self.arrays = reference.arrays
         self._trace, self._x = reference.trace(x), x
 
@@ -188,29 +188,43 @@ class RecordedReference:
         return self._trace
 
 
-_recorded: dict[str, RecordedReference] = {}
+_recorded: dict[tuple[str, str], RecordedReference] = {}
+
+# Each mutant is judged against our TensorFlow reference (exact answer: the float64 NumPy oracle) and against the
+# original code itself (exact answer: the official code in float64), when ../shared/official holds it.
+REFERENCES = (
+    "ours",
+    pytest.param(
+        "official", marks=pytest.mark.skipif(official_code_missing() is not None, reason=str(official_code_missing()))
+    ),
+)
 
 
-def _parity(weights: WeightStore, variant: str, model: ManTraNet | None = None) -> ParityReport:
+def _parity(weights: WeightStore, variant: str, reference: str, model: ManTraNet | None = None) -> ParityReport:
     w = weights.get(RELEASE, 0, variant)
     x = MUTANT_IMAGE.build()
-    if variant not in _recorded:
-        _recorded[variant] = RecordedReference(w.reference, x)
-    return run_parity(_recorded[variant], w.model if model is None else model, x, oracle=w.oracle)
+    ref, oracle = (w.reference, w.oracle) if reference == "ours" else (w.official, w.official64)
+    if (variant, reference) not in _recorded:
+        _recorded[variant, reference] = RecordedReference(ref, x)
+    return compare_layers(_recorded[variant, reference], w.model if model is None else model, x, oracle=oracle)
 
 
+@pytest.mark.parametrize("reference", REFERENCES)
 @pytest.mark.parametrize("variant", sorted({m.variant for m in MUTANTS}))
-def test_unmutated_model_passes_on_the_mutants_inputs(weights: WeightStore, variant: str) -> None:
-    report = _parity(weights, variant)
+def test_unmutated_model_passes_on_the_mutants_inputs(weights: WeightStore, variant: str, reference: str) -> None:
+    report = _parity(weights, variant, reference)
     assert report.passed, report.summary()
 
 
+@pytest.mark.parametrize("reference", REFERENCES)
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
-def test_mutant_fails_at_its_layer(weights: WeightStore, monkeypatch: pytest.MonkeyPatch, mutant: Mutant) -> None:
+def test_mutant_fails_at_its_layer(
+    weights: WeightStore, monkeypatch: pytest.MonkeyPatch, mutant: Mutant, reference: str
+) -> None:
     model = copy.deepcopy(weights.get(RELEASE, 0, mutant.variant).model)
     with torch.no_grad():
         mutant.patch(monkeypatch, model)
-    report = _parity(weights, mutant.variant, model)
+    report = _parity(weights, mutant.variant, reference, model)
     assert not report.passed, f"{mutant.name} went unnoticed: {mutant.why}"
     assert report.first_divergent("cumulative") == mutant.layer, report.summary()
     assert report.first_divergent("local") == mutant.layer, report.summary()

@@ -25,12 +25,12 @@ from PIL import Image
 import reference
 from converter import convert_h5, synthetic_keras_weights, torch_to_keras, write_official_h5
 from converter.legacy import EarlierPortWarning, load_earlier_port
-from mantranet_cli import parity_cmd, parity_inputs, parity_torch
 from mantranet_cli.main import main
 from mantranet_torch import LAYERS, RELEASES, ManTraNet, scale_pixels
 from mantranet_torch.layers import STD_FLOOR
 from mantranet_torch.model import DETECTOR_LAYERS
 from mantranet_torch.weights import encode_safetensors
+from parity_tests import api, inputs, sides
 from parity_tests.builtin_images import builtin_images
 from parity_tests.official_files import SEED_PORT_DETECTOR
 from tests.earlier_port import write_port_files
@@ -67,7 +67,7 @@ def model_input(path: Path) -> np.ndarray:
 
 
 def test_correct_conversion_passes_on_the_builtin_set(files, tmp_path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(parity_inputs, "DEFAULT_SIZE", SIZE)  # the built-in set, smaller than by default
+    monkeypatch.setattr(inputs, "DEFAULT_SIZE", SIZE)  # the built-in set, smaller than by default
     code, out, _ = run(capsys, files / "ManTraNet_Ptrain4.h5", "--json", tmp_path / "parity.json")
     assert code == 0, out
     report = json.loads((tmp_path / "parity.json").read_text())
@@ -162,23 +162,20 @@ def test_damaged_weights_fail_at_the_damaged_layer(files, tmp_path, capsys, dama
     assert stat.S_IMODE(page.stat().st_mode) == 0o777 & ~umask  # as a new folder, not the staging folder's 0700
 
 
-def test_nan_differences_are_reported_before_any_number(files, tmp_path, capsys) -> None:
+def test_nan_weights_are_refused_before_any_comparison(files, tmp_path, capsys) -> None:
+    """Every loader refuses non-finite weights (NaN differences themselves: test_engine.py)."""
+
     def nan_bias(state: dict[str, torch.Tensor]) -> str:
         state["featex.b3c1.bias"] = state["featex.b3c1.bias"].clone()
         state["featex.b3c1.bias"][5] = float("nan")
         return "b3c1"
 
-    weights, damaged = damaged_weights(files, tmp_path, nan_bias)
+    weights, _ = damaged_weights(files, tmp_path, nan_bias)
     argv = [files / "ManTraNet_Ptrain4.h5", files / "noise.png", "--torch-weights", weights, "--json", tmp_path / "r"]
-    code, out, _ = run(capsys, *argv)
-    assert code == 1, out
-    lines = out.splitlines()
-    nan_line = next(i for i, line in enumerate(lines) if line.startswith(f"  NaN/Inf differ: {damaged} (cumulative)"))
-    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("layer"))
-    assert nan_line < header  # before the table of numbers
-    assert f"at {SIZE * SIZE} positions" in lines[nan_line]  # channel 5, every pixel
-    layer = next(layer for layer in json.loads((tmp_path / "r").read_text())["layers"] if layer["name"] == damaged)
-    assert layer["cumulative"]["nonfinite_mismatches"] == SIZE * SIZE and not layer["passed"]
+    code, out, err = run(capsys, *argv)
+    assert code == 2, out
+    assert f"{weights}: featex.b3c1.bias holds 1 value(s) that are not finite in float32, the first nan" in err
+    assert not (tmp_path / "r").exists()
 
 
 def _earlier_port_files(files: Path, folder: Path, bnorm_from: str | None) -> tuple[Path, dict]:
@@ -221,7 +218,7 @@ def test_an_earlier_port_checkpoint_takes_the_release_of_weights_h5(tmp_path) ->
     write_official_h5(h5, synthetic_keras_weights(RELEASES[2], 0), RELEASES[2])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EarlierPortWarning)
-        side = parity_torch.torch_side([SEED_PORT_DETECTOR], convert_h5(h5))
+        side = sides.torch_side([SEED_PORT_DETECTOR], convert_h5(h5))
     assert side.model.config == RELEASES[2]
 
 
@@ -321,7 +318,7 @@ def test_large_images_attribute_the_detector_from_the_reference_features(files, 
     # Beyond FULL_ATTRIBUTION_PIXELS the float64 feature extractor is skipped: the float64 detector starts from the
     # reference's features in both modes, so in cumulative mode too the reference's drift (its float32 window
     # means, which grow with the image) is arbitrated. Made to apply here to a small image.
-    monkeypatch.setattr(parity_cmd, "FULL_ATTRIBUTION_PIXELS", 0)
+    monkeypatch.setattr(api, "FULL_ATTRIBUTION_PIXELS", 0)
     code, out, _ = run(capsys, files / "ManTraNet_Ptrain4.h5", files / "noise.png", "--json", tmp_path / "r.json")
     assert code == 0, out
     image = json.loads((tmp_path / "r.json").read_text())["images"][0]

@@ -1,11 +1,15 @@
-"""The PyTorch side of ``mantranet parity``: WEIGHTS.h5 converted in memory, or the user's --torch-weights
-(a file of ours, or the earlier port's checkpoints), completed from WEIGHTS.h5 when it holds one part only."""
+"""The PyTorch side of a parity run: WEIGHTS.h5 converted in memory, or the user's ``torch_weights`` (a file of
+ours, or the earlier port's checkpoints), completed from WEIGHTS.h5 when it holds one part only."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from converter.convert import Conversion
 from converter.legacy import DETECTOR, PART_NAMES, EarlierPortWarning, load_earlier_port
@@ -20,15 +24,34 @@ from mantranet_torch.weights import (
     read_weights,
 )
 
-from .errors import BAD_INPUT, CommandError
+from .errors import ParityInputError
+from .runner import Side
 
 
 @dataclass
 class TorchSide:
-    model: ManTraNet
+    """What is compared with the reference: our model (or any ``runner.Side``), described for the report."""
+
+    model: ManTraNet | Side
     description: str
     paths: list[str]
     notes: list[str]
+
+
+class ReferenceSide:
+    """The project's TensorFlow reference as a compared ``Side`` (to check it against the official code)."""
+
+    def __init__(self, model: Any) -> None:
+        from .reference_layers import reference_layers
+
+        self.model = model
+        self.layers = reference_layers(model)
+
+    def stages(self, x: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        yield from self.model.trace(x).items()
+
+    def layer(self, name: str, *inputs: np.ndarray) -> np.ndarray:
+        return self.layers[name](*inputs)
 
 
 def _is_ours(path: Path) -> bool:
@@ -48,7 +71,7 @@ def _complete(state: dict, parts: tuple[str, ...], conversion: Conversion, sourc
     if not missing:
         return state
     if not parts:
-        raise CommandError(f"{source}: holds neither part of ManTraNet", BAD_INPUT)
+        raise ParityInputError(f"{source}: holds neither part of ManTraNet")
     taken = {k: v for k, v in conversion.state_dict.items() if k.split(".", 1)[0] in missing}
     have, other = PART_NAMES[parts[0]], " and ".join(PART_NAMES[m] for m in missing)
     notes.append(
@@ -81,23 +104,24 @@ def _earlier_port(paths: list[Path], conversion: Conversion) -> tuple[dict, list
 
 def _same_architecture(config: ManTraNetConfig, conversion: Conversion, source: str) -> None:
     if config != conversion.config:
-        raise CommandError(
+        raise ParityInputError(
             f"{source}: its architecture {config.to_dict()} is not that of {conversion.source} "
             f"(release {conversion.identification.index}: {conversion.config.to_dict()}); "
-            "compare weights of one release",
-            BAD_INPUT,
+            "compare weights of one release"
         )
 
 
 def torch_side(paths: list[Path] | None, conversion: Conversion) -> TorchSide:
+    """The model compared with the reference: ``paths`` loaded (completed from ``conversion`` where they hold one
+    part), or ``conversion`` itself when none are given."""
     if not paths:
         model = model_from_state_dict(conversion.state_dict, conversion.config, str(conversion.source))
         return TorchSide(model, f"{conversion.source} converted in memory", [str(conversion.source)], [])
     if len(paths) > 2:
-        raise CommandError("--torch-weights: give one file, or the earlier port's two parts", BAD_INPUT)
+        raise ParityInputError("--torch-weights: give one file, or the earlier port's two parts")
     for path in paths:
         if not path.is_file():
-            raise CommandError(f"{path}: no such file", BAD_INPUT)
+            raise ParityInputError(f"{path}: no such file")
     if len(paths) == 1 and _is_ours(paths[0]):
         state, notes = _ours(paths[0], conversion)
         kind = "mantranet-torch weights"

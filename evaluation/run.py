@@ -1,0 +1,377 @@
+"""``evaluate``: score a model on a dataset, every perturbation as its own row, resumably, on either engine."""
+
+from __future__ import annotations
+
+import csv
+import io
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from converter.atomic import write_bytes_atomic
+from converter.releases import file_digests, release_by_hash
+
+from .datasets import Dataset, Entry
+from .engines import local_setup, run_local, run_ray
+from .metrics import (
+    HISTOGRAM_LEVELS,
+    IMAGE_SCORES,
+    METRICS,
+    Confusion,
+    PixelScores,
+    histogram_auc,
+    image_level,
+    mean_or_none,
+)
+from .perturb import Perturbation
+from .store import Record, ResultStore, content_sha256, record_key
+from .worker import TENSORFLOW, TORCH, Evaluator, Execution, Options, Outcome, Setup, Task
+
+Progress = Callable[[int, int], None]  # (records done, records in all), resumed ones included
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class Config:
+    weights: Path
+    store: Path
+    variant: int | None = None
+    options: Options = field(default_factory=Options)
+    execution: Execution = field(default_factory=Execution)
+    perturbations: list[Perturbation] = field(default_factory=list)
+    image_score: str = "max"
+    compare_reference: bool = False
+    engine: str = "local"
+    workers: int | None = None
+    ray_address: str | None = None
+    save_maps: Path | None = None
+
+
+@dataclass
+class Row:
+    """One row of the results table: the dataset as it is, or under one perturbation."""
+
+    perturbation: str | None
+    backend: str
+    metrics: dict[str, float | None]
+    counts: dict[str, int]
+
+    @property
+    def label(self) -> str:
+        return self.perturbation or "none"
+
+
+@dataclass
+class Evaluation:
+    dataset: dict
+    weights: dict
+    options: dict
+    rows: list[Row]
+    records: list[dict]  # per image, per row and backend
+    skipped: list[tuple[str, str]]
+    counts: dict[str, int]
+    engine: dict
+    seconds: float
+    curves: dict = field(default_factory=dict)  # (perturbation, backend) -> pooled level histograms
+    previews: dict = field(default_factory=dict)  # (name, perturbation, backend) -> 8-bit (map, mask) previews
+
+    def row(self, perturbation: str | None = None, backend: str = TORCH) -> Row:
+        return next(r for r in self.rows if r.perturbation == perturbation and r.backend == backend)
+
+    @property
+    def metrics(self) -> dict[str, float | None]:
+        return self.row().metrics
+
+    def to_json(self) -> dict:
+        rows = []
+        for row in self.rows:
+            if row.backend != TORCH:
+                continue
+            item = {"perturbation": row.label, "metrics": row.metrics, "counts": row.counts}
+            reference = next(
+                (r for r in self.rows if r.perturbation == row.perturbation and r.backend == TENSORFLOW), None
+            )
+            if reference is not None:
+                item["reference"] = reference.metrics
+                item["difference"] = {
+                    k: None if v is None or reference.metrics[k] is None else v - reference.metrics[k]
+                    for k, v in row.metrics.items()
+                }
+            rows.append(item)
+        return {
+            "metrics": self.metrics,
+            "rows": rows,
+            "counts": self.counts,
+            "skipped": [{"entry": name, "reason": why} for name, why in self.skipped],
+            "dataset": self.dataset,
+            "weights": self.weights,
+            "options": self.options,
+            "engine": self.engine,
+            "seconds": round(self.seconds, 3),
+            "versions": versions(),
+        }
+
+    def csv_bytes(self) -> bytes:
+        """One line per image and row: its scores and per-image metrics."""
+        columns = [
+            "image", "perturbation", "backend", "label", "width", "height", "score_max", "score_mean", "score_p99",
+            "pixel_auc", "pixel_f1_fixed", "pixel_f1_best", "best_threshold", "pixel_iou_fixed", "pixel_mcc_fixed",
+            "tp", "fp", "fn", "tn", "predict_seconds",
+        ]  # fmt: skip
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for r in self.records:
+            pixel = r.get("pixel") or {}
+            confusion = pixel.get("confusion") or {}
+            writer.writerow(
+                [
+                    r["name"], r["perturbation"] or "none", r["backend"], r["label"], r["width"], r["height"],
+                    *(_fmt(r["scores"][k]) for k in IMAGE_SCORES),
+                    *(_fmt(pixel.get(k)) for k in ("auc", "f1_fixed", "f1_best", "best_threshold", "iou_fixed",
+                                                    "mcc_fixed")),
+                    *(confusion.get(k, "") for k in ("tp", "fp", "fn", "tn")),
+                    _fmt(r.get("predict_seconds")),
+                ]
+            )  # fmt: skip
+        return buffer.getvalue().encode()
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def versions() -> dict:
+    import sklearn
+    import torch
+
+    from converter.convert import tool_version
+
+    return {
+        "mantranet-torch": tool_version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def map_path(root: Path, name: str, perturbation: str | None, backend: str) -> Path:
+    """``--save-maps`` file of an image: ROOT/<name without suffix>.npy, under a folder per perturbation (and
+    ``reference/`` for the TensorFlow maps)."""
+    folder = root / "reference" if backend == TENSORFLOW else root
+    if perturbation:
+        folder = folder / perturbation.replace(":", "-")
+    return folder / Path(name).with_suffix(".npy")
+
+
+def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None) -> Evaluation:
+    """Score the model on ``dataset``; records already in ``config.store`` are reused, new ones stored at once."""
+    if config.image_score not in IMAGE_SCORES:
+        raise ValueError(f"image score {config.image_score!r}: choose one of {', '.join(IMAGE_SCORES)}")
+    if config.engine not in ENGINES:
+        raise ValueError(f"engine {config.engine!r}: choose one of {', '.join(ENGINES)}")
+    started = time.perf_counter()
+    if config.options.precision == "auto":  # resolved here, once: the key must name what the maps were computed in
+        from mantranet_torch.precision import resolve_precision
+
+        from .worker import device
+
+        precision = resolve_precision("auto", device(), warn=False)
+        config = replace(config, options=replace(config.options, precision=precision))
+    digests = file_digests(config.weights)
+    release = release_by_hash(digests.git_blob_sha1)
+    weights = {
+        "path": str(config.weights),
+        "git_blob_sha1": digests.git_blob_sha1,
+        "release": release.file if release else None,
+    }
+    store = ResultStore(config.store)
+    rows = [None, *(str(p) for p in config.perturbations)]
+    backends = [TORCH, TENSORFLOW] if config.compare_reference else [TORCH]
+    skipped: dict[str, str] = dict(dataset.problems)
+    wanted: list[tuple[Entry, Task]] = []
+    for entry in dataset.entries:
+        try:
+            content = content_sha256(entry.image.read_bytes())
+            mask_content = content_sha256(entry.mask.read_bytes()) if entry.mask else None
+        except OSError as e:
+            missing = entry.image if not entry.image.is_file() else entry.mask
+            skipped[entry.name] = f"{missing}: {'no such file' if isinstance(e, FileNotFoundError) else e}"
+            continue
+        for perturbation in rows:
+            for backend in backends:
+                key = record_key(
+                    image=content,
+                    mask=mask_content,
+                    label=entry.label,
+                    weights=digests.git_blob_sha1,
+                    variant=config.variant,
+                    perturbation=perturbation,
+                    backend=backend,
+                    **config.options.key_parts(),
+                )
+                want_map = config.save_maps is not None
+                task = Task(
+                    key, entry.name, entry.label, str(entry.image), str(entry.mask) if entry.mask else None,
+                    content, mask_content, perturbation, backend, want_map,
+                )  # fmt: skip
+                wanted.append((entry, task))
+
+    records: dict[str, Record] = {}
+    todo = []
+    for _, task in wanted:
+        record = store.get(task.key)
+        have_map = (
+            config.save_maps is None or map_path(config.save_maps, task.name, task.perturbation, task.backend).exists()
+        )
+        if record is not None and have_map:
+            records[task.key] = record
+        else:
+            todo.append(task)
+    resumed = len(records)
+    total = len(wanted)
+    done = resumed
+    if progress:
+        progress(done, total)
+
+    def on_outcome(outcome: Outcome) -> None:
+        nonlocal done
+        task = outcome.task
+        if outcome.error is not None:
+            skipped.setdefault(task.name, outcome.error)
+        else:
+            store.put(task.key, outcome.record)
+            records[task.key] = outcome.record
+            if config.save_maps is not None and outcome.likelihood is not None:
+                target = map_path(config.save_maps, task.name, task.perturbation, task.backend)
+                write_bytes_atomic(target, _npy(outcome.likelihood), force=True)
+        done += 1
+        if progress:
+            progress(done, total)
+
+    setup = Setup(
+        str(config.weights),
+        config.variant,
+        config.options,
+        config.execution,
+        compare_reference=config.compare_reference,
+    )
+    engine = {"engine": config.engine}
+    if todo:
+        if config.engine == "ray":
+            Evaluator(replace(setup, execution=replace(setup.execution, threads=None)))  # a bad file fails here
+            engine |= run_ray(todo, setup, config.workers, config.ray_address, on_outcome)
+        else:
+            workers = config.workers or 1
+            setup = local_setup(setup, workers)
+            evaluator = Evaluator(setup)  # loads the model here: a bad weight file fails before any work
+            engine |= {"workers": workers, "threads_per_worker": setup.execution.threads}
+            run_local(todo, setup, workers, on_outcome, evaluator if workers == 1 else None)
+
+    ordered = [records[t.key] for _, t in wanted if t.key in records]
+    evaluation = Evaluation(
+        dataset=dataset.describe(),
+        weights=weights,
+        options=_options(config),
+        rows=[],
+        records=[r.fields for r in ordered],
+        skipped=sorted(skipped.items()),
+        counts={
+            "entries": len(dataset.entries) + len(dataset.problems),
+            "records": total,
+            "computed": len(records) - resumed,
+            "resumed": resumed,
+            "skipped": len(skipped),
+        },
+        engine=engine,
+        seconds=time.perf_counter() - started,
+    )
+    for perturbation in rows:
+        for backend in backends:
+            chosen = [
+                records[t.key]
+                for e, t in wanted
+                if t.perturbation == perturbation
+                and t.backend == backend
+                and t.key in records
+                and e.name not in skipped
+            ]
+            row, histograms = aggregate(chosen, config.image_score)
+            evaluation.rows.append(Row(perturbation, backend, row["metrics"], row["counts"]))
+            evaluation.curves[(perturbation, backend)] = histograms
+    for _, task in wanted:
+        if task.key in records and task.perturbation is None and task.backend == TORCH:
+            arrays = records[task.key].arrays
+            evaluation.previews[(task.name, None, TORCH)] = (arrays["preview_map"], arrays.get("preview_mask"))
+    return evaluation
+
+
+def _npy(likelihood: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, likelihood.astype(np.float32, copy=False))
+    return buffer.getvalue()
+
+
+def _options(config: Config) -> dict:
+    return {
+        **config.options.key_parts(),
+        "image_score": config.image_score,
+        "perturbations": [str(p) for p in config.perturbations],
+        "compare_reference": config.compare_reference,
+        "variant": config.variant,
+        "tile": config.execution.tile,
+        "max_memory": config.execution.max_memory,
+        "store": str(config.store),
+    }
+
+
+def aggregate(records: list[Record], image_score: str) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """The metrics of one row from its images' records, and the pooled level histograms."""
+    pixel = [PixelScores.from_dict(r.fields["pixel"]) for r in records if r.fields["pixel"]]
+    aucs = [p.auc for p in pixel if p.auc is not None]
+    forged = np.zeros(HISTOGRAM_LEVELS, dtype=np.float64)
+    authentic = np.zeros(HISTOGRAM_LEVELS, dtype=np.float64)
+    for r in records:
+        if r.fields["pixel"]:
+            forged[r.arrays["forged_levels"].astype(np.int64)] += r.arrays["forged_counts"]
+            authentic[r.arrays["authentic_levels"].astype(np.int64)] += r.arrays["authentic_counts"]
+    pooled = sum((p.confusion for p in pixel), Confusion(0, 0, 0, 0))
+    labels = [r.fields["label"] for r in records]
+    scores = [r.fields["scores"][image_score] for r in records]
+    metrics = {
+        "pixel_auc": mean_or_none(aucs),
+        "pixel_f1_fixed": mean_or_none([p.f1_fixed for p in pixel]),
+        "pixel_f1_best": mean_or_none([p.f1_best for p in pixel]),
+        "pixel_iou_fixed": mean_or_none([p.iou_fixed for p in pixel]),
+        "pixel_mcc_fixed": mean_or_none([p.mcc_fixed for p in pixel]),
+        "pooled_auc": histogram_auc(forged, authentic),
+        "pooled_f1_fixed": pooled.f1() if pixel else None,
+        **image_level(labels, scores),
+    }
+    assert tuple(metrics) == METRICS
+    counts = {
+        "images": len(records),
+        "forged": sum(1 for label in labels if label == 1),
+        "authentic": sum(1 for label in labels if label == 0),
+        "forged_with_mask": len(pixel),
+        "pixel_auc_excluded": len(pixel) - len(aucs),
+    }
+    return {"metrics": metrics, "counts": counts}, (forged, authentic)
+
+
+def write_outputs(evaluation: Evaluation, json_path: Path | None, csv_path: Path | None) -> None:
+    import json
+
+    if json_path is not None:
+        text = json.dumps(evaluation.to_json(), indent=2, sort_keys=False) + "\n"
+        write_bytes_atomic(json_path, text.encode(), force=True)
+    if csv_path is not None:
+        write_bytes_atomic(csv_path, evaluation.csv_bytes(), force=True)
+
+
+__all__ = ["Config", "Evaluation", "Row", "evaluate", "map_path", "write_outputs"]

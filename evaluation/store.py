@@ -1,0 +1,84 @@
+"""The resumable result store: one file per evaluated image, written atomically as the image finishes.
+
+A record's key is the SHA-256 of the image's content, its mask's content, the weights' git blob SHA-1 and
+every option that changes the result, so a rerun (on any machine, with any engine) finds exactly the work
+that is done, and a changed image, mask, weight file or option is computed afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from converter.atomic import write_bytes_atomic
+
+STORE_FORMAT = 1
+
+
+def record_key(**parts: object) -> str:
+    """A stable key for ``parts`` (JSON-serialisable values)."""
+    text = json.dumps({"format": STORE_FORMAT, **parts}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def content_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Record:
+    """What one image (under one perturbation and backend) contributes: JSON-able fields and a few arrays."""
+
+    fields: dict
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, __record__=np.array(json.dumps(self.fields)), **self.arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Record:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files if k != "__record__"}
+            return cls(json.loads(str(npz["__record__"])), arrays)
+
+
+class ResultStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npz"
+
+    def get(self, key: str) -> Record | None:
+        """The stored record, or None when absent or unreadable (a damaged file is computed again)."""
+        path = self.path(key)
+        try:
+            return Record.decode(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+            return None
+
+    def put(self, key: str, record: Record) -> None:
+        write_bytes_atomic(self.path(key), record.encode(), force=True)
+
+
+def default_store() -> Path:
+    """The per-user cache folder's ``evaluate/`` (records are keyed by content, so one store serves every run)."""
+    import os
+
+    if os.environ.get("MANTRANET_EVAL_STORE"):
+        return Path(os.environ["MANTRANET_EVAL_STORE"])
+    try:
+        import platformdirs
+    except ImportError:
+        return Path.home() / ".cache" / "mantranet-torch" / "evaluate"
+    return Path(platformdirs.user_cache_dir("mantranet-torch")) / "evaluate"
