@@ -12,6 +12,7 @@ import numpy as np
 from torch import Tensor
 
 from mantranet_torch import RELEASES
+from mantranet_torch.files import file_problem, os_reason
 from mantranet_torch.weights import (
     HDF5,
     MODEL_PARTS,
@@ -29,7 +30,7 @@ from .convert import first_block_filters
 from .errors import ConversionError
 from .keras_h5 import read_keras_h5
 from .legacy import PART_NAMES, port_checkpoint_by_hash, read_checkpoint, split_parts
-from .mapping import FEATEX_LAYER, keras_shapes, official_layers, uses_frozen_order
+from .mapping import FEATEX_LAYER, check_declared_sizes, keras_shapes, official_layers, uses_frozen_order
 from .releases import file_digests, release_by_hash, resolve_variant
 
 OFFICIAL, EARLIER_PORT, UNKNOWN = "official release", "earlier-port checkpoint", "unknown"
@@ -60,9 +61,13 @@ class FileRecord:
 def identify(path: str | Path) -> FileRecord:
     """The record of the file at ``path``; raises ``WeightFileError`` only when there is no such file."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightFileError(f"{path}: no such file")
-    digests = file_digests(path)
+    problem = file_problem(path)
+    if problem:
+        raise WeightFileError(f"{path}: {problem}")
+    try:
+        digests = file_digests(path)
+    except OSError as e:
+        raise WeightFileError(f"{path}: cannot be read ({os_reason(e)})") from None
     record = FileRecord(str(path), digests.size, digests.git_blob_sha1, digests.sha256, UNKNOWN)
     say = record.lines.append
     say(f"{path}: {digests.size} bytes, git blob SHA-1 {digests.git_blob_sha1}")
@@ -96,11 +101,15 @@ def identify(path: str | Path) -> FileRecord:
 def _hdf5(path: Path, record: FileRecord) -> None:
     say, details = record.lines.append, record.details
     try:
-        keras = read_keras_h5(path)
+        keras = read_keras_h5(path, lambda datasets: check_declared_sizes(datasets, str(path)))
     except ConversionError as e:
-        details.update(kind="not a Keras weight file", error=str(e))
-        say(f"  format: HDF5, but not a Keras weight file ({e})")
+        reason = str(e).removeprefix(f"{path}: ")
+        details.update(kind="not a Keras weight file", error=reason)
+        say(f"  format: HDF5, but not a Keras weight file ({reason})")
         return
+    details["notes"] = list(keras.notes)
+    for note in keras.notes:
+        say(f"  note: {note}")
     with h5py.File(path, "r") as f:
         root = f if keras.layout == "weights-only" else f["model_weights"]
         names = np.atleast_1d(np.asarray(root.attrs.get("layer_names", []), dtype=object))

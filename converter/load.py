@@ -10,7 +10,16 @@ from pathlib import Path
 import torch
 
 from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
-from mantranet_torch.weights import HDF5, PYTORCH, WeightFileError, load, model_from_state_dict, model_parts, sniff
+from mantranet_torch.weights import (
+    HDF5,
+    PYTORCH,
+    WeightCastWarning,
+    WeightFileError,
+    load,
+    model_from_state_dict,
+    model_parts,
+    sniff,
+)
 
 from .convert import convert_h5
 from .errors import ConversionError
@@ -34,7 +43,8 @@ def load_weights(
       ``variant``'s, takes precedence);
     - the earlier PyTorch port's ``MantraNetv4.pt``, or its ``IMTFEv4.pt`` and ``AnomalyDetectorv4.pt`` together
       (a sequence of two paths): imported with Ptrain4's architecture unless ``config``/``variant`` say otherwise.
-      Its approximations come as ``EarlierPortWarning`` unless ``quiet``.
+      Its approximations come as ``EarlierPortWarning`` unless ``quiet``. Arrays stored in another float type
+      than float32 are cast, with a ``WeightCastWarning``.
 
     Raises ``ConversionError`` or ``WeightFileError`` naming the file and what is wrong with it.
     """
@@ -50,6 +60,8 @@ def load_weights(
     kind = sniff(first)
     if len(paths) == 1 and kind == HDF5:
         conversion = convert_h5(first, variant)
+        for note in conversion.keras.notes:
+            warnings.warn(f"{first}: {note}", WeightCastWarning, stacklevel=2)
         return model_from_state_dict(conversion.state_dict, conversion.config, str(first)).to(map_location)
     chosen = config or (RELEASES[variant] if variant is not None else None)
     if len(paths) == 1 and kind != PYTORCH:

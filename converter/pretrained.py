@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from mantranet_torch import ManTraNet
+from mantranet_torch.files import file_problem, os_reason
 from mantranet_torch.weights import load
 
 from .cache import weights_dir
 from .convert import FORMATS, convert_h5, output_paths, save_conversion
-from .download import TIMEOUT_S, DownloadError, Progress, download
+from .download import DEADLINE_S, TIMEOUT_S, DownloadError, Progress, download
 from .errors import ConversionError
 from .releases import bytes_digest, file_digests, official_release, official_releases, port_checkpoints
 
@@ -55,6 +56,7 @@ def fetch(
     force: bool = False,
     progress: Progress | None = None,
     timeout_s: float = TIMEOUT_S,
+    deadline_s: float | None = DEADLINE_S,
 ) -> FetchResult:
     """Download official release ``release`` into ``folder`` (default: the user cache), verify its git blob SHA-1,
     and (``convert``) convert it to ``fmt`` beside it with a manifest. Files already there and right are reused.
@@ -66,7 +68,7 @@ def fetch(
     target = folder / official.file
     got = download(
         url or official.url, target, official.git_blob_sha1, allow_unknown=allow_unknown, force=force,
-        progress=progress, timeout_s=timeout_s,
+        progress=progress, timeout_s=timeout_s, deadline_s=deadline_s,
     )  # fmt: skip
     result = FetchResult(release, target, got.digests.git_blob_sha1, got.verified, got.downloaded, got.resumed_from)
     if not convert:
@@ -97,6 +99,7 @@ def pretrained(
     url: str | None = None,
     progress: Progress | None = None,
     timeout_s: float = TIMEOUT_S,
+    deadline_s: float | None = DEADLINE_S,
 ) -> ManTraNet:
     """Official release ``release`` (0-4) as a trained model in eval mode.
 
@@ -112,7 +115,7 @@ def pretrained(
         return load(weights, map_location=map_location).eval()
     source = url or official.url
     try:
-        result = fetch(release, folder, url=url, progress=progress, timeout_s=timeout_s)
+        result = fetch(release, folder, url=url, progress=progress, timeout_s=timeout_s, deadline_s=deadline_s)
     except (DownloadError, ConversionError) as e:
         raise PretrainedError(
             f"release {release}: {str(e).rstrip('.')}. Without network access, download {source} elsewhere and "
@@ -122,10 +125,17 @@ def pretrained(
 
 
 def local_status(path: Path, git_blob_sha1: str) -> str:
-    """Absent ("-"), "verified", or "present, content differs"."""
-    if not path.is_file():
+    """Absent ("-"), "verified", "present, content differs", or "present, " and what is wrong with it."""
+    problem = file_problem(path)
+    if problem == "no such file":
         return "-"
-    return "verified" if file_digests(path).git_blob_sha1 == git_blob_sha1 else "present, content differs"
+    if problem:
+        return f"present, {problem}"
+    try:
+        digests = file_digests(path)
+    except OSError as e:
+        return f"present, unreadable ({os_reason(e)})"
+    return "verified" if digests.git_blob_sha1 == git_blob_sha1 else "present, content differs"
 
 
 def list_weights(folder: str | Path | None = None) -> dict:

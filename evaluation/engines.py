@@ -20,6 +20,7 @@ from .worker import Evaluator, Outcome, Setup, Task
 OnOutcome = Callable[[Outcome], None]
 RAY_CONNECT_TIMEOUT = 15.0  # seconds to reach a --ray-address before giving up
 RAY_POLL = 5.0  # seconds between checks while waiting for results
+RAY_DEFAULT_THREADS = 4  # per actor: a full-resolution image takes GBs, so not one actor per core by default
 
 
 class EngineError(RuntimeError):
@@ -122,11 +123,12 @@ def run_ray(
         import ray
     except ImportError:
         raise EngineError("--engine ray needs Ray: pip install 'mantranet-torch[ray]'") from None
-    threads = setup.execution.threads or 1
+    threads = setup.execution.threads
     if address:
         _check_reachable(address)
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     else:
+        threads = threads or min(RAY_DEFAULT_THREADS, cpu_count())
         ray.init(
             num_cpus=(workers or max(1, cpu_count() // threads)) * threads,
             include_dashboard=False,
@@ -134,9 +136,9 @@ def run_ray(
             log_to_driver=False,
         )
     try:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        nodes = len([n for n in ray.nodes() if n.get("Alive")])
-        workers = workers or max(1, cpus // threads)
+        node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        threads, workers = _ray_shape(node_cpus, threads, workers)
+        cpus, nodes = sum(node_cpus), len(node_cpus)
         data = Path(setup.weights).read_bytes()
         remote_setup = replace(setup, weights_data=data, execution=replace(setup.execution, threads=threads))
         setup_ref = ray.put(remote_setup)
@@ -167,6 +169,24 @@ def run_ray(
         return {"ray_nodes": nodes, "ray_cpus": cpus, "workers": workers, "threads_per_worker": threads}
     finally:
         ray.shutdown()
+
+
+def _ray_shape(node_cpus: list[int], threads: int | None, workers: int | None) -> tuple[int, int]:
+    """(threads per actor, actors) that the cluster can place; an impossible request is an error, not a hang
+    (an actor that fits no node would wait for one for ever)."""
+    largest = max(node_cpus, default=0)
+    if largest < 1:
+        raise EngineError("the Ray cluster has no CPUs")
+    threads = threads or min(RAY_DEFAULT_THREADS, largest)
+    if threads > largest:
+        raise EngineError(f"--threads {threads}: the largest Ray node has {largest} CPUs")
+    capacity = sum(c // threads for c in node_cpus)
+    if workers is not None and workers > capacity:
+        raise EngineError(
+            f"--workers {workers} with --threads {threads}: the Ray cluster ({', '.join(map(str, node_cpus))} CPUs "
+            f"per node) holds at most {capacity} such workers"
+        )
+    return threads, workers or capacity
 
 
 def _with_data(task: Task) -> Task:

@@ -176,6 +176,13 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
     if config.engine not in ENGINES:
         raise ValueError(f"engine {config.engine!r}: choose one of {', '.join(ENGINES)}")
     started = time.perf_counter()
+    if config.options.precision == "auto":  # resolved here, once: the key must name what the maps were computed in
+        from mantranet_torch.precision import resolve_precision
+
+        from .worker import device
+
+        precision = resolve_precision("auto", device(), warn=False)
+        config = replace(config, options=replace(config.options, precision=precision))
     digests = file_digests(config.weights)
     release = release_by_hash(digests.git_blob_sha1)
     weights = {
@@ -247,7 +254,13 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
         if progress:
             progress(done, total)
 
-    setup = Setup(str(config.weights), config.variant, config.options, config.execution)
+    setup = Setup(
+        str(config.weights),
+        config.variant,
+        config.options,
+        config.execution,
+        compare_reference=config.compare_reference,
+    )
     engine = {"engine": config.engine}
     if todo:
         if config.engine == "ray":

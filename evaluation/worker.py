@@ -64,6 +64,7 @@ class Setup:
     options: Options
     execution: Execution
     weights_data: bytes | None = None
+    compare_reference: bool = False  # load the TensorFlow reference too
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class Evaluator:
 
             torch.set_num_threads(setup.execution.threads)
         self.model  # noqa: B018 - load now: a bad weight file is an error of the run, not of an image
+        if setup.compare_reference:
+            self.reference  # noqa: B018 - and a missing TensorFlow
 
     # ------------------------------------------------------------ models
 
@@ -119,7 +122,7 @@ class Evaluator:
             from converter import load_weights
 
             with self._weights_file() as path:
-                self._model = load_weights(path, self.setup.variant, map_location=_device())
+                self._model = load_weights(path, self.setup.variant, map_location=device())
         return self._model
 
     @property
@@ -238,7 +241,7 @@ def _read_pixels(task: Task, max_pixels: int) -> tuple[np.ndarray, list[str]]:
     return image.pixels, image.notes
 
 
-def _device():
+def device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -246,11 +249,12 @@ def _device():
 
 def _reference_model(weights_file, variant: int | None):
     """The TensorFlow reference for the same weights (imported only when asked for)."""
-    import reference
     from converter.mapping import torch_to_keras
     from mantranet_torch.weights import H5_SUFFIXES, read_model_weights
+    from parity_tests.api import import_reference, native_stderr_silenced
 
-    with weights_file() as path:
+    reference = import_reference()
+    with weights_file() as path, native_stderr_silenced():  # TensorFlow's C++ start-up lines
         if path.suffix.lower() in H5_SUFFIXES:
             return reference.load(path, variant)
         tensors, config, _ = read_model_weights(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -14,18 +15,21 @@ import numpy as np
 import torch
 
 from converter import load_weights
-from converter.atomic import write_bytes_atomic
+from converter.atomic import make_folder, staged_path, write_bytes_atomic
 from mantranet_torch.detection import Detection, detect_found
+from mantranet_torch.files import os_reason
 from mantranet_torch.images import DEFAULT_MAX_PIXELS, find_images
 from mantranet_torch.maps import encode_mask, encode_npy, encode_overlay
 from mantranet_torch.precision import PRECISIONS, SlowPrecisionWarning, bf16_support, resolve_precision
 from mantranet_torch.tiling import MIN_TILE
+from mantranet_torch.weights import WeightCastWarning
 
 from . import progress
 from .errors import CommandError
 
 DEFAULT_OUTPUT = Path("mantranet_out")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MAX_MEMORY_GB = 2.0**20  # a petabyte: beyond any machine, and far from int64 when counted in bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -118,14 +122,21 @@ def mps_available() -> bool:
 def run(args: argparse.Namespace) -> int:
     if args.tile is not None and args.tile < MIN_TILE:
         raise CommandError(f"--tile {args.tile}: tiles must be at least {MIN_TILE} pixels")
-    if args.max_memory is not None and args.max_memory <= 0:
-        raise CommandError(f"--max-memory {args.max_memory}: must be positive")
+    if args.max_memory is not None and not (math.isfinite(args.max_memory) and 0 < args.max_memory <= MAX_MEMORY_GB):
+        raise CommandError(f"--max-memory {args.max_memory}: must be a number of GB, > 0 and <= {MAX_MEMORY_GB:,.0f}")
     images = find_images(args.inputs, skip=args.output)
     if not images:
         raise CommandError(f"no images found in {', '.join(str(p) for p in args.inputs)}")
     device = resolve_device(args.device)
-    args.precision = _precision(args.precision, device, quiet=args.json or args.quiet)
-    model = load_weights(args.weights, args.variant, map_location=device, quiet=args.json or args.quiet)
+    quiet = args.json or args.quiet
+    args.precision = _precision(args.precision, device, quiet=quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", WeightCastWarning)
+        model = load_weights(args.weights, args.variant, map_location=device, quiet=quiet)
+    for w in caught:  # a cast to float32 is a note; the earlier port's approximations are warnings
+        kind = "note" if issubclass(w.category, WeightCastWarning) else "warning"
+        print(f"mantranet detect: {kind}: {w.message}", file=sys.stderr)
+    check_output_folder(args.output)  # before any inference
     records, todo, claimed = [], [], {}
     for path, relative in images:
         outputs = Outputs.of(args.output, relative, args)
@@ -180,6 +191,16 @@ def run(args: argparse.Namespace) -> int:
             f"{failed} failed; outputs in {args.output}"
         )
     return 1 if failed else 0
+
+
+def check_output_folder(folder: Path) -> None:
+    """Create the output folder and try a file in it, before any inference: an unwritable folder fails now."""
+    make_folder(folder)
+    try:
+        with staged_path(folder / "write-test"):
+            pass
+    except OSError as e:
+        raise CommandError(f"{folder}: cannot write in the output folder ({os_reason(e)})") from None
 
 
 def write_outputs(result: Detection, outputs: Outputs, missing: list[Path]) -> dict:

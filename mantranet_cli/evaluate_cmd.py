@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     bar = ProgressLine()
     try:
         result = evaluation.evaluate(dataset, config, progress=bar)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # an engine that cannot start, TensorFlow missing, bad weights
         raise CommandError(str(e)) from None
     finally:
         bar.close()
@@ -152,6 +152,10 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _difference(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1e}"
+
+
 def print_summary(result, args: argparse.Namespace) -> None:
     from evaluation import METRICS
 
@@ -167,7 +171,7 @@ def print_summary(result, args: argparse.Namespace) -> None:
         lines.append([row["perturbation"], *(_cell(row["metrics"][k]) for k in METRICS)])
         if "reference" in row:
             lines.append(["  tensorflow", *(_cell(row["reference"][k]) for k in METRICS)])
-            lines.append(["  difference", *(_cell(row["difference"][k]) for k in METRICS)])
+            lines.append(["  difference", *(_difference(row["difference"][k]) for k in METRICS)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
         print(

@@ -111,6 +111,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="compare on a W x H region of each image (centred unless +X+Y gives its top-left corner); the "
         "comparison keeps every layer's output in memory, about 45 KB per pixel",
     )
+    p.add_argument(
+        "--shrink",
+        type=Path,
+        metavar="DIR",
+        help="when an image fails: search for the smallest crop of it, then the simplest pixel content, that still "
+        "fails at the same first divergent layer; save it in DIR as PNG with the command line that reproduces it",
+    )
+    p.add_argument(
+        "--shrink-budget",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="time the --shrink search may take, for all failing images together (default 60)",
+    )
     p.set_defaults(run=run)
 
 
@@ -233,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
             rtol=args.rtol,
             crop=crop,
             progress=events,
+            shrink=args.shrink,
+            shrink_budget=args.shrink_budget,
         )
     except (ParityInputError, ReportError) as e:
         raise CommandError(str(e), BAD_INPUT) from None
@@ -240,6 +256,16 @@ def run(args: argparse.Namespace) -> int:
         events.close()  # the bar of an image the run did not finish
     print()
     print(render_table(parity))
+    for found in parity.shrunk:
+        simplified = f", {', '.join(found['simplified'])}" if found["simplified"] else ""
+        original = found["original"]
+        print(
+            f"shrunk {found['image']} ({original['width']} x {original['height']}) to {found['width']} x "
+            f"{found['height']}{simplified}, still failing first at {found['layer']} ({found['checks']} checks, "
+            f"{found['seconds']:.0f} s{', budget spent' if found['budget_exhausted'] else ''}): wrote {found['path']}"
+        )
+        if found["command"]:
+            print(f"  reproduce: {found['command']}")
     try:
         if args.json is not None:
             write_bytes_atomic(args.json, parity.to_json().encode(), force=args.force)

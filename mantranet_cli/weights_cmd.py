@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from converter.convert import FORMATS
-from converter.download import DownloadError
+from converter.download import DEADLINE_S, DownloadError
 from converter.file_record import EARLIER_PORT, OFFICIAL, identify
 from converter.official_code import fetch_official_code
 from converter.pretrained import fetch, list_weights
@@ -53,6 +53,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fetch.add_argument("--no-convert", action="store_true", help="download and verify only")
     fetch.add_argument("--format", choices=sorted(FORMATS), default="safetensors", help="of the converted file")
     fetch.add_argument("--force", action="store_true", help="replace existing files")
+    fetch.add_argument(
+        "--timeout",
+        type=float,
+        default=DEADLINE_S,
+        metavar="SECONDS",
+        help="give up on a transfer not done in this time (default: %(default)g); an interrupted download resumes",
+    )
+    fetch.add_argument(
+        "--timeout",
+        type=float,
+        default=DEADLINE_S,
+        metavar="SECONDS",
+        help="give up on a transfer not done in this time (default: %(default)g); an interrupted download resumes",
+    )
     fetch.set_defaults(run=run_fetch)
 
 
@@ -145,6 +159,7 @@ def run_fetch(args: argparse.Namespace) -> int:
                 allow_unknown=args.allow_unknown,
                 force=args.force,
                 progress=bar,
+                deadline_s=args.timeout,
             )
     except DownloadError as e:
         raise CommandError(str(e)) from None

@@ -16,8 +16,10 @@ TensorFlow is imported by ``run_parity`` only, so importing this module costs no
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,9 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from converter import ConversionError, convert_h5
+from converter.atomic import write_bytes_atomic
 from converter.convert import tool_version
 from mantranet_torch import LAYERS, WeightFileError, scale_pixels
 from mantranet_torch.model import DETECTOR_LAYERS
@@ -39,6 +43,7 @@ from .errors import ParityInputError
 from .inputs import Crop, ImageInput, InputImage, check_memory, host_memory, read_inputs
 from .report import Attributed, ImageParity, ParityRun
 from .runner import Reference, compare_layers
+from .shrink import shrink as shrink_image
 from .sides import TorchSide, torch_side
 from .tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES, POLICY, TolerancePolicy
 
@@ -286,6 +291,8 @@ def run_parity(
     crop: str | Crop | None = None,
     check_available_memory: bool = True,
     progress: ProgressCallback | None = None,
+    shrink: str | Path | None = None,
+    shrink_budget: float = 60.0,
 ) -> ParityRun:
     """Compare the PyTorch model with the TensorFlow reference layer by layer on ``images``.
 
@@ -305,6 +312,10 @@ def run_parity(
     lined up with the Keras layers by ``layer_map`` (a JSON file, its dict, or a ``candidate.LayerMap``; see
     ``candidate.py``, and ``suggest_map`` to propose one). Layers it does not map are reported as unmapped.
 
+    ``shrink``: a folder; for each failing image (while ``shrink_budget`` seconds last, in all) the smallest crop,
+    then the simplest pixel content, that still fails with the same first divergent layer is saved there as PNG,
+    with the command line that reproduces it (``shrink.py``; listed in ``ParityRun.shrunk``).
+
     Returns the ``ParityRun`` (``passed``, ``first_divergent_layer``, per-image reports, ``to_json()``).
     Raises ``ParityInputError`` for anything it cannot compare, before any comparison starts.
     """
@@ -315,6 +326,10 @@ def run_parity(
     choice = reference if isinstance(reference, ReferenceChoice) else ReferenceChoice.parse(reference)
     if isinstance(crop, str):
         crop = Crop.parse(crop)
+    if shrink is not None and (Path(shrink).exists() and not Path(shrink).is_dir()):
+        raise ParityInputError(f"--shrink {shrink}: exists and is not a folder")
+    if not (math.isfinite(shrink_budget) and shrink_budget > 0):
+        raise ParityInputError(f"--shrink-budget {shrink_budget}: must be a number of seconds > 0")
     inputs = read_inputs(list(images), crop)
     if check_available_memory:
         check_memory(inputs, host_memory())
@@ -354,30 +369,124 @@ def run_parity(
     )
     notify = progress or (lambda event: None)
     notify(ParityEvent(START, run, len(inputs)))
+
+    def compare(image: InputImage, index: int = 0, events: bool = False) -> ImageParity:
+        def event(kind: str, mode: str | None = None, layer: str | None = None) -> None:
+            if events:
+                notify(ParityEvent(kind, run, len(inputs), index, image, mode, layer))
+
+        height, width = image.pixels.shape[:2]
+        oracle_layers, attributed = attribution_for(height * width, modes)
+        x = scale_pixels(torch.from_numpy(image.pixels)).numpy()[None]
+        event(IMAGE)
+        started = time.perf_counter()
+        report = compare_layers(
+            _TracingReference(ref, lambda: event(TRACED)),
+            side.model,
+            x,
+            oracle=oracle,
+            oracle_layers=oracle_layers,
+            modes=modes,
+            policy=policy,
+            progress=lambda mode, name: event(LAYER, mode, name),
+            cumulative_from_reference=True,
+        )
+        seconds = time.perf_counter() - started
+        result = ImageParity(image.name, image.source, height, width, image.notes, attributed, report, seconds)
+        event(DONE)
+        return result
+
     with _torch_threads(torch_threads()):
         for index, image in enumerate(inputs, start=1):
-            height, width = image.pixels.shape[:2]
-            oracle_layers, attributed = attribution_for(height * width, modes)
-            x = scale_pixels(torch.from_numpy(image.pixels)).numpy()[None]
-            notify(ParityEvent(IMAGE, run, len(inputs), index, image))
-            started = time.perf_counter()
-            report = compare_layers(
-                _TracingReference(ref, lambda: notify(ParityEvent(TRACED, run, len(inputs), index, image))),  # noqa: B023
-                side.model,
-                x,
-                oracle=oracle,
-                oracle_layers=oracle_layers,
-                modes=modes,
-                policy=policy,
-                progress=lambda mode, name: notify(ParityEvent(LAYER, run, len(inputs), index, image, mode, name)),  # noqa: B023
-                cumulative_from_reference=True,
-            )
-            seconds = time.perf_counter() - started
-            run.images.append(
-                ImageParity(image.name, image.source, height, width, image.notes, attributed, report, seconds)
-            )
-            notify(ParityEvent(DONE, run, len(inputs), index, image))
+            run.images.append(compare(image, index, events=True))
+        if shrink is not None and not run.passed:
+            command = _command_line(weights, choice, torch_weights, candidate, layer_map, variant, modes, atol, rtol)
+            deadline = time.monotonic() + shrink_budget
+            for image, result in zip(inputs, run.images, strict=True):
+                if not result.passed and time.monotonic() < deadline:
+                    found = _shrink_one(image, result, compare, Path(shrink), command, deadline - time.monotonic())
+                    run.shrunk.append(found)
     return run
+
+
+def _command_line(
+    weights: str | Path,
+    choice: ReferenceChoice,
+    torch_weights: Sequence[str | Path] | None,
+    candidate: str | nn.Module | None,
+    layer_map: Any,
+    variant: int | None,
+    modes: Sequence[str],
+    atol: float | None,
+    rtol: float | None,
+) -> list[str] | None:
+    """The ``mantranet parity`` arguments that repeat this run on another image (None: not expressible, e.g. a
+    candidate given as a module object)."""
+    argv = ["mantranet", "parity", str(weights), "{image}"]
+    if choice.kind != OURS:
+        argv += ["--reference", OFFICIAL if choice.code is None else f"{OFFICIAL}:{choice.code}"]
+    for path in torch_weights or ():
+        argv += ["--torch-weights", str(path)]
+    if candidate is not None:
+        if not isinstance(candidate, str) or not isinstance(layer_map, (str, Path)):
+            return None
+        argv += ["--candidate", candidate, "--layer-map", str(layer_map)]
+    if variant is not None:
+        argv += ["--variant", str(variant)]
+    if list(modes) == [LOCAL]:
+        argv.append("--local")
+    argv += [
+        *(["--atol", repr(atol)] if atol is not None else []),
+        *(["--rtol", repr(rtol)] if rtol is not None else []),
+    ]
+    return argv
+
+
+def _shrink_one(
+    image: InputImage,
+    result: ImageParity,
+    compare: Callable[[InputImage], ImageParity],
+    folder: Path,
+    command: list[str] | None,
+    budget_s: float,
+) -> dict[str, Any]:
+    """``image``'s smallest, simplest variant failing at the same first divergent layer, saved as PNG in ``folder``
+    with the command line that reproduces it."""
+    layer = result.report.first_divergent_layer
+
+    def fails(pixels: np.ndarray) -> bool:
+        candidate = InputImage(image.name, image.source, pixels, [])
+        try:
+            return compare(candidate).report.first_divergent_layer == layer
+        except Exception:  # an input the reference or candidate cannot take (too small for it): not this failure
+            return False
+
+    found = shrink_image(image.pixels, fails, budget_s)
+    stem = Path(image.name).stem.replace(" ", "_") or "image"
+    png = folder / f"{stem}-{found.box.width}x{found.box.height}.png"
+    buffer = io.BytesIO()
+    Image.fromarray(found.pixels).save(buffer, format="PNG")
+    line = None if command is None else shlex.join([str(png) if a == "{image}" else a for a in command])
+    note = line or "(not expressible as a command line: the candidate was given as a Python object)"
+    text = (
+        f"# {image.source}: first divergent layer {layer} at {result.width} x {result.height}; this "
+        f"{found.box.width} x {found.box.height} crop (left {found.box.left}, top {found.box.top})"
+        f"{', ' + ', '.join(found.simplified) if found.simplified else ''} fails there too.\n{note}\n"
+    )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(png, buffer.getvalue(), force=True)
+        write_bytes_atomic(png.with_suffix(".txt"), text.encode(), force=True)
+    except (OSError, ConversionError) as e:
+        raise ParityInputError(f"--shrink {folder}: cannot write the minimal image ({e})") from None
+    return {
+        "image": image.name,
+        "layer": layer,
+        "original": {"width": result.width, "height": result.height},
+        **found.to_dict(),
+        "path": str(png),
+        "command": line,
+    }
 
 
 __all__ = ["LOCAL", "MODES", "ParityEvent", "ParityInputError", "ParityRun", "run_parity"]

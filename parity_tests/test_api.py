@@ -81,3 +81,24 @@ def test_bad_input_raises_before_any_comparison(h5, tmp_path) -> None:
     with pytest.raises(ParityInputError, match="missing.h5"):
         run_parity(tmp_path / "missing.h5")
     assert events == []
+
+
+def test_reference_drift_is_explained_not_failed() -> None:
+    # A layer whose elements over tolerance against the reference are within it of the float64 value passes, and
+    # the table says why, naming the official code when it is the reference.
+    from parity_tests.compare import compare_arrays
+    from parity_tests.report import Attributed, ImageParity, image_table
+    from parity_tests.runner import LayerResult, ParityReport
+
+    expected = np.zeros((1, 2, 2, 1))
+    exact = np.full_like(expected, 1e-3)  # the reference drifted 1e-3 from the exact value ...
+    actual = exact.copy()  # ... where the compared side sits
+    drifted = compare_arrays("nestedAvgFeatex", expected, actual, 1e-5, 0.0, exact)
+    assert drifted.passed and drifted.reference_drift == 4
+    layers = [LayerResult(name, local=drifted if name == "nestedAvgFeatex" else None) for name in LAYERS]
+    report = ParityReport([1, 2, 2, 3], ["local"], True, layers)
+    image = ImageParity("x", "array", 2, 2, [], Attributed(list(LAYERS), ["local"], "test"), report, 0.0)
+    table = image_table(image, "official")
+    assert report.passed
+    assert "explained: nestedAvgFeatex: 4 in local mode over tolerance against the official code" in table
+    assert "integral images" in table

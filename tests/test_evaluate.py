@@ -270,3 +270,23 @@ def test_bad_entries_are_named_skipped_and_counted(data, tmp_path) -> None:
     assert code == 1 and "wide_mask" not in stderr
     code, _, stderr = run_cli(str(manifest), "-w", str(data["manifest"]), "--store", str(tmp_path / "s"))
     assert code == 1 and "Traceback" not in stderr and "manifest.csv" in stderr
+
+
+@pytest.mark.parametrize("how", ["mean", "p99"])
+def test_image_score_choices_from_the_stored_records(data, baseline, tmp_path, how) -> None:
+    args = [a for a in baseline["args"] if a not in PERTURBATIONS and a != "--perturb"]
+    json_at = args.index("--json") + 1
+    args[json_at] = str(tmp_path / "o.json")
+    code, _, stderr = run_cli(*args, "--image-score", how)
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert result["counts"]["computed"] == 0  # the image score is computed from what the store keeps
+    entries = load_dataset(data["manifest"]).entries
+    maps = [np.load(map_path(baseline["root"] / "maps", e.name, None, "torch")).astype(np.float64) for e in entries]
+    scores = [m.mean() if how == "mean" else np.percentile(m, 99) for m in maps]
+    labels = [e.label for e in entries]
+    assert result["metrics"]["image_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=METRIC_TOLERANCE)
+    predicted = [int(s > 0.5) for s in scores]
+    assert result["metrics"]["image_balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(labels, predicted), abs=METRIC_TOLERANCE
+    )

@@ -245,3 +245,26 @@ def test_perturbations_are_deterministic_and_move_masks():
     for bad in ("jpeg:0", "jpeg:50.5", "resize:-1", "sharpen:1", "blur"):
         with pytest.raises(PerturbationError):
             Perturbation.parse(bad)
+
+
+def test_ray_requests_the_cluster_cannot_place_are_errors_not_waits():
+    from evaluation.engines import EngineError, _ray_shape
+
+    assert _ray_shape([1, 1], 1, None) == (1, 2)
+    assert _ray_shape([16, 8], None, None) == (4, 6)  # 4 threads per actor by default
+    assert _ray_shape([2, 2], None, 1) == (2, 1)  # capped by the largest node
+    with pytest.raises(EngineError, match="--workers 3 with --threads 1: .* at most 2"):
+        _ray_shape([1, 1], 1, 3)
+    with pytest.raises(EngineError, match="--threads 4: the largest Ray node has 2 CPUs"):
+        _ray_shape([2, 2], 4, None)
+
+
+def test_resize_to_a_long_side_keeps_the_aspect_and_moves_the_mask():
+    from evaluation.perturb import resize_long_side
+
+    pixels = np.zeros((60, 120, 3), np.uint8)
+    mask = np.zeros((60, 120), bool)
+    mask[:, 60:] = True
+    small, small_mask = resize_long_side(pixels, mask, 40)
+    assert small.shape == (20, 40, 3) and small_mask.shape == (20, 40)
+    assert small_mask[:, 20:].all() and not small_mask[:, :20].any()
