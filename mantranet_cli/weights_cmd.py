@@ -60,13 +60,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="give up on a transfer not done in this time (default: %(default)g); an interrupted download resumes",
     )
-    fetch.add_argument(
-        "--timeout",
-        type=float,
-        default=DEADLINE_S,
-        metavar="SECONDS",
-        help="give up on a transfer not done in this time (default: %(default)g); an interrupted download resumes",
-    )
     fetch.set_defaults(run=run_fetch)
 
 

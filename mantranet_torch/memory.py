@@ -2,8 +2,8 @@
 
 Peak memory is modelled per pixel from the channel counts: which full-size tensors are alive at
 once at the peak of each phase (read off the code in layers.py and model.py), times their width.
-The constants below are checked against measured peak resident memory by ``benchmarks/bench_inference.py``
-(the README's "Memory" section lists the measurements); the slack covers what the allocator keeps between tiles.
+The constants below come from peak resident memory measured on real runs (the README's "Memory model" lists
+them); the slack covers what the allocator keeps between tiles.
 """
 
 from __future__ import annotations
