@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from converter.atomic import write_bytes_atomic
-from converter.releases import file_digests, release_by_hash
+from converter.releases import bytes_digest, file_digests, release_by_hash
 
 from .datasets import Dataset, Entry
 from .engines import local_setup, run_local, run_ray
@@ -28,7 +28,7 @@ from .metrics import (
     mean_or_none,
 )
 from .perturb import Perturbation
-from .store import Record, ResultStore, content_sha256, record_key
+from .store import Record, ResultStore, record_key
 from .worker import TENSORFLOW, TORCH, Evaluator, Execution, Options, Outcome, Setup, Task
 
 Progress = Callable[[int, int], None]  # (records done, records in all), resumed ones included
@@ -197,8 +197,8 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
     wanted: list[tuple[Entry, Task]] = []
     for entry in dataset.entries:
         try:
-            content = content_sha256(entry.image.read_bytes())
-            mask_content = content_sha256(entry.mask.read_bytes()) if entry.mask else None
+            content = bytes_digest(entry.image.read_bytes())
+            mask_content = bytes_digest(entry.mask.read_bytes()) if entry.mask else None
         except OSError as e:
             missing = entry.image if not entry.image.is_file() else entry.mask
             skipped[entry.name] = f"{missing}: {'no such file' if isinstance(e, FileNotFoundError) else e}"
