@@ -158,8 +158,9 @@ def _touch(root: Path, *names: str) -> None:
 
 FAKE_TREES = {  # layout -> (files, expected (name, mask relative path or None, label))
     "casia": (
-        ["Tp/Tp_D_1.jpg", "Tp/Tp_S_2.tif", "Au/Au_1.jpg", "Gt/Tp_D_1_gt.png", "Gt/Tp_S_2_gt.png"],
-        [("Tp/Tp_D_1.jpg", "Gt/Tp_D_1_gt.png", 1), ("Tp/Tp_S_2.tif", "Gt/Tp_S_2_gt.png", 1), ("Au/Au_1.jpg", None, 0)],
+        ["Tp/Tp_D_1.jpg", "Tp/Sp/Sp_S_2.tif", "Au/Au_1.jpg", "Gt/Tp_D_1_gt.png", "Gt/Sp/Sp_S_2_gt.png"],
+        [("Tp/Sp/Sp_S_2.tif", "Gt/Sp/Sp_S_2_gt.png", 1), ("Tp/Tp_D_1.jpg", "Gt/Tp_D_1_gt.png", 1),
+         ("Au/Au_1.jpg", None, 0)],
     ),
     "columbia": (
         ["4cam_splc/a_b_sub_01.tif", "4cam_splc/edgemask/a_b_sub_01_edgemask.jpg", "4cam_auth/a_sub_01.tif",
