@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,13 +67,23 @@ def write_bytes_atomic(target: Path, data: bytes, force: bool) -> None:
 
 
 def write_files_atomic(files: dict[Path, bytes], force: bool) -> None:
-    """Write every file beside its target first, then move them into place in order: a failed write (a full
-    disk, say) replaces nothing, so a weight file and its manifest are never left from different runs."""
+    """Write related files (a weight file, then its manifest) so that they are never seen from different runs.
+
+    Under a lock on their folder (a second writer waits, at most ``LOCK_WAIT_S``), every file is written beside
+    its target first: a failed write (a full disk, say) replaces nothing. Then the old ones that the new replace
+    are removed from the last to the first, and the new moved into place from the first to the last: a run
+    killed in between leaves the first file without the rest (a weight file without its manifest, whose
+    content it also carries), never a file beside another run's. Hidden ``.part`` files that killed runs left
+    beside the targets are removed.
+    """
     for target in files:
         make_parent(target)
     current = next(iter(files))
     try:
-        with contextlib.ExitStack() as stack:
+        with folder_lock(current.parent), contextlib.ExitStack() as stack:
+            refuse_existing(list(files), force)
+            for target in files:
+                stack.enter_context(remove_stale_parts(target))
             staged = {}
             for current, data in files.items():
                 tmp = staged[current] = stack.enter_context(staged_path(current))
@@ -78,6 +91,10 @@ def write_files_atomic(files: dict[Path, bytes], force: bool) -> None:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+            if force:
+                for current in reversed(list(files)):
+                    if os.path.lexists(current) and not current.is_dir():
+                        current.unlink()
             for current, tmp in staged.items():
                 publish(tmp, current, force)
     except ConversionError:
@@ -86,9 +103,54 @@ def write_files_atomic(files: dict[Path, bytes], force: bool) -> None:
         raise ConversionError(f"{current}: cannot write ({e.strerror or e})") from None
 
 
+LOCK_WAIT_S = 120.0  # a conversion takes seconds: a writer holding the folder longer is stuck
+LOCK_POLL_S = 0.05
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder`` for writers of this project (released when the process dies); a
+    filesystem without locks goes on unlocked."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ConversionError(
+                        f"{folder}: another process has been writing in this folder for {wait_s:g} s; "
+                        "try again when it is done"
+                    ) from None
+                time.sleep(LOCK_POLL_S)
+            except OSError:
+                break  # no locks on this filesystem
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def remove_stale_parts(target: Path) -> Iterator[None]:
+    """Remove the hidden ``.NAME.*.part`` files that runs killed while writing ``target`` left (enter it under
+    ``folder_lock``: no live writer of this project has one then)."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.part"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    yield
+
+
 def refuse_existing(paths: list[Path], force: bool) -> None:
-    """Fail before writing anything when an output exists and ``force`` is off."""
-    if not force:
-        for p in paths:
-            if p.exists():
-                raise ConversionError(f"{p}: already exists; pass --force to replace it")
+    """Fail before writing anything when an output exists (a dangling symbolic link too) and ``force`` is off;
+    a folder in an output's place is an error even with ``force``."""
+    for p in paths:
+        if p.is_dir():
+            raise ConversionError(f"{p}: a folder is in the way of the output")
+        if not force and os.path.lexists(p):
+            raise ConversionError(f"{p}: already exists; pass --force to replace it")

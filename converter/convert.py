@@ -4,27 +4,35 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
+import h5py
 import numpy as np
 import torch
 
 from mantranet_torch import RELEASES, ManTraNetConfig
 from mantranet_torch.config import FIXED_FIRST_LAYER_FILTERS
-from mantranet_torch.weights import encode_pt, encode_safetensors, model_from_state_dict
+from mantranet_torch.weights import encode_pt, encode_safetensors, manifest_path, model_from_state_dict
 
 from .atomic import refuse_existing, write_files_atomic
 from .errors import ConversionError
 from .keras_h5 import WEIGHTS_ONLY, KerasWeights, read_keras_h5, write_keras_h5
-from .mapping import REGULAR_KERNEL, keras_to_torch, official_layers, torch_to_keras, uses_frozen_order
+from .mapping import (
+    REGULAR_KERNEL,
+    check_keras_shapes,
+    keras_to_torch,
+    official_layers,
+    torch_to_keras,
+    uses_frozen_order,
+)
 from .releases import Digests, Identification, bytes_digest, file_digests, resolve_variant, weights_dir
 
 TOOL_NAME = "mantranet-torch"
 FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
-MANIFEST_SUFFIX = ".json"
 PROBE_SIZE = 9  # a probe image large enough to exercise every padding path, small enough to be instant
 
 
@@ -71,10 +79,10 @@ class Conversion:
         }
 
 
-def first_block_filters(arrays: dict[str, np.ndarray]) -> int | None:
-    """b1c1's width, read off the regular kernel (HWIO, out = width - the 9 SRM and 3 Bayar filters)."""
+def first_block_filters(arrays: Mapping[str, np.ndarray | h5py.Dataset]) -> int | None:
+    """b1c1's width, read off the regular kernel's shape (HWIO, out = width - the 9 SRM and 3 Bayar filters)."""
     kernel = arrays.get(REGULAR_KERNEL)
-    return None if kernel is None or kernel.ndim != 4 else int(kernel.shape[3]) + FIXED_FIRST_LAYER_FILTERS
+    return None if kernel is None or len(kernel.shape) != 4 else int(kernel.shape[3]) + FIXED_FIRST_LAYER_FILTERS
 
 
 def identify_keras_file(
@@ -82,9 +90,16 @@ def identify_keras_file(
 ) -> tuple[KerasWeights, Digests, Identification, ManTraNetConfig]:
     """Read a Keras file and decide its release as every tool here does: hash, then name, then ``variant``."""
     path = Path(path)
-    keras = read_keras_h5(path)
-    digests = file_digests(path)
-    ident = resolve_variant(path, digests, first_block_filters(keras.arrays), variant)
+    found: list[tuple[Digests, Identification]] = []
+
+    def check(datasets: Mapping[str, h5py.Dataset]) -> None:  # before any array is read
+        digests = file_digests(path)
+        ident = resolve_variant(path, digests, first_block_filters(datasets), variant)
+        check_keras_shapes({k: d.shape for k, d in datasets.items()}, RELEASES[ident.index], str(path))
+        found.append((digests, ident))
+
+    keras = read_keras_h5(path, check)
+    digests, ident = found[0]
     return keras, digests, ident, RELEASES[ident.index]
 
 
@@ -128,7 +143,7 @@ def output_paths(source: Path, out: str | Path | None, fmt: str) -> tuple[Path, 
         target = Path(out) / (source.stem + suffix) if folder else Path(out)
     if target.suffix != suffix:
         raise ConversionError(f"{target}: a {fmt} output must end in {suffix}")
-    return target, target.with_name(target.name + MANIFEST_SUFFIX)
+    return target, manifest_path(target)
 
 
 def save_conversion(conversion: Converted, target: Path, manifest_path: Path, force: bool = False) -> dict:

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import errno
 import http.client
+import math
 import os
 import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
+
+from mantranet_torch.files import file_problem, os_reason
 
 from .atomic import make_parent, publish
 from .errors import ConversionError
@@ -27,6 +31,13 @@ from .releases import Digests, file_digests
 PART_SUFFIX = ".part"
 CHUNK = 1 << 16
 TIMEOUT_S = 60.0  # per socket operation: a stalled server fails instead of hanging
+# The whole transfer's deadline: an official file (15 MB) at 25 KB/s. A mirror trickling bytes fails here.
+DEADLINE_S = 600.0
+# The slowest transfer accepted: 1 KB/s averaged over each 60 s, so a server sending a byte now and then (and
+# so never tripping the per-read timeout) fails within a minute instead of at the deadline.
+MIN_RATE = (1024, 60.0)  # (bytes per second, window in seconds)
+MAX_BYTES = 1 << 30  # the official files are 15 MB: a server sending more (endlessly, say) is cut off here
+SCHEMES = ("http", "https")
 USER_AGENT = "mantranet-torch"
 HTTP_PARTIAL, HTTP_RANGE_NOT_SATISFIABLE = 206, 416
 
@@ -99,14 +110,31 @@ def download(
     force: bool = False,
     progress: Progress | None = None,
     timeout_s: float = TIMEOUT_S,
+    deadline_s: float | None = DEADLINE_S,
+    min_rate: tuple[float, float] | None = MIN_RATE,
+    max_bytes: int = MAX_BYTES,
 ) -> Fetched:
     """Fetch ``url`` into ``target`` (atomically, resuming an earlier ``.part``) and check its content.
 
-    A ``target`` that is already there and verified is kept as it is. Raises ``DownloadError``.
+    A ``target`` that is already there and verified is kept as it is. Every wait is bounded: ``timeout_s``
+    per socket operation, ``deadline_s`` for the whole transfer, and ``min_rate`` (bytes per second averaged
+    over a window of seconds); a transfer stopped by them keeps its ``.part`` for the next attempt to resume.
+    Raises ``DownloadError``.
     """
     target = Path(target)
-    if target.exists():
-        digests = file_digests(target)
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in SCHEMES:
+        raise DownloadError(f"{url}: only http:// and https:// URLs are downloaded (not {scheme or 'a bare path'})")
+    if deadline_s is not None and not (math.isfinite(deadline_s) and deadline_s > 0):
+        raise DownloadError(f"timeout {deadline_s}: must be a number of seconds > 0")
+    if os.path.lexists(target):
+        problem = file_problem(target)
+        if problem:
+            raise DownloadError(f"{target}: {problem}; it is in the way of the download")
+        try:
+            digests = file_digests(target)
+        except OSError as e:
+            raise DownloadError(f"{target}: cannot be read ({os_reason(e)})") from None
         if digests.git_blob_sha1 == expected_git_blob_sha1:
             return Fetched(target, digests, verified=True, downloaded=False, resumed_from=0)
         if not force:
@@ -120,7 +148,8 @@ def download(
     except ConversionError as e:
         raise DownloadError(str(e)) from None
     part = part_path(target)
-    resumed_from = transfer(url, part, progress, timeout_s)
+    limits = Limits(timeout_s, deadline_s, min_rate, max_bytes)
+    resumed_from = transfer(url, part, progress, limits)
     digests = file_digests(part)
     verified = digests.git_blob_sha1 == expected_git_blob_sha1
     if expected_git_blob_sha1 is not None and not verified and not allow_unknown:
@@ -138,25 +167,50 @@ def download(
     return Fetched(target, digests, verified, downloaded=True, resumed_from=resumed_from)
 
 
-def transfer(url: str, part: Path, progress: Progress | None, timeout_s: float) -> int:
+@dataclass
+class Limits:
+    """The bounds on one transfer's waits (see ``download``); the clock starts when it is made."""
+
+    timeout_s: float
+    deadline_s: float | None
+    min_rate: tuple[float, float] | None
+    max_bytes: int
+    start: float = field(default_factory=time.monotonic)
+
+    def remaining(self) -> float:
+        """Seconds the next socket operation may wait: the per-operation timeout, within the deadline."""
+        if self.deadline_s is None:
+            return self.timeout_s
+        return max(min(self.timeout_s, self.deadline_s - (time.monotonic() - self.start)), 0.001)
+
+
+def transfer(url: str, part: Path, progress: Progress | None, limits: Limits | float) -> int:
     """Download ``url`` into ``part``, continuing what is already there; returns the bytes reused."""
+    if not isinstance(limits, Limits):  # a per-operation timeout alone
+        limits = Limits(float(limits), DEADLINE_S, MIN_RATE, MAX_BYTES)
+    if os.path.lexists(part) and file_problem(part):
+        raise DownloadError(f"{part}: {file_problem(part)}; it is in the way of the download")
     offset = part.stat().st_size if part.exists() else 0
-    response = open_url(url, offset, timeout_s)
+    response = open_url(url, offset, limits.remaining())
     if offset and response.status == HTTP_RANGE_NOT_SATISFIABLE:
         response.close()
         part.unlink()  # the partial file is not a prefix of what the server has: start over
-        offset, response = 0, open_url(url, 0, timeout_s)
+        offset, response = 0, open_url(url, 0, limits.remaining())
     elif offset and response.status != HTTP_PARTIAL:
         offset = 0  # the server ignored the Range request and sends the whole file
     elif offset and range_start(response) != offset:
         response.close()  # a range that does not continue the part: ask for the whole file instead
-        offset, response = 0, open_url(url, 0, timeout_s)
+        offset, response = 0, open_url(url, 0, limits.remaining())
     with response:
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None and length.isdigit() else None
+        if total is not None and total > limits.max_bytes:
+            raise DownloadError(
+                f"{url}: the server announces {total} bytes, more than the {limits.max_bytes} any weight file takes"
+            )
         try:
             with part.open("ab" if offset else "wb") as out:
-                received = copy_stream(url, response, out, offset, total, progress)
+                received = copy_stream(url, response, out, offset, total, progress, limits, part)
                 out.flush()
                 os.fsync(out.fileno())
         except OSError as e:
@@ -213,22 +267,38 @@ def range_start(response: http.client.HTTPResponse) -> int | None:
 
 
 def copy_stream(
-    url: str, response: BinaryIO, out: BinaryIO, offset: int, total: int | None, progress: Progress | None
+    url: str,
+    response: http.client.HTTPResponse,
+    out: BinaryIO,
+    offset: int,
+    total: int | None,
+    progress: Progress | None,
+    limits: Limits,
+    part: Path,
 ) -> int:
-    """Copy the body to ``out``; returns the byte count of the whole file so far (``offset`` included)."""
+    """Copy the body to ``out``; returns the byte count of the whole file so far (``offset`` included).
+
+    ``read1`` returns what one socket read brings, so that a trickling server cannot keep one call waiting
+    for a whole chunk; the limits are checked after every read."""
     done = offset
+    window_start, window_done = time.monotonic(), done
+    resume = f"run the same command again to resume (kept in {part})"
     if progress:
         progress(done, total)
     while True:
+        _set_socket_timeout(response, limits.remaining())
         try:
-            chunk = response.read(CHUNK)
-        except http.client.IncompleteRead as e:
+            chunk = response.read1(CHUNK)
+        except http.client.IncompleteRead as e:  # a cut transfer, chunked or of announced length
             out.write(e.partial)
-            return done + len(e.partial)
-        except (OSError, http.client.HTTPException) as e:
+            done += len(e.partial)
+            expected = f" of {total}" if total is not None else ""
+            raise DownloadError(f"{url}: the transfer ended after {done}{expected} bytes; {resume}") from None
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            if limits.deadline_s is not None and time.monotonic() - limits.start >= limits.deadline_s:
+                raise DownloadError(_deadline_message(url, limits, done, resume)) from None
             raise DownloadError(
-                f"{url}: the connection broke after {done} bytes ({network_reason(e)}); run the same command "
-                "again to resume"
+                f"{url}: the connection broke after {done} bytes ({network_reason(e)}); {resume}"
             ) from None
         if not chunk:
             return done
@@ -236,3 +306,27 @@ def copy_stream(
         done += len(chunk)
         if progress:
             progress(done, total)
+        now = time.monotonic()
+        if done > limits.max_bytes:
+            raise DownloadError(f"{url}: more than {limits.max_bytes} bytes, more than any weight file takes")
+        if limits.deadline_s is not None and now - limits.start >= limits.deadline_s:
+            raise DownloadError(_deadline_message(url, limits, done, resume))
+        if limits.min_rate is not None and now - window_start >= limits.min_rate[1]:
+            rate = (done - window_done) / (now - window_start)
+            if rate < limits.min_rate[0]:
+                raise DownloadError(
+                    f"{url}: too slow: {rate:.0f} bytes/s over the last {now - window_start:.0f} s, below the "
+                    f"{limits.min_rate[0]:.0f} bytes/s required; {resume}"
+                )
+            window_start, window_done = now, done
+
+
+def _deadline_message(url: str, limits: Limits, done: int, resume: str) -> str:
+    return f"{url}: not done within the {limits.deadline_s:g} s allowed (--timeout), after {done} bytes; {resume}"
+
+
+def _set_socket_timeout(response: http.client.HTTPResponse, seconds: float) -> None:
+    """Bound the next socket read by ``seconds`` (the deadline's remainder), where the response exposes it."""
+    sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)

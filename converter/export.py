@@ -10,7 +10,7 @@ from pathlib import Path
 from mantranet_torch import ManTraNetConfig
 from mantranet_torch.weights import PROVENANCE_KEY, read_model_weights
 
-from .atomic import make_parent, publish, refuse_existing, staged_path
+from .atomic import folder_lock, make_parent, publish, refuse_existing, remove_stale_parts, staged_path
 from .convert import write_official_h5
 from .errors import ConversionError
 from .keras_h5 import LAYOUTS, WEIGHTS_ONLY
@@ -38,13 +38,14 @@ def export_keras(weights: str | Path, target: str | Path, layout: str = WEIGHTS_
         raise ConversionError(f"{target}: a Keras weight file must end in .h5 or .hdf5")
     refuse_existing([target], force)
     tensors, config, metadata = read_model_weights(weights)
+    provenance = read_provenance(weights, metadata)  # before anything is written
     try:
         arrays = torch_to_keras(tensors)
     except ConversionError as e:
         raise ConversionError(f"{weights}: {e}") from None
     make_parent(target)
     try:
-        with staged_path(target) as tmp:
+        with folder_lock(target.parent), remove_stale_parts(target), staged_path(target) as tmp:
             try:
                 write_official_h5(tmp, arrays, config, layout=layout)  # checks every shape and value first
             except ConversionError as e:
@@ -52,5 +53,20 @@ def export_keras(weights: str | Path, target: str | Path, layout: str = WEIGHTS_
             publish(tmp, target, force)
     except OSError as e:
         raise ConversionError(f"{target}: cannot write ({e.strerror or e})") from None
-    provenance = json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else None
     return Export(target, config, layout, len(arrays), uses_frozen_order(config), provenance)
+
+
+def read_provenance(path: Path, metadata: dict[str, str]) -> dict | None:
+    """The provenance record a weight file of ours carries (a JSON object), None when it carries none."""
+    if PROVENANCE_KEY not in metadata:
+        return None
+    try:
+        provenance = json.loads(metadata[PROVENANCE_KEY])
+    except ValueError as e:
+        raise ConversionError(f"{path}: its provenance metadata ({PROVENANCE_KEY}) is not JSON ({e})") from None
+    if not isinstance(provenance, dict):
+        raise ConversionError(
+            f"{path}: its provenance metadata ({PROVENANCE_KEY}) is a JSON {type(provenance).__name__}, "
+            "expected an object; the file was altered or not written by this project"
+        )
+    return provenance

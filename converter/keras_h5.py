@@ -9,12 +9,15 @@ Attributes may hold bytes (Keras 2.2 under Python 3) or str.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from mantranet_torch.files import file_problem
 
 from .errors import ConversionError
 
@@ -36,92 +39,208 @@ class KerasWeights:
     arrays: dict[str, np.ndarray]
     keras_version: str | None
     backend: str | None
+    notes: list[str] = field(default_factory=list)  # what reading changed (a cast to float32)
 
 
-def _strings(value: object) -> list[str]:
+# Array checks on the file's metadata, before any data is read: {"<layer>/<weight name>": dataset}.
+LayoutCheck = Callable[[Mapping[str, h5py.Dataset]], None]
+MAX_LINK_HOPS = 16  # soft links followed for one name before it counts as a loop (HDF5's own limit)
+FLOAT_ITEMSIZES = (2, 4, 8)  # float16, float32, float64: what NumPy reads exactly and casts to float32
+STORED_TYPE = "float32"
+# What h5py raises on damaged files: OSError for damaged data, KeyError and ValueError for broken links and
+# objects, RuntimeError ("local heap", link traversal), TypeError (unknown string encodings), and the rest
+# from damaged metadata decoded into odd values.
+H5PY_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError, OverflowError)
+
+
+def _strings(value: object, attr: str, where: str) -> list[str]:
     """An HDF5 string-list attribute as str, whether stored as bytes, str, or an empty (float) array."""
     out = []
     for item in np.atleast_1d(np.asarray(value, dtype=object)).tolist():
-        out.append(item.decode("utf8") if isinstance(item, bytes) else str(item))
+        out.append(_text(item, attr, where))
     return out
 
 
-def _string_attr(attrs: h5py.AttributeManager, name: str) -> list[str] | None:
+def _text(item: object, attr: str, where: str) -> str:
+    if isinstance(item, bytes):
+        try:
+            return item.decode("utf8")
+        except UnicodeDecodeError as e:
+            raise ConversionError(
+                f"attribute '{attr}' of {where} is not UTF-8 text (byte {item[e.start : e.start + 1]!r} at {e.start})"
+            ) from None
+    if isinstance(item, str):
+        return item
+    raise ConversionError(f"attribute '{attr}' of {where} holds {type(item).__name__}, expected text")
+
+
+def _attr(attrs: h5py.AttributeManager, name: str, where: str) -> object:
+    try:
+        return attrs[name]
+    except H5PY_ERRORS as e:
+        raise ConversionError(f"attribute '{name}' of {where} cannot be read ({_h5_reason(e)})") from None
+
+
+def _string_attr(attrs: h5py.AttributeManager, name: str, where: str = "the root") -> list[str] | None:
     """Keras splits attributes over 64 KiB into ``name0``, ``name1``, ...; join them back."""
     if name in attrs:
-        return [] if np.asarray(attrs[name]).size == 0 else _strings(attrs[name])
+        value = _attr(attrs, name, where)
+        return [] if np.asarray(value).size == 0 else _strings(value, name, where)
     if f"{name}0" not in attrs:
         return None
     chunks, i = [], 0
     while f"{name}{i}" in attrs:
-        chunks += _strings(attrs[f"{name}{i}"])
+        chunks += _strings(_attr(attrs, f"{name}{i}", where), f"{name}{i}", where)
         i += 1
     return chunks
 
 
-def _scalar_string(attrs: h5py.AttributeManager, name: str) -> str | None:
+def _scalar_string(attrs: h5py.AttributeManager, name: str, where: str) -> str | None:
     if name not in attrs:
         return None
-    value = attrs[name]
-    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+    value = _attr(attrs, name, where)
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    return _text(value, name, where)
 
 
-def read_keras_h5(path: str | Path) -> KerasWeights:
-    """Read every array a Keras 2 weight file lists, in its ``layer_names`` / ``weight_names`` order."""
+def _h5_reason(e: BaseException) -> str:
+    """h5py's message on one line, without the file name (the caller's message starts with it)."""
+    text = " ".join(str(e).split())
+    text = re.sub(r"\s*\(?\s*(file)?name = '[^']*',?\s*", " ", text).strip()
+    return text or type(e).__name__
+
+
+def read_keras_h5(path: str | Path, check: LayoutCheck | None = None) -> KerasWeights:
+    """Read every array a Keras 2 weight file lists, in its ``layer_names`` / ``weight_names`` order.
+
+    ``check`` sees every dataset (shape and dtype from the file's metadata) before any data is read, and
+    raises ConversionError for arrays that do not belong: a huge declared shape is never allocated.
+    Links are resolved inside the file only: external links, external raw storage and virtual datasets
+    (data from other files) are refused, soft-link loops reported.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
+    problem = file_problem(path)
+    if problem:
+        raise ConversionError(f"{path}: {problem}")
     try:
         f = h5py.File(path, "r")
-    except OSError as e:
-        raise ConversionError(f"{path}: not an HDF5 file ({e})") from None
-    with f:
-        try:
-            return _read_open_file(path, f)
-        except (OSError, KeyError, ValueError) as e:  # a damaged chunk, a broken link, an unreadable attribute
-            raise ConversionError(f"{path}: cannot be read as a Keras weight file ({e})") from None
+    except H5PY_ERRORS as e:
+        raise ConversionError(f"{path}: not an HDF5 file ({_h5_reason(e)})") from None
+    try:
+        with f:
+            return _read_open_file(path, f, check)
+    except ConversionError as e:
+        message = str(e)
+        raise ConversionError(message if message.startswith(f"{path}: ") else f"{path}: {message}") from None
+    except H5PY_ERRORS as e:  # a damaged chunk, heap or header the walk above did not foresee
+        raise ConversionError(f"{path}: cannot be read as a Keras weight file ({_h5_reason(e)})") from None
 
 
-def _read_open_file(path: Path, f: h5py.File) -> KerasWeights:
-    """``read_keras_h5`` on an open file."""
+def _resolve(f: h5py.File, start: h5py.Group, name: str, what: str) -> h5py.HLObject | None:
+    """The object ``name`` (relative to ``start``, or absolute) names, following soft links inside the file
+    only and never through an external link; None when nothing is there."""
+    parts, obj, hops = name.split("/"), start, 0
+    if name.startswith("/"):
+        obj = f
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if not isinstance(obj, h5py.Group):
+            return None
+        link = obj.get(part, getlink=True)
+        if link is None:
+            return None
+        if isinstance(link, h5py.SoftLink):
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                raise ConversionError(f"{what} is a soft link loop (more than {MAX_LINK_HOPS} links in a row)")
+            target = link.path
+            parts = target.split("/") + parts
+            obj = f if target.startswith("/") else obj
+            continue
+        if isinstance(link, h5py.ExternalLink):
+            raise ConversionError(
+                f"{what} is an external link (to {link.path} in {link.filename}); weight files must hold their "
+                "arrays themselves"
+            )
+        if not isinstance(link, h5py.HardLink):
+            raise ConversionError(f"{what} is a link of a kind HDF5 weight files do not use")
+        obj = obj[part]
+    return obj
+
+
+def _dataset_problem(item: h5py.Dataset) -> str | None:
+    if item.is_virtual:
+        return "a virtual dataset (its data lies in other files); weight files must hold their arrays themselves"
+    if item.external:
+        files = ", ".join(str(e[0]) for e in item.external)
+        return f"stored outside the file (in {files}); weight files must hold their arrays themselves"
+    dtype = item.dtype
+    if dtype.kind != "f" or dtype.itemsize not in FLOAT_ITEMSIZES:
+        return f"has dtype {dtype}, expected floating point (float16, float32 or float64)"
+    return None
+
+
+def _read_open_file(path: Path, f: h5py.File, check: LayoutCheck | None) -> KerasWeights:
+    """``read_keras_h5`` on an open file; ConversionErrors without the path (the caller adds it)."""
     if _string_attr(f.attrs, "layer_names") is not None:
-        root, layout = f, WEIGHTS_ONLY
-    elif "model_weights" in f and _string_attr(f["model_weights"].attrs, "layer_names") is not None:
-        root, layout = f["model_weights"], FULL_MODEL
+        root, layout, where = f, WEIGHTS_ONLY, "the root"
+    elif (model_weights := _resolve(f, f, "model_weights", "group model_weights")) is not None and (
+        isinstance(model_weights, h5py.Group) and _string_attr(model_weights.attrs, "layer_names", "model_weights")
+    ) is not None:
+        root, layout, where = model_weights, FULL_MODEL, "model_weights"
     else:
         raise ConversionError(
-            f"{path}: not a Keras weight file: neither a root attribute 'layer_names' (weights-only layout) "
+            "not a Keras weight file: neither a root attribute 'layer_names' (weights-only layout) "
             "nor a group 'model_weights' with one (full-model layout)"
         )
-    layer_names = _string_attr(root.attrs, "layer_names") or []
-    arrays: dict[str, np.ndarray] = {}
+    layer_names = _string_attr(root.attrs, "layer_names", where) or []
+    datasets: dict[str, h5py.Dataset] = {}
     for layer in layer_names:
-        if layer not in root:
-            raise ConversionError(f"{path}: layer '{layer}' is listed in layer_names but has no group")
-        group = root[layer]
+        group = _resolve(f, root, layer, f"layer '{layer}'")
+        if group is None:
+            raise ConversionError(f"layer '{layer}' is listed in layer_names but has no group")
         if not isinstance(group, h5py.Group):
-            raise ConversionError(f"{path}: layer '{layer}' is listed in layer_names but is not a group")
-        weight_names = _string_attr(group.attrs, "weight_names")
+            raise ConversionError(f"layer '{layer}' is listed in layer_names but is not a group")
+        weight_names = _string_attr(group.attrs, "weight_names", f"layer '{layer}'")
         if weight_names is None:
-            raise ConversionError(f"{path}: layer '{layer}' has no 'weight_names' attribute")
+            raise ConversionError(f"layer '{layer}' has no 'weight_names' attribute")
         for name in weight_names:
-            item = group.get(name)
-            if not isinstance(item, h5py.Dataset):
-                raise ConversionError(f"{path}: layer '{layer}' lists weight '{name}' but holds no such dataset")
             key = f"{layer}/{name}"
-            if key in arrays:
-                raise ConversionError(f"{path}: layer '{layer}' lists weight '{name}' twice")
-            value = np.asarray(item[()])
-            if not np.issubdtype(value.dtype, np.floating):
-                raise ConversionError(f"{path}: array {key} has dtype {value.dtype}, expected floating point")
-            arrays[key] = value
+            item = _resolve(f, group, name, f"array {key}")
+            if not isinstance(item, h5py.Dataset):
+                raise ConversionError(f"layer '{layer}' lists weight '{name}' but holds no such dataset")
+            if key in datasets:
+                raise ConversionError(f"layer '{layer}' lists weight '{name}' twice")
+            problem = _dataset_problem(item)
+            if problem:
+                raise ConversionError(f"array {key}: {problem}")
+            datasets[key] = item
+    if check is not None:
+        check(datasets)
+    arrays: dict[str, np.ndarray] = {}
+    cast: dict[str, list[str]] = {}
+    for key, item in datasets.items():
+        try:
+            arrays[key] = np.asarray(item[()])
+        except H5PY_ERRORS as e:
+            raise ConversionError(f"array {key} cannot be read ({_h5_reason(e)})") from None
+        if item.dtype.itemsize != np.dtype(STORED_TYPE).itemsize:
+            cast.setdefault(str(item.dtype.newbyteorder("=")), []).append(key)
+    notes = [
+        f"{len(keys)} array(s) stored as {dtype} ({keys[0]}{', ...' if len(keys) > 1 else ''}), cast to float32"
+        for dtype, keys in cast.items()
+    ]
     return KerasWeights(
         path=path,
         layout=layout,
         layer_names=layer_names,
         arrays=arrays,
-        keras_version=_scalar_string(root.attrs, "keras_version"),
-        backend=_scalar_string(root.attrs, "backend"),
+        keras_version=_scalar_string(root.attrs, "keras_version", where),
+        backend=_scalar_string(root.attrs, "backend", where),
+        notes=notes,
     )
 
 

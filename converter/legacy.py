@@ -18,8 +18,6 @@ is inactive.
 
 from __future__ import annotations
 
-import pickle
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +27,10 @@ import torch
 from torch import Tensor
 
 from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
+from mantranet_torch.files import file_problem
 from mantranet_torch.layers import STD_FLOOR, bayar_constraint, l2_normalize_tf, srm_kernels
 from mantranet_torch.model import DETECTOR_CHANNELS, FEATURE_CHANNELS, LSTM_HIDDEN
+from mantranet_torch.weights import WeightFileError, check_pt_size, check_weight_values, torch_load_reason
 
 from .convert import TOOL_NAME, probe_image, tool_version
 from .errors import ConversionError
@@ -182,25 +182,17 @@ def port_checkpoint_by_hash(git_blob_sha1: str) -> PortCheckpoint | None:
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """A state dict of tensors, read with ``torch.load(weights_only=True)``; anything else is refused."""
     path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
+    problem = file_problem(path)
+    if problem:
+        raise ConversionError(f"{path}: {problem}")
+    try:
+        check_pt_size(path)
+    except WeightFileError as e:
+        raise ConversionError(str(e)) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
-            raise ConversionError(
-                f"{path}: refused: loading it would need unpickling code (it pickles {found.group(1)}); only plain "
-                "state dicts of tensors are read (torch.load with weights_only=True). Re-save it with "
-                "torch.save(model.state_dict(), ...) where you trust its source"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-        raise ConversionError(
-            f"{path}: not a plain PyTorch state dict (torch.load with weights_only=True: "
-            f"{detail.group(1).strip() if detail else 'unreadable'}); nothing that needs unpickling code is read"
-        ) from None
     except Exception as e:  # torch raises many types for files that are not checkpoints at all
-        raise ConversionError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise ConversionError(f"{path}: {torch_load_reason(e, path)}") from None
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
     key = next((k for k in obj if not isinstance(k, str)), None)
@@ -271,16 +263,10 @@ def check_part(path: Path, part: str, tensors: dict[str, Tensor], config: ManTra
             f"{path}: does not match the earlier port's {PART_NAMES[part]} for {describe(config)}: "
             + "; ".join(problems)
         )
-    for key, value in tensors.items():
-        if not value.is_floating_point():
-            raise ConversionError(f"{path}: key {key} has dtype {value.dtype}, expected floating point")
-        bad = ~torch.isfinite(value.to(torch.float32))  # beyond float32's range counts as infinite
-        if bad.any():
-            index = tuple(int(i) for i in bad.nonzero()[0])
-            raise ConversionError(
-                f"{path}: key {key} holds {int(bad.sum())} value(s) that are not finite in float32, the first "
-                f"{value[index].item()} at index {index}"
-            )
+    try:
+        check_weight_values(tensors, str(path), {k: f"key {k}" for k in tensors})
+    except WeightFileError as e:
+        raise ConversionError(str(e)) from None
 
 
 def check_srm(path: Path, kernel: Tensor) -> None:

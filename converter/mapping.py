@@ -9,13 +9,16 @@ neither file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import h5py
 import numpy as np
 import torch
 
-from mantranet_torch import ManTraNet, ManTraNetConfig
+from mantranet_torch import RELEASES, ManTraNetConfig
+from mantranet_torch.weights import WeightFileError, check_weight_values, state_shapes
 
 from .errors import ConversionError
 
@@ -87,9 +90,7 @@ FROZEN_FEATEX_LAYERS = ("b1c1", "b1c2", "b2c1", "b2c2")
 
 def torch_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
     """The state-dict shapes of a model with ``config``, built without allocating weights."""
-    with torch.device("meta"):
-        model = ManTraNet(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return dict(state_shapes(config))
 
 
 def keras_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
@@ -98,31 +99,46 @@ def keras_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
     return {path: transform.to_keras(np.empty(shapes[key], dtype=np.float32)).shape for path, key, transform in MAPPING}
 
 
-def check_keras_arrays(arrays: dict[str, np.ndarray], config: ManTraNetConfig, source: str) -> None:
-    """Every array of ``config`` present, nothing else, every shape right, every value finite; else ConversionError."""
+def check_keras_shapes(shapes: Mapping[str, tuple[int, ...]], config: ManTraNetConfig, source: str) -> None:
+    """Every array of ``config`` present, nothing else, every shape right; else ConversionError.
+
+    Takes shapes only, so that a file's declared shapes are checked before its data is read."""
     expected = keras_shapes(config)
-    problems = [f"missing array {p} (expected shape {expected[p]})" for p in expected if p not in arrays]
-    problems += [f"unexpected array {p} with shape {tuple(arrays[p].shape)}" for p in arrays if p not in expected]
+    problems = [f"missing array {p} (expected shape {expected[p]})" for p in expected if p not in shapes]
+    problems += [f"unexpected array {p} with shape {tuple(shapes[p])}" for p in shapes if p not in expected]
     for path, shape in expected.items():
-        if path in arrays and tuple(arrays[path].shape) != shape:
+        if path in shapes and tuple(shapes[path]) != shape:
             layer, name = path.split("/", 1)
-            problems.append(f"layer {layer}, array {name}: expected shape {shape}, found {tuple(arrays[path].shape)}")
+            problems.append(f"layer {layer}, array {name}: expected shape {shape}, found {tuple(shapes[path])}")
     if problems:
         raise ConversionError(f"{source}: does not match ManTraNet {_describe(config)}: " + "; ".join(problems))
-    for path in expected:
-        with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf here, and is refused
-            bad = ~np.isfinite(arrays[path].astype(np.float32, copy=False))
-        if bad.any():
-            index = tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def check_declared_sizes(arrays: Mapping[str, np.ndarray | h5py.Dataset], source: str) -> None:
+    """No array larger than ManTraNet's largest (of any release): what a file declares is checked before its
+    data is read, so that a huge declared shape is never allocated."""
+    limit = max(math.prod(shape) for config in RELEASES.values() for shape in keras_shapes(config).values())
+    for key, array in arrays.items():
+        if math.prod(array.shape) > limit:
             raise ConversionError(
-                f"{source}: array {path} holds {int(bad.sum())} value(s) that are not finite in float32, "
-                f"the first {arrays[path][index]} at index {index}"
+                f"{source}: array {key} declares shape {tuple(array.shape)}, larger than any array of ManTraNet "
+                f"({limit:,} values)"
             )
 
 
+def check_keras_arrays(arrays: dict[str, np.ndarray], config: ManTraNetConfig, source: str) -> None:
+    """Every array of ``config`` present, nothing else, every shape right, every value valid; else ConversionError."""
+    keras_to_torch(arrays, config, source)
+
+
 def keras_to_torch(arrays: dict[str, np.ndarray], config: ManTraNetConfig, source: str) -> dict[str, torch.Tensor]:
-    """The strict mapping: every array lands, nothing is left over, every shape fits, every value is finite."""
-    check_keras_arrays(arrays, config, source)
+    """The strict mapping: every array lands, nothing is left over, every shape fits, every value is valid
+    (``check_weight_values``: finite in float32, variances >= 0)."""
+    check_keras_shapes({k: v.shape for k, v in arrays.items()}, config, source)
+    try:
+        check_weight_values(arrays, source, {path: f"array {path}" for path in arrays})
+    except WeightFileError as e:
+        raise ConversionError(str(e)) from None
     return {
         key: torch.from_numpy(np.ascontiguousarray(transform.to_torch(arrays[path]), dtype=np.float32))
         for path, key, transform in MAPPING

@@ -55,6 +55,8 @@ def convert_keras(args: argparse.Namespace, source: Path) -> int:
         f"{len(conversion.keras.arrays)} arrays"
     )
     print(f"  config: {conversion.config.to_dict()}")
+    for note in conversion.keras.notes:
+        print(f"  note: {note}")
     print("  verified: strict load, bit-exact round trip, finite probe output")
     print(f"wrote {target} (sha256 {manifest['output']['sha256'][:16]}...)")
     print(f"wrote {manifest_path}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -16,12 +17,13 @@ import torch
 
 import mantranet_torch
 from converter import convert_h5
-from converter.atomic import write_bytes_atomic
+from converter.atomic import make_folder, staged_path, write_bytes_atomic
 from mantranet_torch import ManTraNet
+from mantranet_torch.files import os_reason
 from mantranet_torch.memory import full_image_bytes, tile_for_budget
 from mantranet_torch.precision import PRECISIONS, SlowPrecisionWarning, bf16_support, resolve_precision
 from mantranet_torch.tiling import MIN_TILE
-from mantranet_torch.weights import model_from_state_dict
+from mantranet_torch.weights import WeightCastWarning, model_from_state_dict
 
 from .errors import CommandError
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, read_image
@@ -29,6 +31,7 @@ from .maps import encode_mask, encode_npy, encode_overlay
 
 DEFAULT_OUTPUT = Path("mantranet_out")
 GB = 2**30
+MAX_MEMORY_GB = 2.0**20  # a petabyte: beyond any machine, and far from int64 when counted in bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -144,6 +147,8 @@ def load_model(path: Path, variant: int | None, device: torch.device) -> ManTraN
     """Our weight files as they are; an official .h5 converted in memory (nothing is written)."""
     if path.suffix.lower() in (".h5", ".hdf5"):
         conversion = convert_h5(path, variant)
+        for note in conversion.keras.notes:
+            print(f"mantranet detect: note: {path}: {note}", file=sys.stderr)
         return model_from_state_dict(conversion.state_dict, conversion.config, str(path)).to(device)
     return mantranet_torch.load(path, map_location=device)
 
@@ -164,14 +169,19 @@ def choose_tile(model: ManTraNet, height: int, width: int, args: argparse.Namesp
 def run(args: argparse.Namespace) -> int:
     if args.tile is not None and args.tile < MIN_TILE:
         raise CommandError(f"--tile {args.tile}: tiles must be at least {MIN_TILE} pixels")
-    if args.max_memory is not None and args.max_memory <= 0:
-        raise CommandError(f"--max-memory {args.max_memory}: must be positive")
+    if args.max_memory is not None and not (math.isfinite(args.max_memory) and 0 < args.max_memory <= MAX_MEMORY_GB):
+        raise CommandError(f"--max-memory {args.max_memory}: must be a number of GB, > 0 and <= {MAX_MEMORY_GB:,.0f}")
     images = find_images(args.inputs, skip=args.output)
     if not images:
         raise CommandError(f"no images found in {', '.join(str(p) for p in args.inputs)}")
     device = resolve_device(args.device)
     args.precision = _precision(args.precision, device)
-    model = load_model(args.weights, args.variant, device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", WeightCastWarning)
+        model = load_model(args.weights, args.variant, device)
+    for w in caught:
+        print(f"mantranet detect: note: {w.message}", file=sys.stderr)
+    check_output_folder(args.output)  # before any inference
     bar = ProgressBar(len(images))
     failed, skipped, claimed = [], 0, {}
     for path, relative in images:
@@ -210,6 +220,16 @@ def run(args: argparse.Namespace) -> int:
         f"{len(failed)} failed; outputs in {args.output}"
     )
     return 1 if failed else 0
+
+
+def check_output_folder(folder: Path) -> None:
+    """Create the output folder and try a file in it, before any inference: an unwritable folder fails now."""
+    make_folder(folder)
+    try:
+        with staged_path(folder / "write-test"):
+            pass
+    except OSError as e:
+        raise CommandError(f"{folder}: cannot write in the output folder ({os_reason(e)})") from None
 
 
 def detect_one(

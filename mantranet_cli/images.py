@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mantranet_torch.files import file_problem, one_paragraph
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".ppm", ".pgm"})
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2 x MAX_IMAGE_PIXELS)
 SIXTEEN_BIT_SHIFT = 8  # OpenCV's IMREAD_COLOR keeps the high byte: v / 256
@@ -63,8 +65,9 @@ def _pixel_limit_off() -> Iterator[None]:
 
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """The image at ``path`` as 8-bit RGB, converted as OpenCV's IMREAD_COLOR converts it."""
-    if not path.is_file():
-        raise ImageReadError(f"{path}: no such file")
+    problem = file_problem(path)
+    if problem:
+        raise ImageReadError(f"{path}: {problem}")
     try:
         with _pixel_limit_off(), warnings.catch_warnings(), Image.open(path) as image:
             warnings.simplefilter("ignore")  # Pillow's notes on conversions: ours say what was done
@@ -80,7 +83,7 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageReadError(f"{path}: cannot decode as an image ({e})") from None
+        raise ImageReadError(f"{path}: cannot decode as an image ({one_paragraph(str(e), path)})") from None
 
 
 def _to_rgb8(image: Image.Image, sixteen_bit: bool) -> LoadedImage:

@@ -11,9 +11,9 @@ import numpy as np
 
 from converter import ConversionError, convert_h5, output_paths, read_keras_h5, save_conversion
 from converter.convert import FORMATS, first_block_filters
-from converter.download import DownloadError, ProgressBar, download
+from converter.download import DEADLINE_S, DownloadError, ProgressBar, download
 from converter.legacy import PART_NAMES, port_checkpoint_by_hash, read_checkpoint, split_parts
-from converter.mapping import FEATEX_LAYER, keras_shapes, official_layers, uses_frozen_order
+from converter.mapping import FEATEX_LAYER, check_declared_sizes, keras_shapes, official_layers, uses_frozen_order
 from converter.official_code import fetch_official_code
 from converter.releases import (
     file_digests,
@@ -27,6 +27,7 @@ from converter.releases import (
     weights_dir,
 )
 from mantranet_torch import RELEASES, ManTraNetConfig
+from mantranet_torch.files import file_problem, os_reason
 from mantranet_torch.weights import (
     MODEL_PARTS,
     PROVENANCE_KEY,
@@ -73,6 +74,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fetch.add_argument("--no-convert", action="store_true", help="download and verify only")
     fetch.add_argument("--format", choices=sorted(FORMATS), default="safetensors", help="of the converted file")
     fetch.add_argument("--force", action="store_true", help="replace existing files")
+    fetch.add_argument(
+        "--timeout",
+        type=float,
+        default=DEADLINE_S,
+        metavar="SECONDS",
+        help="give up on a transfer not done in this time (default: %(default)g); an interrupted download resumes",
+    )
     fetch.set_defaults(run=run_fetch)
 
 
@@ -101,9 +109,16 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def local_status(path: Path, git_blob_sha1: str) -> str:
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == "no such file":
         return "-"
-    return "verified" if file_digests(path).git_blob_sha1 == git_blob_sha1 else "present, content differs"
+    if problem:
+        return f"present, {problem}"
+    try:
+        digests = file_digests(path)
+    except OSError as e:
+        return f"present, unreadable ({os_reason(e)})"
+    return "verified" if digests.git_blob_sha1 == git_blob_sha1 else "present, content differs"
 
 
 def converted(folder: Path, stem: str) -> str:
@@ -122,9 +137,13 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 
 def run_identify(args: argparse.Namespace) -> int:
     path: Path = args.file
-    if not path.is_file():
-        raise CommandError(f"{path}: no such file")
-    digests = file_digests(path)
+    problem = file_problem(path)
+    if problem:
+        raise CommandError(f"{path}: {problem}")
+    try:
+        digests = file_digests(path)
+    except OSError as e:
+        raise CommandError(f"{path}: cannot be read ({os_reason(e)})") from None
     print(f"{path}: {digests.size} bytes, git blob SHA-1 {digests.git_blob_sha1}")
     release, checkpoint = release_by_hash(digests.git_blob_sha1), port_checkpoint_by_hash(digests.git_blob_sha1)
     if release is not None:
@@ -169,10 +188,12 @@ def sniff(path: Path) -> str | None:
 
 def describe_hdf5(path: Path) -> None:
     try:
-        keras = read_keras_h5(path)
+        keras = read_keras_h5(path, lambda datasets: check_declared_sizes(datasets, str(path)))
     except ConversionError as e:
-        print(f"  format: HDF5, but not a Keras weight file ({e})")
+        print(f"  format: HDF5, but not a Keras weight file ({str(e).removeprefix(f'{path}: ')})")
         return
+    for note in keras.notes:
+        print(f"  note: {note}")
     with h5py.File(path, "r") as f:
         root = f if keras.layout == "weights-only" else f["model_weights"]
         names = np.atleast_1d(np.asarray(root.attrs.get("layer_names", []), dtype=object))
@@ -303,6 +324,7 @@ def run_fetch(args: argparse.Namespace) -> int:
             allow_unknown=args.allow_unknown,
             force=args.force,
             progress=bar,
+            deadline_s=args.timeout,
         )
     except DownloadError as e:
         raise CommandError(str(e)) from None

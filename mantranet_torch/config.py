@@ -6,6 +6,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 FIXED_FIRST_LAYER_FILTERS = 12  # 9 SRM + 3 Bayar filters in b1c1; the rest are regular kernels
+# Bounds far beyond the releases (32 filters, 4 windows up to 63): a config read from a file cannot make the
+# model or its detector's buffers (which grow with the windows) take all memory
+MAX_FIRST_BLOCK_FILTERS = 4096
+MAX_WINDOWS, MAX_WINDOW_SIZE = 16, 4095
 
 
 @dataclass(frozen=True)
@@ -22,15 +26,19 @@ class ManTraNetConfig:
     window_sizes: tuple[int, ...] = (7, 15, 31)
 
     def __post_init__(self) -> None:
-        if self.first_block_filters <= FIXED_FIRST_LAYER_FILTERS:
+        if not FIXED_FIRST_LAYER_FILTERS < self.first_block_filters <= MAX_FIRST_BLOCK_FILTERS:
             raise ValueError(
-                f"first_block_filters must exceed {FIXED_FIRST_LAYER_FILTERS}, got {self.first_block_filters}"
+                f"first_block_filters must exceed {FIXED_FIRST_LAYER_FILTERS} and be at most "
+                f"{MAX_FIRST_BLOCK_FILTERS}, got {self.first_block_filters}"
             )
         if self.transform_activation not in (None, "tanh"):
             raise ValueError(f"transform_activation must be None or 'tanh', got {self.transform_activation!r}")
         sizes = tuple(int(k) for k in self.window_sizes)
-        if not sizes or any(k < 1 or k % 2 == 0 for k in sizes):
-            raise ValueError(f"window_sizes must be odd positive integers, got {self.window_sizes!r}")
+        if not 0 < len(sizes) <= MAX_WINDOWS or any(k < 1 or k % 2 == 0 or k > MAX_WINDOW_SIZE for k in sizes):
+            raise ValueError(
+                f"window_sizes must be 1 to {MAX_WINDOWS} odd positive integers up to {MAX_WINDOW_SIZE}, "
+                f"got {self.window_sizes!r}"
+            )
         object.__setattr__(self, "window_sizes", sizes)
 
     @property

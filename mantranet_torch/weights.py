@@ -7,28 +7,46 @@ ignores), so either file alone is enough to rebuild the model.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
+import re
+import warnings
+import zipfile
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from .config import ManTraNetConfig
+from .files import file_problem, one_paragraph, os_reason
 from .model import ManTraNet
 
 CONFIG_KEY = "mantranet.config"
 PROVENANCE_KEY = "mantranet.provenance"
 SAFETENSORS_SUFFIX = ".safetensors"
 PT_SUFFIXES = (".pt", ".pth")
+MAX_PT_BYTES = 1 << 30  # ManTraNet's weights take 15 MB: an archive unpacking to more is refused unread
+MANIFEST_SUFFIX = ".json"  # a weight file's manifest: NAME.safetensors.json beside NAME.safetensors
 MODEL_PARTS = ("featex", "detector")
+# A BatchNorm variance (ours, or a Keras dataset path): negative values are refused, no data gives them
+VARIANCE_KEY = re.compile(r"(^|[./])moving_variance(:\d+)?$")
+# torch.load's text around the reason it refused a file: the same for every file, so left out of ours
+_TORCH_BOILERPLATE = re.compile(r"^(Weights only load failed|Check the documentation of torch\.load)")
 
 
 class WeightFileError(ValueError):
     """A weight file that cannot be read as ManTraNet weights; the message names the file."""
+
+
+class WeightCastWarning(UserWarning):
+    """Weights stored in another floating-point type than the model's float32, cast on loading."""
 
 
 def encode_safetensors(state_dict: dict[str, Tensor], config: ManTraNetConfig, provenance: dict) -> bytes:
@@ -60,28 +78,139 @@ def encode_pt(state_dict: dict[str, Tensor], config: ManTraNetConfig, provenance
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and string metadata of a .safetensors or .pt file (metadata may be empty)."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightFileError(f"{path}: no such file")
+    problem = file_problem(path)
+    if problem:
+        raise WeightFileError(f"{path}: {problem}")
     suffix = path.suffix.lower()
+    if suffix in (SAFETENSORS_SUFFIX, *PT_SUFFIXES):
+        check_manifest(path)
     if suffix == SAFETENSORS_SUFFIX:
         try:
             with safe_open(str(path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
-                return tensors, dict(f.metadata() or {})
-        except (SafetensorError, OSError) as e:
-            raise WeightFileError(f"{path}: not a readable safetensors file ({e})") from None
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as e:
+            raise WeightFileError(f"{path}: not a readable safetensors file ({one_paragraph(str(e), path)})") from None
+        if not all(isinstance(v, str) for v in metadata.values()):
+            raise WeightFileError(f"{path}: not a readable safetensors file (metadata values must be strings)")
+        return tensors, dict(metadata)
     if suffix in PT_SUFFIXES:
+        check_pt_size(path)
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for corrupt or code-carrying pickles
-            raise WeightFileError(f"{path}: not a loadable weights-only PyTorch file ({e})") from None
+            raise WeightFileError(f"{path}: {torch_load_reason(e, path)}") from None
         if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
             raise WeightFileError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
-        metadata = getattr(sd, "_metadata", {}).get("", {})
-        return dict(sd), {k: v for k, v in metadata.items() if isinstance(v, str)}
+        if not all(isinstance(k, str) for k in sd):
+            raise WeightFileError(f"{path}: expected a state dict of tensors, but a key is not a str")
+        metadata = getattr(sd, "_metadata", None)
+        metadata = metadata.get("", {}) if isinstance(metadata, dict) else {}
+        metadata = metadata if isinstance(metadata, dict) else {}
+        return dict(sd), {k: v for k, v in metadata.items() if isinstance(k, str) and isinstance(v, str)}
     if suffix in (".h5", ".hdf5"):
         raise WeightFileError(f"{path}: a Keras HDF5 file; convert it first with `mantranet convert {path}`")
     raise WeightFileError(f"{path}: unknown weight format {suffix!r} (expected .safetensors, .pt or .pth)")
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + MANIFEST_SUFFIX)
+
+
+def check_manifest(path: Path) -> None:
+    """Refuse a weight file whose manifest (written with it by ``mantranet convert``) describes another file:
+    the two were left from different runs. A file without a manifest, or beside a JSON file that is not one
+    of ours, is taken as it is (its own metadata carries its provenance)."""
+    manifest = manifest_path(path)
+    if file_problem(manifest):
+        return
+    try:
+        record = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return
+    output = record.get("output") if isinstance(record, dict) else None
+    if not isinstance(output, dict) or output.get("name") != path.name or not isinstance(output.get("sha256"), str):
+        return
+    try:
+        with path.open("rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise WeightFileError(f"{path}: cannot be read ({os_reason(e)})") from None
+    if sha256 != output["sha256"]:
+        raise WeightFileError(
+            f"{path}: its manifest {manifest.name} describes another file (sha256 {output['sha256'][:16]}..., this "
+            f"file's is {sha256[:16]}...): the two are from different runs. Convert again, or delete "
+            f"{manifest.name} to use the file as it is"
+        )
+
+
+def check_pt_size(path: Path) -> None:
+    """Refuse, before ``torch.load`` unpacks it, a zip archive (torch.save's format) that would unpack to
+    more than MAX_PT_BYTES: its members may be compressed, so its size on disk does not bound its memory."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load gives the reason
+    if unpacked > MAX_PT_BYTES:
+        raise WeightFileError(
+            f"{path}: its archive unpacks to {unpacked:,} bytes, more than the {MAX_PT_BYTES:,} any ManTraNet "
+            "weight file takes"
+        )
+
+
+def torch_load_reason(error: Exception, path: str | Path) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one paragraph: the global it would have to
+    import (code it would run), or torch's own reason without the advice it gives around every reason."""
+    text = str(error)
+    found = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if found:
+        return (
+            f"refused: loading it would run code (it pickles {found.group(1)}); only plain state dicts of tensors "
+            "are read (torch.load with weights_only=True). Re-save it with torch.save(model.state_dict(), ...) "
+            "where you trust its source"
+        )
+    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip() and not _TORCH_BOILERPLATE.match(p.strip())]
+    reason = one_paragraph("\n\n".join(paragraphs), path) or type(error).__name__
+    return f"not a plain PyTorch state dict (torch.load with weights_only=True: {reason})"
+
+
+def check_weight_values(
+    values: Mapping[str, Tensor | np.ndarray], source: str, names: Mapping[str, str] | None = None
+) -> None:
+    """Every array floating point and finite in float32, every BatchNorm variance >= 0; else WeightFileError.
+
+    The one check of weight values, run by every loader (``model_from_state_dict``) and by the converters on
+    the file's own arrays. ``names`` maps a key to the name the message uses (a Keras array's path, say).
+    """
+    for key, value in values.items():
+        name = (names or {}).get(key, key)
+        if isinstance(value, Tensor):
+            if not value.is_floating_point():
+                raise WeightFileError(f"{source}: {name} has dtype {value.dtype}, expected floating point")
+            as_float32 = value.detach().to("cpu", torch.float32).numpy()
+        else:
+            if value.dtype.kind != "f":
+                raise WeightFileError(f"{source}: {name} has dtype {value.dtype}, expected floating point")
+            with np.errstate(over="ignore"):
+                as_float32 = np.asarray(value, dtype=np.float32)
+        bad = ~np.isfinite(as_float32)  # a value beyond float32's range became inf, and is refused
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise WeightFileError(
+                f"{source}: {name} holds {int(bad.sum())} value(s) that are not finite in float32, "
+                f"the first {value[index].item()} at index {index}"
+            )
+        if VARIANCE_KEY.search(key):
+            negative = as_float32 < 0
+            if negative.any():
+                index = tuple(int(i) for i in np.argwhere(negative)[0])
+                raise WeightFileError(
+                    f"{source}: {name} holds {int(negative.sum())} negative variance(s), the first "
+                    f"{value[index].item()} at index {index}; a variance is never negative"
+                )
 
 
 def model_parts(tensors: dict[str, Tensor]) -> tuple[str, ...]:
@@ -116,7 +245,7 @@ def metadata_config(path: str | Path, metadata: dict[str, str]) -> ManTraNetConf
         return None
     try:
         return ManTraNetConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise WeightFileError(f"{path}: malformed ManTraNet config in its metadata ({e})") from None
 
 
@@ -128,13 +257,34 @@ def load(
     return model_from_state_dict(tensors, config, str(path)).to(map_location)
 
 
+@functools.lru_cache(maxsize=16)
+def state_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of ``ManTraNet(config)``, from a model on the meta device (nothing allocated).
+    Cached: read-only for callers."""
+    with torch.device("meta"):
+        model = ManTraNet(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def model_from_state_dict(state: dict[str, Tensor], config: ManTraNetConfig, source: str) -> ManTraNet:
     """``ManTraNet(config)`` holding ``state`` (loaded strictly), in eval mode; a misfit names ``source``."""
+    shapes = state_shapes(config)  # the shapes first, without allocating: a config may declare a huge model
+    wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
+    if wrong:
+        found = "; ".join(f"{k}: expected shape {shapes[k]}, found {tuple(state[k].shape)}" for k in wrong[:3])
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {found}{more}")
     model = ManTraNet(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {e}") from None
+        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {one_paragraph(str(e))}") from None
+    check_weight_values(state, source)
+    cast = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.dtype != torch.float32})
+    if cast:
+        warnings.warn(
+            WeightCastWarning(f"{source}: weights stored as {', '.join(cast)}, cast to float32"), stacklevel=2
+        )
     return model.eval()
 
 

@@ -6,13 +6,25 @@ import errno
 import hashlib
 import io
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from converter import download as dl
 from converter.download import DownloadError, ProgressBar, download
-from tests.weights_server import BLOCK, BLOCK_RANGE, DROP_ONCE, NO_RANGE, TRUNCATE, serve
+from tests.weights_server import (
+    BLOCK,
+    BLOCK_RANGE,
+    CHUNKED_CUT,
+    DROP_ONCE,
+    NO_RANGE,
+    RANGE,
+    STALL,
+    TRICKLE,
+    TRUNCATE,
+    serve,
+)
 
 BODY = bytes(range(256)) * 4096  # 1 MiB, every byte value, so a shifted or restarted copy cannot pass
 OTHER = bytes(reversed(BODY))
@@ -196,3 +208,76 @@ def test_progress_bar_on_a_terminal_and_in_a_log() -> None:
     bar.close()
     lines = log.getvalue().splitlines()
     assert len(lines) == 11 and lines[-1].startswith("w.h5 [##############################] 100% 2.0/2.0 MB")
+
+
+# ---- cut, slow and stalled servers: every wait bounded, the part kept for a resume ----
+
+
+@pytest.mark.parametrize("allow_unknown", [False, True])
+def test_a_cut_chunked_transfer_is_an_error_that_keeps_the_part(server, tmp_path, allow_unknown) -> None:
+    url = server.add("/w.h5", BODY, CHUNKED_CUT)
+    half = len(BODY) // 2
+    with pytest.raises(DownloadError, match=rf"ended after {half} bytes; run the same command again to resume"):
+        download(url, tmp_path / "w.h5", SHA1, allow_unknown=allow_unknown)
+    assert not (tmp_path / "w.h5").exists() and (tmp_path / "w.h5.part").read_bytes() == BODY[:half]
+    server.routes["/w.h5"].mode = RANGE  # the server is back: the next attempt asks for the rest
+    fetched = download(url, tmp_path / "w.h5", SHA1)
+    assert fetched.verified and fetched.resumed_from == half and (tmp_path / "w.h5").read_bytes() == BODY
+
+
+def test_a_trickling_server_meets_the_deadline(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY, TRICKLE, delay=0.1)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"not done within the 1 s allowed \(--timeout\), after \d+ bytes; run the"):
+        download(url, tmp_path / "w.h5", SHA1, deadline_s=1.0, min_rate=None)
+    assert time.monotonic() - started < 5  # the deadline, plus at most one socket read
+    assert 0 < (tmp_path / "w.h5.part").stat().st_size < len(BODY)
+
+
+def test_a_trickling_server_fails_the_minimum_rate(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY, TRICKLE, delay=0.05)
+    with pytest.raises(
+        DownloadError, match=r"too slow: \d+ bytes/s over the last 1 s, below the 1000 bytes/s required"
+    ):
+        download(url, tmp_path / "w.h5", SHA1, deadline_s=None, min_rate=(1000, 1.0))
+    assert (tmp_path / "w.h5.part").exists()
+
+
+def test_a_stalled_server_meets_the_deadline_within_one_read(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY, STALL)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"not done within the 1 s allowed"):
+        download(url, tmp_path / "w.h5", SHA1, timeout_s=60.0, deadline_s=1.0)
+    assert time.monotonic() - started < 5  # the socket read was bounded by what was left of the deadline
+
+
+def test_a_server_sending_more_than_any_weight_file_is_cut_off(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY)
+    with pytest.raises(DownloadError, match=rf"announces {len(BODY)} bytes, more than the 1000 any weight file takes"):
+        download(url, tmp_path / "w.h5", SHA1, max_bytes=1000)
+    url = server.add("/c.h5", BODY, CHUNKED_CUT)  # no Content-Length: counted as it comes
+    with pytest.raises(DownloadError, match=r"more than 1000 bytes"):
+        download(url, tmp_path / "c.h5", SHA1, max_bytes=1000)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [("file:///etc/hostname", "only http:// and https:// URLs"), ("/etc/hostname", "only http:// and https://")],
+)
+def test_only_http_urls(tmp_path, url, message) -> None:
+    with pytest.raises(DownloadError, match=message):
+        download(url, tmp_path / "w.h5", SHA1)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("deadline", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_deadline_must_be_a_positive_number(tmp_path, deadline) -> None:
+    with pytest.raises(DownloadError, match=r"timeout .*: must be a number of seconds > 0"):
+        download("http://127.0.0.1:9/w.h5", tmp_path / "w.h5", SHA1, deadline_s=deadline)
+
+
+def test_a_folder_in_place_of_the_target_is_named(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY)
+    (tmp_path / "w.h5").mkdir()
+    with pytest.raises(DownloadError, match=r"w.h5: a folder, not a file; it is in the way of the download"):
+        download(url, tmp_path / "w.h5", SHA1, force=True)

@@ -270,3 +270,44 @@ def test_bad_entries_are_named_skipped_and_counted(data, tmp_path) -> None:
     assert code == 1 and "wide_mask" not in stderr
     code, _, stderr = run_cli(str(manifest), "-w", str(data["manifest"]), "--store", str(tmp_path / "s"))
     assert code == 1 and "Traceback" not in stderr and "manifest.csv" in stderr
+
+
+@pytest.mark.parametrize("how", ["mean", "p99"])
+def test_image_score_choices_from_the_stored_records(data, baseline, tmp_path, how) -> None:
+    args = [a for a in baseline["args"] if a not in PERTURBATIONS and a != "--perturb"]
+    json_at = args.index("--json") + 1
+    args[json_at] = str(tmp_path / "o.json")
+    code, _, stderr = run_cli(*args, "--image-score", how)
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert result["counts"]["computed"] == 0  # the image score is computed from what the store keeps
+    entries = load_dataset(data["manifest"]).entries
+    maps = [np.load(map_path(baseline["root"] / "maps", e.name, None, "torch")).astype(np.float64) for e in entries]
+    scores = [m.mean() if how == "mean" else np.percentile(m, 99) for m in maps]
+    labels = [e.label for e in entries]
+    assert result["metrics"]["image_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=METRIC_TOLERANCE)
+    predicted = [int(s > 0.5) for s in scores]
+    assert result["metrics"]["image_balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(labels, predicted), abs=METRIC_TOLERANCE
+    )
+
+
+def test_one_image_listed_twice_and_paths_outside_the_manifest_folder(data, baseline, tmp_path) -> None:
+    folder = data["manifest"].parent
+    (folder / "sub").mkdir(exist_ok=True)
+    manifest = folder / "sub" / "twice.csv"
+    manifest.write_text("image,mask\n../images/spliced_000.png,../masks/spliced_000.png\n"
+                        f"{folder / 'images' / 'spliced_000.png'},../masks/spliced_000.png\n")  # fmt: skip
+    maps = tmp_path / "maps"
+    store = str(baseline["root"] / "store")
+    code, _, stderr = run_cli(str(manifest), "-w", str(data["weights"]), "--threads", "1", "--save-maps", str(maps),
+                              "--store", store, "--json", str(tmp_path / "o.json"))  # fmt: skip
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert result["counts"]["records"] == 2 and result["counts"]["computed"] == 1  # one computation for both
+    saved = sorted(p.relative_to(maps).as_posix() for p in maps.rglob("*.npy"))
+    absolute = folder.joinpath("images", "spliced_000.npy").relative_to(folder.anchor).as_posix()
+    assert saved == sorted(["images/spliced_000.npy", absolute])  # inside --save-maps, never beside the data
+    expected = np.load(map_path(baseline["root"] / "maps", "images/spliced_000.png", None, "torch"))
+    for name in saved:
+        np.testing.assert_array_equal(np.load(maps / name), expected)

@@ -112,6 +112,9 @@ def test_mask_rules(tmp_path):
     data = _png(tmp_path / "m.png", grey).read_bytes()
     assert decode_mask(data, "m", MaskRule()).tolist() == [[False, False, True, True]]
     assert decode_mask(data, "m", MaskRule(inverted=True)).tolist() == [[True, True, False, False]]
+    data = _png(tmp_path / "01.png", np.array([[0, 1, 1, 0]], np.uint8)).read_bytes()  # 0/1, not 0/255
+    assert decode_mask(data, "01", MaskRule()).tolist() == [[False, True, True, False]]
+    assert decode_mask(data, "01", MaskRule(inverted=True)).tolist() == [[True, False, False, True]]
     rgb = np.array([[[255, 0, 0], [0, 255, 0], [255, 255, 255]]], np.uint8)  # Columbia: green marks the splice
     data = _png(tmp_path / "c.png", rgb).read_bytes()
     assert decode_mask(data, "c", MaskRule(channel="green")).tolist() == [[False, True, True]]
@@ -155,8 +158,9 @@ def _touch(root: Path, *names: str) -> None:
 
 FAKE_TREES = {  # layout -> (files, expected (name, mask relative path or None, label))
     "casia": (
-        ["Tp/Tp_D_1.jpg", "Tp/Tp_S_2.tif", "Au/Au_1.jpg", "Gt/Tp_D_1_gt.png", "Gt/Tp_S_2_gt.png"],
-        [("Tp/Tp_D_1.jpg", "Gt/Tp_D_1_gt.png", 1), ("Tp/Tp_S_2.tif", "Gt/Tp_S_2_gt.png", 1), ("Au/Au_1.jpg", None, 0)],
+        ["Tp/Tp_D_1.jpg", "Tp/Sp/Sp_S_2.tif", "Au/Au_1.jpg", "Gt/Tp_D_1_gt.png", "Gt/Sp/Sp_S_2_gt.png"],
+        [("Tp/Sp/Sp_S_2.tif", "Gt/Sp/Sp_S_2_gt.png", 1), ("Tp/Tp_D_1.jpg", "Gt/Tp_D_1_gt.png", 1),
+         ("Au/Au_1.jpg", None, 0)],
     ),
     "columbia": (
         ["4cam_splc/a_b_sub_01.tif", "4cam_splc/edgemask/a_b_sub_01_edgemask.jpg", "4cam_auth/a_sub_01.tif",
@@ -257,3 +261,14 @@ def test_ray_requests_the_cluster_cannot_place_are_errors_not_waits():
         _ray_shape([1, 1], 1, 3)
     with pytest.raises(EngineError, match="--threads 4: the largest Ray node has 2 CPUs"):
         _ray_shape([2, 2], 4, None)
+
+
+def test_resize_to_a_long_side_keeps_the_aspect_and_moves_the_mask():
+    from evaluation.perturb import resize_long_side
+
+    pixels = np.zeros((60, 120, 3), np.uint8)
+    mask = np.zeros((60, 120), bool)
+    mask[:, 60:] = True
+    small, small_mask = resize_long_side(pixels, mask, 40)
+    assert small.shape == (20, 40, 3) and small_mask.shape == (20, 40)
+    assert small_mask[:, 20:].all() and not small_mask[:, :20].any()

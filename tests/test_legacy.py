@@ -302,9 +302,7 @@ def test_bad_detector_keys_are_named(tmp_path, state, change, message) -> None:
 
 def test_files_that_are_not_port_checkpoints_are_refused(tmp_path, state) -> None:
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
-    with pytest.raises(
-        ConversionError, match=r"module.pt: refused: .*unpickling code .*torch.nn.modules.linear.Linear"
-    ):
+    with pytest.raises(ConversionError, match=r"module.pt: refused: .*it pickles torch.nn.modules.linear.Linear"):
         load_earlier_port(tmp_path / "module.pt")
     (tmp_path / "noise.pt").write_bytes(b"\x00not a checkpoint" * 8)
     with pytest.raises(

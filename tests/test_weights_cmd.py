@@ -15,7 +15,7 @@ from converter import convert_h5
 from mantranet_cli.main import main
 from mantranet_torch import RELEASES, ManTraNet
 from tests.helpers import SEED_PORT, official_file
-from tests.weights_server import TRUNCATE, release_table, serve
+from tests.weights_server import CHUNKED_CUT, TRICKLE, TRUNCATE, release_table, serve
 
 RELEASE = 4
 
@@ -105,6 +105,21 @@ def test_fetch_failures_are_one_line_messages(site, tmp_path, capsys) -> None:
     code, _, err = run(capsys, "weights", "fetch", "9")
     assert code == 1 and "no official release 9" in err
     assert not (tmp_path / "weights" / "ManTraNet_Ptrain4.h5").exists()
+
+
+def test_fetch_bounds_slow_and_cut_transfers(site, tmp_path, capsys) -> None:
+    server, body = site
+    slow = server.add("/slow/ManTraNet_Ptrain4.h5", body, TRICKLE, delay=0.1)
+    code, _, err = run(capsys, "weights", "fetch", "4", "--url", slow, "--timeout", "1", "--no-convert")
+    last = err.splitlines()[-1]  # after the progress bar's line
+    assert code == 1 and last.startswith("mantranet weights: error: ") and "not done within the 1 s allowed" in last
+    cut = server.add("/chunked/ManTraNet_Ptrain4.h5", body, CHUNKED_CUT)
+    code, _, err = run(capsys, "weights", "fetch", "4", "--url", cut, "--allow-unknown", "--no-convert")
+    assert code == 1 and f"the transfer ended after {len(body) // 2} bytes; run the same command again" in err
+    assert not (tmp_path / "weights" / "ManTraNet_Ptrain4.h5").exists()
+    assert (tmp_path / "weights" / "ManTraNet_Ptrain4.h5.part").stat().st_size == len(body) // 2
+    code, _, err = run(capsys, "weights", "fetch", "4", "--timeout", "nan")
+    assert code == 1 and "timeout nan: must be a number of seconds > 0" in err
 
 
 def test_identify_official_fixture_and_shapes(site, fixture_files, tmp_path, capsys) -> None:

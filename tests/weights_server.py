@@ -3,7 +3,8 @@
 Routes serve fixture bytes in one of several behaviours: a normal server honouring Range requests, one
 that ignores them, one that answers a Range request from the 256-byte block the range starts in, one that
 cuts every transfer short, one that drops the first transfer half-way and then honours Range (to resume),
-and anything else is a 404.
+one that cuts a chunked transfer (no Content-Length) half-way, one that trickles a byte every ``delay``
+seconds, one that sends its headers and then nothing, and anything else is a 404.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +21,9 @@ from pathlib import Path
 from converter import releases
 
 RANGE, NO_RANGE, BLOCK_RANGE, TRUNCATE, DROP_ONCE = "range", "no-range", "block-range", "truncate", "drop-once"
+CHUNKED_CUT, TRICKLE, STALL = "chunked-cut", "trickle", "stall"
 BLOCK = 256
+SLOW_SERVER_LIMIT_S = 10.0  # a trickling or stalled handler gives up by then, so that the server can stop
 
 
 @dataclass
@@ -27,6 +31,7 @@ class Route:
     body: bytes
     mode: str = RANGE
     served: int = 0  # completed or attempted GETs
+    delay: float = 0.5  # seconds between bytes (TRICKLE)
 
 
 @dataclass
@@ -35,8 +40,8 @@ class WeightsServer:
     routes: dict[str, Route]
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
 
-    def add(self, path: str, body: bytes, mode: str = RANGE) -> str:
-        self.routes[path] = Route(body, mode)
+    def add(self, path: str, body: bytes, mode: str = RANGE, delay: float = 0.5) -> str:
+        self.routes[path] = Route(body, mode, delay=delay)
         return self.base_url + path
 
 
@@ -53,6 +58,9 @@ def _handler(server_state: WeightsServer) -> type[BaseHTTPRequestHandler]:
                 self.send_error(404, "Not Found")
                 return
             route.served += 1
+            if route.mode in (CHUNKED_CUT, TRICKLE, STALL):
+                self.slow(route)
+                return
             body, start = route.body, 0
             if range_header and route.mode in (RANGE, BLOCK_RANGE, DROP_ONCE):
                 start = int(range_header.removeprefix("bytes=").split("-")[0])
@@ -74,6 +82,34 @@ def _handler(server_state: WeightsServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body[start : len(body) // 2] if cut else body[start:])
             if cut:
                 self.close_connection = True
+
+        def slow(self, route: Route) -> None:
+            self.send_response(200)
+            self.close_connection = True
+            if route.mode == CHUNKED_CUT:
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                half = route.body[: len(route.body) // 2]
+                for i in range(0, len(half), 4096):
+                    piece = half[i : i + 4096]
+                    self.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                return  # no terminating zero-length chunk: the transfer is cut
+            self.send_header("Content-Length", str(len(route.body)))
+            self.end_headers()
+            self.wfile.flush()
+            started = time.monotonic()
+            try:
+                for i in range(len(route.body)):
+                    if time.monotonic() - started > SLOW_SERVER_LIMIT_S:
+                        return
+                    if route.mode == STALL:
+                        time.sleep(0.05)
+                        continue
+                    self.wfile.write(route.body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(route.delay)
+            except OSError:  # the client gave up
+                return
 
     return Handler
 

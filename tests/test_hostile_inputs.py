@@ -1,0 +1,612 @@
+"""Hostile and broken inputs to convert, weights identify|list, export-keras, detect and parity: each gives one
+clear message naming the file and what is wrong, a non-zero exit, no traceback, no hang, nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mantranet_torch
+from converter import ConversionError, atomic, convert_h5, read_keras_h5, save_conversion
+from converter.export import export_keras
+from converter.legacy import read_checkpoint
+from mantranet_cli import weights_cmd
+from mantranet_cli.main import main
+from mantranet_torch import WeightFileError
+from mantranet_torch.weights import PROVENANCE_KEY, encode_safetensors
+from tests.helpers import official_file
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL = "Featex/b1c1/regular_kernel:0"
+SUBPROCESS_TIMEOUT_S = 120  # a command that hangs (on a FIFO, say) fails the test instead of blocking the run
+
+
+@pytest.fixture(scope="module")
+def h5(tmp_path_factory) -> Path:
+    """A pristine official-layout file of release 4 (named so that its name identifies it)."""
+    path = tmp_path_factory.mktemp("official") / "ManTraNet_Ptrain4.h5"
+    official_file(path, 4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ours(h5, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ours")
+    save_conversion(convert_h5(h5), folder / "ours.safetensors", folder / "ours.safetensors.json")
+    return folder / "ours.safetensors"
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    path = tmp_path / "images" / "a.png"
+    path.parent.mkdir()
+    Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)).save(path)
+    return path
+
+
+def copy(h5: Path, folder: Path) -> Path:
+    target = folder / h5.name
+    target.write_bytes(h5.read_bytes())
+    return target
+
+
+def replace_dataset(path: Path, key: str, make) -> None:
+    """Replace the dataset at ``key`` with what ``make(group, leaf, value)`` puts there."""
+    with h5py.File(path, "r+") as f:
+        parent, _, leaf = key.rpartition("/")
+        group = f[parent]
+        value = group[leaf][()]
+        del group[leaf]
+        make(group, leaf, value)
+
+
+def one_line_error(capsys, command: str, path: Path | None = None) -> str:
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if not line.startswith(f"mantranet {command}: note:")]
+    assert len(lines) == 1 and lines[0].startswith(f"mantranet {command}: "), err
+    assert "Traceback" not in err
+    if path is not None:
+        assert lines[0].count(str(path)) == 1, f"path missing or repeated: {lines[0]}"
+    return lines[0]
+
+
+def run_cli(*commands: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Each command in a process of its own, all at once: a hang fails the test after a timeout instead of
+    blocking the run."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = [
+        (argv, subprocess.Popen([sys.executable, "-m", "mantranet_cli", *argv], cwd=cwd, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for argv in commands
+    ]  # fmt: skip
+    done = []
+    for argv, process in started:
+        try:
+            out, err = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for _, p in started:
+                p.kill()
+            raise AssertionError(f"mantranet {' '.join(argv)}: no answer within {SUBPROCESS_TIMEOUT_S} s") from None
+        done.append(subprocess.CompletedProcess(argv, process.returncode, out, err))
+    return done
+
+
+# ---- 1. corrupt HDF5 metadata ----
+
+
+def corrupt(h5: Path, folder: Path, what: str) -> Path:
+    """One damaged metadata field: the root attribute's string encoding, or the root group's local heap."""
+    path = copy(h5, folder)
+    data = bytearray(path.read_bytes())
+    if what == "string encoding":
+        at = data.index(b"layer_names\x00") + 16  # the attribute's datatype follows its 8-byte-padded name
+        data[at + 1] = (data[at + 1] & 0x0F) | 0x20  # character set 2: none HDF5 knows (h5py: TypeError)
+    else:
+        at = data.index(b"HEAP")
+        data[at + 16 : at + 20] = b"\xff\xff\xff\x7f"  # the free-list offset (h5py: RuntimeError)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("string encoding", r"attribute 'layer_names' of the root cannot be read \(Unknown string encoding"),
+        ("local heap", r"cannot be read as a Keras weight file \(.*heap free list"),
+    ],
+)
+def test_corrupt_metadata_is_a_clear_error_in_convert_identify_and_parity(h5, tmp_path, capsys, what, message):
+    path = corrupt(h5, tmp_path, what)
+    with pytest.raises(ConversionError, match=message):
+        convert_h5(path)
+    assert main(["convert", str(path), "-o", str(tmp_path / "out")]) == 1
+    assert message.split(r"\(")[0].replace("\\", "") in one_line_error(capsys, "convert", path)
+    assert not (tmp_path / "out").exists()
+    assert main(["weights", "identify", str(path)]) == 0
+    assert "format: HDF5, but not a Keras weight file" in capsys.readouterr().out
+    assert main(["parity", str(path)]) == 2  # bad input, not "layers differ"
+    one_line_error(capsys, "parity", path)
+
+
+# ---- 2. soft-link loops ----
+
+
+@pytest.mark.parametrize("links", ["self", "pair"])
+def test_a_soft_link_loop_is_reported(h5, ours, tmp_path, capsys, image, links) -> None:
+    path = copy(h5, tmp_path)
+
+    def loop(group, leaf, _):
+        if links == "self":
+            group[leaf] = h5py.SoftLink(f"{group.name}/{leaf}")
+        else:
+            group[leaf] = h5py.SoftLink(f"{group.name}/other")
+            group["other"] = h5py.SoftLink(f"{group.name}/{leaf}")
+
+    replace_dataset(path, KERNEL, loop)
+    with pytest.raises(ConversionError, match=rf"{path}: array {KERNEL} is a soft link loop"):
+        convert_h5(path)
+    assert main(["convert", str(path), "-o", str(tmp_path / "out")]) == 1
+    assert "soft link loop" in one_line_error(capsys, "convert", path)
+    assert main(["weights", "identify", str(path)]) == 0
+    assert "soft link loop" in capsys.readouterr().out
+    assert main(["detect", str(image), "-w", str(path), "-o", str(tmp_path / "maps")]) == 1
+    assert "soft link loop" in one_line_error(capsys, "detect", path)
+    assert main(["parity", str(path), "--torch-weights", str(ours)]) == 2
+    assert "soft link loop" in one_line_error(capsys, "parity", path)
+
+
+def test_a_soft_link_to_an_array_of_the_file_is_followed(h5, tmp_path) -> None:
+    path = copy(h5, tmp_path)
+    replace_dataset(
+        path,
+        KERNEL,
+        lambda g, leaf, value: (g.create_dataset("moved", data=value), g.__setitem__(leaf, h5py.SoftLink("moved"))),
+    )
+    assert np.array_equal(read_keras_h5(path).arrays[KERNEL], read_keras_h5(h5).arrays[KERNEL])
+
+
+# ---- 3. shapes and dtypes from metadata, before any data is read ----
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunks"), [((3, 3, 10**6, 10**5), (1, 1, 64, 64)), ((3, 3, 32, 3_000_000), (3, 3, 32, 4096))]
+)
+def test_a_huge_declared_shape_is_refused_before_any_data_is_read(h5, tmp_path, monkeypatch, shape, chunks) -> None:
+    path = copy(h5, tmp_path)
+    key = "Featex/b3c1/kernel:0"
+    replace_dataset(path, key, lambda g, leaf, _: g.create_dataset(leaf, shape=shape, dtype="f4", chunks=chunks))
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("array data read before the shapes were checked")
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", no_reads)
+    with pytest.raises(ConversionError, match=rf"{path}: ") as error:
+        convert_h5(path)
+    assert f"layer Featex, array b3c1/kernel:0: expected shape (3, 3, 64, 128), found {shape}" in str(error.value)
+    # weights identify has no release to compare with: it bounds every array by ManTraNet's largest
+    with pytest.raises(ConversionError, match=rf"array {key} declares shape .* larger than any array of ManTraNet"):
+        weights_cmd.read_keras_h5(path, lambda d: weights_cmd.check_declared_sizes(d, str(path)))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "complex64", "S4"])
+def test_a_non_float_dtype_is_refused_from_metadata(h5, tmp_path, monkeypatch, dtype) -> None:
+    path = copy(h5, tmp_path)
+    replace_dataset(path, KERNEL, lambda g, leaf, value: g.create_dataset(leaf, shape=value.shape, dtype=dtype))
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda *a: pytest.fail("data read"))
+    with pytest.raises(ConversionError, match=rf"{path}: array {KERNEL}: has dtype .*expected floating point"):
+        convert_h5(path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_float16_and_float64_arrays_are_cast_with_a_note(h5, tmp_path, capsys, dtype) -> None:
+    path = copy(h5, tmp_path)
+    replace_dataset(path, KERNEL, lambda g, leaf, value: g.create_dataset(leaf, data=value.astype(dtype)))
+    with h5py.File(path) as f:
+        stored = f[KERNEL][()]
+    conversion = convert_h5(path)
+    assert conversion.keras.notes == [f"1 array(s) stored as {dtype} ({KERNEL}), cast to float32"]
+    assert torch.equal(
+        conversion.state_dict["featex.b1c1.regular_kernel"],
+        torch.from_numpy(stored.astype(np.float32)).permute(3, 2, 0, 1),
+    )
+    assert main(["convert", str(path), "-o", str(tmp_path / "out")]) == 0
+    assert f"note: 1 array(s) stored as {dtype}" in capsys.readouterr().out
+    assert main(["weights", "identify", str(path)]) == 0
+    assert f"note: 1 array(s) stored as {dtype}" in capsys.readouterr().out
+
+
+# ---- 4. external links and external storage ----
+
+
+def test_an_external_link_to_a_fifo_never_blocks(h5, tmp_path, image) -> None:
+    path = copy(h5, tmp_path)
+    fifo = tmp_path / "pipe.h5"
+    os.mkfifo(fifo)
+    replace_dataset(path, KERNEL, lambda g, leaf, _: g.__setitem__(leaf, h5py.ExternalLink(str(fifo), "/x")))
+    expected = f"{path}: array {KERNEL} is an external link (to /x in {fifo})"
+    with pytest.raises(ConversionError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        convert_h5(path)
+    convert, detect, identify = run_cli(
+        ["convert", str(path), "-o", str(tmp_path / "out")],
+        ["detect", str(image), "-w", str(path), "-o", str(tmp_path / "maps")],
+        ["weights", "identify", str(path)],
+        cwd=tmp_path,
+    )
+    for done in (convert, detect):
+        assert done.returncode == 1 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert identify.returncode == 0 and "is an external link" in identify.stdout, identify.stdout + identify.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "maps").exists()
+
+
+def test_external_raw_storage_is_refused(h5, tmp_path, capsys) -> None:
+    path = copy(h5, tmp_path)
+    outside = tmp_path / "outside.bin"
+    with h5py.File(h5) as f:
+        outside.write_bytes(f[KERNEL][()].astype("<f4").tobytes())
+
+    def external(group, leaf, value):
+        group.create_dataset(leaf, shape=value.shape, dtype="<f4", external=[(str(outside), 0, value.nbytes)])
+
+    replace_dataset(path, KERNEL, external)
+    with pytest.raises(ConversionError, match=rf"{path}: array {KERNEL}: stored outside the file \(in {outside}\)"):
+        convert_h5(path)
+    assert main(["convert", str(path), "-o", str(tmp_path / "out")]) == 1
+    one_line_error(capsys, "convert", path)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 5. export-keras validates the provenance before writing ----
+
+
+@pytest.mark.parametrize(("provenance", "message"), [("{not json", "is not JSON"), ("[1, 2, 3]", "is a JSON list")])
+def test_export_keras_checks_provenance_before_writing(ours, tmp_path, capsys, provenance, message) -> None:
+    bad = with_metadata(ours, tmp_path / "bad.safetensors", PROVENANCE_KEY, provenance)
+    with pytest.raises(ConversionError, match=rf"{bad}: its provenance metadata .*{message}"):
+        export_keras(bad, tmp_path / "out.h5")
+    assert main(["export-keras", str(bad), "-o", str(tmp_path / "out.h5")]) == 1
+    one_line_error(capsys, "export-keras", bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+# ---- 6. every loader refuses NaN / Inf weights and negative variances ----
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("detector.pred.weight", float("nan"), r"detector.pred.weight holds 1 value\(s\) that are not finite"),
+        ("featex.b3c1.bias", float("inf"), r"featex.b3c1.bias holds 1 value\(s\) that are not finite"),
+        ("detector.bnorm.moving_variance", -0.5, r"detector.bnorm.moving_variance holds 1 negative variance"),
+    ],
+)
+def test_every_loader_refuses_invalid_weight_values(h5, ours, tmp_path, capsys, image, key, value, message) -> None:
+    tensors, config, _ = mantranet_torch.weights.read_model_weights(ours)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    tensors[key].view(-1)[0] = value
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(encode_safetensors(tensors, config, {}))
+    with pytest.raises(WeightFileError, match=rf"{bad}: {message}"):
+        mantranet_torch.load(bad)
+    assert main(["detect", str(image), "-w", str(bad), "-o", str(tmp_path / "maps")]) == 1
+    line = one_line_error(capsys, "detect", bad)
+    assert "not finite" in line or "negative variance" in line, line
+    assert not list((tmp_path / "maps").glob("*.png"))
+    assert main(["parity", str(h5), "--torch-weights", str(bad)]) == 2
+    one_line_error(capsys, "parity", bad)
+    assert main(["export-keras", str(bad), "-o", str(tmp_path / "back.h5")]) == 1
+    one_line_error(capsys, "export-keras", bad)
+
+
+def test_convert_refuses_a_negative_variance(h5, tmp_path) -> None:
+    path = copy(h5, tmp_path)
+    replace_dataset(path, "bnorm/bnorm/moving_variance:0", lambda g, leaf, v: g.create_dataset(leaf, data=-np.abs(v)))
+    with pytest.raises(ConversionError, match=r"array bnorm/bnorm/moving_variance:0 holds 64 negative variance"):
+        convert_h5(path)
+
+
+# ---- 7. unreadable files in weights identify and list ----
+
+
+def test_unreadable_files_in_identify_and_list(h5, tmp_path, capsys, monkeypatch) -> None:
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    path = copy(h5, folder)
+    monkeypatch.setenv("MANTRANET_WEIGHTS_DIR", str(folder))
+
+    def denied(p):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(weights_cmd, "file_digests", denied)  # as root, chmod does not stop reads
+    assert main(["weights", "identify", str(path)]) == 1
+    assert "cannot be read (Permission denied)" in one_line_error(capsys, "weights", path)
+    assert main(["weights", "list"]) == 0
+    assert "present, unreadable (Permission denied)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_a_file_without_read_permission(h5, tmp_path, capsys) -> None:
+    path = copy(h5, tmp_path)
+    path.chmod(0)
+    assert main(["weights", "identify", str(path)]) == 1
+    assert "permission denied" in one_line_error(capsys, "weights", path)
+    assert main(["convert", str(path)]) == 1
+    assert "permission denied" in one_line_error(capsys, "convert", path)
+
+
+# ---- 11. --max-memory ----
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "1e300"])
+def test_max_memory_must_be_a_finite_positive_number(ours, image, tmp_path, capsys, monkeypatch, value) -> None:
+    monkeypatch.setattr(mantranet_torch.weights, "read_weights", lambda p: pytest.fail("weights read"))
+    assert main(["detect", str(image), "-w", str(ours), "--max-memory", value, "-o", str(tmp_path / "maps")]) == 1
+    assert "--max-memory" in one_line_error(capsys, "detect")
+    assert not (tmp_path / "maps").exists()
+
+
+# ---- smaller ones ----
+
+
+class Runs:
+    def __reduce__(self):
+        return (os.system, ("echo this ran",))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_pickle_that_runs_code_names_the_refused_global(tmp_path, capsys, image, legacy) -> None:
+    path = tmp_path / "evil.pt"
+    if legacy:  # torch's pre-1.6 format: a bare pickle
+        path.write_bytes(pickle.dumps({"a": Runs()}, protocol=2))
+    else:
+        torch.save({"a": torch.zeros(1)}, path)
+        import zipfile
+
+        with zipfile.ZipFile(path) as z:
+            members = {n: z.read(n) for n in z.namelist()}
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in members.items():
+                z.writestr(name, pickle.dumps({"a": Runs()}, protocol=2) if name.endswith("data.pkl") else data)
+    with pytest.raises(
+        ConversionError, match=rf"{path}: refused: loading it would run code \(it pickles posix.system\)"
+    ):
+        read_checkpoint(path)
+    with pytest.raises(WeightFileError, match=r"it pickles posix.system"):
+        mantranet_torch.load(path)
+    assert main(["detect", str(image), "-w", str(path), "-o", str(tmp_path / "maps")]) == 1
+    assert "it pickles posix.system" in one_line_error(capsys, "detect", path)
+    assert main(["export-keras", str(path), "-o", str(tmp_path / "out.h5")]) == 1
+    assert "it pickles posix.system" in one_line_error(capsys, "export-keras", path)
+    assert main(["convert", str(path)]) == 1
+    assert "it pickles posix.system" in one_line_error(capsys, "convert", path)
+
+
+def test_library_messages_are_one_paragraph_without_the_path_again(tmp_path, capsys) -> None:
+    path = tmp_path / "ManTraNet_Ptrain4.h5"
+    path.write_bytes(b"not hdf5 at all" * 10)
+    assert main(["convert", str(path)]) == 1
+    assert "not an HDF5 file (" in one_line_error(capsys, "convert", path)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(b"\x80\x02garbage" * 10)
+    assert main(["export-keras", str(noise), "-o", str(tmp_path / "o.h5")]) == 1
+    line = one_line_error(capsys, "export-keras", noise)
+    assert "Weights only load failed" not in line and "Check the documentation" not in line
+
+
+def test_non_utf8_attributes_are_named(h5, tmp_path, capsys) -> None:
+    path = copy(h5, tmp_path)
+    with h5py.File(path, "r+") as f:
+        f["Featex"].attrs["weight_names"] = np.array([b"b1c1/regular\xff_kernel:0"])
+    assert main(["convert", str(path)]) == 1
+    line = one_line_error(capsys, "convert", path)
+    assert "attribute 'weight_names' of layer 'Featex' is not UTF-8 text (byte b'\\xff' at 12)" in line
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "loop", "dangling"])
+def test_folders_fifos_and_link_loops_are_named_as_such(tmp_path, capsys, image, kind) -> None:
+    path = tmp_path / "w.h5"
+    if kind == "folder":
+        path.mkdir()
+        expected = "a folder, not a file"
+    elif kind == "fifo":
+        os.mkfifo(path)
+        expected = "a FIFO (named pipe), not a regular file"
+    elif kind == "loop":
+        path.symlink_to(tmp_path / "w2.h5")
+        (tmp_path / "w2.h5").symlink_to(path)
+        expected = "a symbolic link loop"
+    else:
+        path.symlink_to(tmp_path / "gone.h5")
+        expected = f"a symbolic link to {tmp_path / 'gone.h5'}, which does not exist"
+    st = tmp_path / "w.safetensors"
+    os.symlink(path, st)
+    for argv, command in (
+        (["convert", str(path)], "convert"),
+        (["weights", "identify", str(path)], "weights"),
+        (["detect", str(image), "-w", str(path), "-o", str(tmp_path / "maps")], "detect"),
+        (["export-keras", str(st), "-o", str(tmp_path / "o.h5")], "export-keras"),
+    ):
+        assert main(argv) == 1, argv
+        line = one_line_error(capsys, command)
+        assert "no such file" not in line or kind == "dangling", line
+        assert line.endswith(expected) or kind in ("loop", "dangling"), line
+
+
+def test_detect_checks_the_output_folder_before_inference(ours, image, tmp_path, capsys, monkeypatch) -> None:
+    (tmp_path / "file").write_text("in the way")
+    monkeypatch.setattr(mantranet_torch.ManTraNet, "predict", lambda *a, **k: pytest.fail("inference ran"))
+    assert main(["detect", str(image), "-w", str(ours), "-o", str(tmp_path / "file" / "maps")]) == 1
+    assert "cannot create the folder" in one_line_error(capsys, "detect")
+
+
+# ---- 10. a weight file and its manifest: never from different runs ----
+
+
+@pytest.fixture(scope="module")
+def two_conversions(tmp_path_factory):
+    """Conversions of two official-layout files of release 4 with different weights."""
+    folder = tmp_path_factory.mktemp("two")
+    official_file(folder / "ManTraNet_Ptrain4.h5", 4, seed=0)
+    first = convert_h5(folder / "ManTraNet_Ptrain4.h5")
+    official_file(folder / "ManTraNet_Ptrain4.h5", 4, seed=1)
+    second = convert_h5(folder / "ManTraNet_Ptrain4.h5")
+    return first, second
+
+
+def pair_matches(target: Path) -> bool:
+    manifest = json.loads((target.parent / (target.name + ".json")).read_text())
+    return manifest["output"]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def test_a_run_killed_between_the_moves_leaves_no_mismatched_pair(two_conversions, tmp_path, monkeypatch) -> None:
+    first, second = two_conversions
+    target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
+    save_conversion(first, target, manifest)
+    real_publish, moves = atomic.publish, []
+
+    def killed_after_the_first_move(staged, to, force):
+        if moves:
+            raise KeyboardInterrupt  # the process dies here
+        moves.append(to)
+        real_publish(staged, to, force)
+
+    monkeypatch.setattr(atomic, "publish", killed_after_the_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        save_conversion(second, target, manifest, force=True)
+    monkeypatch.undo()
+    # the new weights alone (their metadata carries the provenance), never beside the old manifest
+    assert not manifest.exists()
+    loaded = mantranet_torch.load(target).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in second.state_dict.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # no .part left either
+
+
+def test_load_refuses_a_mismatched_pair(two_conversions, tmp_path, capsys, image) -> None:
+    first, second = two_conversions
+    target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
+    save_conversion(first, target, manifest)
+    other = tmp_path / "other" / "w.safetensors"
+    save_conversion(second, other, other.parent / "w.safetensors.json")
+    target.write_bytes(other.read_bytes())  # what the earlier code left when killed between its two moves
+    with pytest.raises(WeightFileError, match=r"w.safetensors: its manifest w.safetensors.json describes another"):
+        mantranet_torch.load(target)
+    assert main(["detect", str(image), "-w", str(target), "-o", str(tmp_path / "maps")]) == 1
+    assert "the two are from different runs" in one_line_error(capsys, "detect", target)
+
+
+def test_concurrent_writers_of_one_output_take_turns(two_conversions, tmp_path) -> None:
+    first, second = two_conversions
+    target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
+    finished = threading.Event()
+    with atomic.folder_lock(tmp_path):  # another run is writing
+        writer = threading.Thread(target=lambda: (save_conversion(first, target, manifest, force=True), finished.set()))
+        writer.start()
+        assert not finished.wait(0.5) and not target.exists()  # it waits for the lock
+        busy = rf"{tmp_path}: another process has been writing in this folder"
+        with pytest.raises(ConversionError, match=busy), atomic.folder_lock(tmp_path, wait_s=0.1):
+            pass
+    writer.join(timeout=60)
+    assert finished.is_set() and pair_matches(target)
+    writers = [
+        threading.Thread(target=save_conversion, args=(c, target, manifest), kwargs={"force": True})
+        for c in (first, second) * 3
+    ]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=120)
+    assert pair_matches(target)
+
+
+def test_a_dangling_link_at_the_manifest_path_stops_the_run_before_writing(two_conversions, tmp_path) -> None:
+    first, _ = two_conversions
+    target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
+    manifest.symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(ConversionError, match=r"w.safetensors.json: already exists; pass --force"):
+        save_conversion(first, target, manifest)
+    assert not target.exists()
+    save_conversion(first, target, manifest, force=True)
+    assert pair_matches(target) and not manifest.is_symlink()
+
+
+def test_hidden_parts_of_killed_runs_are_removed(two_conversions, tmp_path) -> None:
+    first, _ = two_conversions
+    for name in (".w.safetensors.x1y2.part", ".w.safetensors.json.abcd.part"):
+        (tmp_path / name).write_bytes(b"left by a killed run")
+    (tmp_path / ".other.safetensors.x1y2.part").write_bytes(b"another output's: kept")
+    save_conversion(first, tmp_path / "w.safetensors", tmp_path / "w.safetensors.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.safetensors.x1y2.part",
+        "w.safetensors",
+        "w.safetensors.json",
+    ]
+
+
+def test_a_compressed_pt_archive_that_unpacks_beyond_any_weight_file_is_refused_unread(tmp_path, monkeypatch) -> None:
+    import zipfile
+
+    path = tmp_path / "bomb.pt"
+    torch.save({"w": torch.zeros(1)}, path)
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        z.writestr("bomb/data/1", bytes(64 << 20))  # 64 MiB of zeros: 64 KB compressed
+    monkeypatch.setattr(mantranet_torch.weights, "MAX_PT_BYTES", 32 << 20)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("unpacked"))
+    with pytest.raises(WeightFileError, match=r"bomb.pt: its archive unpacks to 67,1\d\d,\d\d\d bytes, more than"):
+        mantranet_torch.load(path)
+    with pytest.raises(ConversionError, match=r"bomb.pt: its archive unpacks to"):
+        read_checkpoint(path)
+
+
+def with_metadata(ours: Path, target: Path, key: str, value: str) -> Path:
+    """``ours`` with one metadata entry replaced."""
+    data = ours.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"][key] = value
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    target.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+    return target
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"first_block_filters": 10**9}, "first_block_filters must exceed 12 and be at most 4096"),
+        ({"first_block_filters": 1e999}, "malformed ManTraNet config .*OverflowError|cannot convert float infinity"),
+        ({"window_sizes": [7, 15, 10**9 + 1]}, "window_sizes must be 1 to 16 odd positive integers up to 4095"),
+        ({"first_block_filters": 32}, r"does not fit ManTraNet .*featex.b1c1.regular_kernel: expected shape"),
+    ],
+)
+def test_a_config_in_the_metadata_cannot_make_a_huge_model(ours, tmp_path, config, message) -> None:
+    _, base, _ = mantranet_torch.weights.read_model_weights(ours)
+    text = json.dumps({**base.to_dict(), **config}).replace("Infinity", "1e999")
+    bad = with_metadata(ours, tmp_path / "bad.safetensors", mantranet_torch.weights.CONFIG_KEY, text)
+    with pytest.raises(WeightFileError, match=rf"{bad}: .*({message})"):
+        mantranet_torch.load(bad)
+
+
+def test_float64_tensors_load_with_a_note(ours, tmp_path, image, capsys) -> None:
+    tensors, config, _ = mantranet_torch.weights.read_model_weights(ours)
+    wide = tmp_path / "wide.safetensors"
+    wide.write_bytes(encode_safetensors({k: v.double() for k, v in tensors.items()}, config, {}))
+    with pytest.warns(mantranet_torch.weights.WeightCastWarning, match=r"wide.safetensors: weights stored as float64"):
+        model = mantranet_torch.load(wide)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tensors.items())
+    assert main(["detect", str(image), "-w", str(wide), "-o", str(tmp_path / "maps")]) == 0
+    assert "note: " in capsys.readouterr().err
