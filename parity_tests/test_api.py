@@ -102,3 +102,17 @@ def test_reference_drift_is_explained_not_failed() -> None:
     assert report.passed
     assert "explained: nestedAvgFeatex: 4 in local mode over tolerance against the official code" in table
     assert "integral images" in table
+
+
+def test_any_side_is_a_candidate(h5) -> None:
+    # Our TensorFlow reference compared with itself through the Side protocol (as an exported graph's runtime
+    # would be): every layer identical, so the comparison is exact (max abs 0) and passes.
+    import reference
+    from parity_tests.sides import ReferenceSide
+
+    side = ReferenceSide(reference.load(h5))
+    run = run_parity(h5, [builtin_images(SIZE)[0].pixels], candidate=side, modes=["local"])
+    assert run.passed and run.torch["description"] == "ReferenceSide"
+    assert all(layer.local.max_abs == 0 for layer in run.images[0].report.layers)
+    with pytest.raises(ParityInputError, match="neither FILE.py:FACTORY, an nn.Module nor a Side"):
+        run_parity(h5, [builtin_images(SIZE)[0].pixels], candidate=42)
