@@ -9,8 +9,8 @@ from .keras_h5 import FULL_MODEL, WEIGHTS_ONLY, KerasWeights, read_keras_h5
 from .legacy import EarlierPortWarning, load_earlier_port
 from .load import load_weights
 from .mapping import MAPPING, keras_to_torch, torch_to_keras
-from .pretrained import FetchResult, PretrainedError, fetch, list_weights, pretrained
 from .synthetic import synthetic_keras_weights
+from .trained import FetchResult, PretrainedError, fetch, list_weights, pretrained
 
 __all__ = [
     "FULL_MODEL",

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
+from mantranet_torch.files import file_problem
 from mantranet_torch.weights import (
     HDF5,
     PYTORCH,
@@ -52,8 +53,9 @@ def load_weights(
     if not paths:
         raise ConversionError("no weight file given")
     for p in paths:
-        if not p.is_file():
-            raise WeightFileError(f"{p}: no such file")
+        problem = file_problem(p)
+        if problem:
+            raise WeightFileError(f"{p}: {problem}")
     if variant is not None and variant not in RELEASES:
         raise ConversionError(f"variant {variant}: no such release; releases are {sorted(RELEASES)}")
     first = paths[0]

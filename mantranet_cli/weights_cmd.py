@@ -10,8 +10,8 @@ from converter.convert import FORMATS
 from converter.download import DEADLINE_S, DownloadError
 from converter.file_record import EARLIER_PORT, OFFICIAL, identify
 from converter.official_code import fetch_official_code
-from converter.pretrained import fetch, list_weights
 from converter.releases import official_code, official_code_path, official_release
+from converter.trained import fetch, list_weights
 
 from . import progress
 from .errors import CommandError

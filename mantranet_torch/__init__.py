@@ -12,7 +12,7 @@ __version__ = "0.2.0"
 def pretrained(release: int = 4, **options: object) -> ManTraNet:
     """Official release ``release`` (0-4) as a trained model in eval mode: downloaded, verified, converted and
     cached per user on first use (see ``converter.pretrained``, which takes the same arguments)."""
-    from converter.pretrained import pretrained as load_release  # at call time: this package imports none of ours
+    from converter.trained import pretrained as load_release  # at call time: this package imports none of ours
 
     return load_release(release, **options)
 
