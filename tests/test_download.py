@@ -20,6 +20,7 @@ from tests.weights_server import (
     DROP_ONCE,
     NO_RANGE,
     RANGE,
+    SLOW_HEADERS,
     STALL,
     TRICKLE,
     TRUNCATE,
@@ -249,6 +250,14 @@ def test_a_stalled_server_meets_the_deadline_within_one_read(server, tmp_path) -
     with pytest.raises(DownloadError, match=r"not done within the 1 s allowed"):
         download(url, tmp_path / "w.h5", SHA1, timeout_s=60.0, deadline_s=1.0)
     assert time.monotonic() - started < 5  # the socket read was bounded by what was left of the deadline
+
+
+def test_headers_trickled_forever_meet_the_deadline(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY, SLOW_HEADERS, delay=0.1)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"not done within the 1 s allowed \(--timeout\), after 0 bytes"):
+        download(url, tmp_path / "w.h5", SHA1, timeout_s=60.0, deadline_s=1.0)
+    assert time.monotonic() - started < 3
 
 
 def test_a_server_sending_more_than_any_weight_file_is_cut_off(server, tmp_path) -> None:
