@@ -124,7 +124,10 @@ def download(
     Raises ``DownloadError``.
     """
     target = Path(target)
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError as e:
+        raise DownloadError(f"{url}: not a valid URL ({e})") from None
     if scheme not in SCHEMES:
         raise DownloadError(f"{url}: only http:// and https:// URLs are downloaded (not {scheme or 'a bare path'})")
     if deadline_s is not None and not (math.isfinite(deadline_s) and deadline_s > 0):

@@ -610,3 +610,13 @@ def test_float64_tensors_load_with_a_note(ours, tmp_path, image, capsys) -> None
     assert all(torch.equal(model.state_dict()[k], v) for k, v in tensors.items())
     assert main(["detect", str(image), "-w", str(wide), "-o", str(tmp_path / "maps")]) == 0
     assert "note: " in capsys.readouterr().err
+
+
+def test_odd_arguments_are_clear_errors(ours, image, tmp_path, capsys) -> None:
+    assert main(["detect", str(image), "-w", str(ours), "--max-pixels", "-1", "-o", str(tmp_path / "m")]) == 1
+    assert "--max-pixels -1: must be at least 1" in one_line_error(capsys, "detect")
+    assert main(["weights", "fetch", "4", "--url", "http://[::1", "-o", str(tmp_path / "w")]) == 1
+    assert "http://[::1: not a valid URL (Invalid IPv6 URL)" in one_line_error(capsys, "weights")
+    assert main(["convert", str(ours), "-o", str(tmp_path / "c")]) == 1
+    assert "a .safetensors file is already PyTorch weights" in one_line_error(capsys, "convert", ours)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists() and not (tmp_path / "c").exists()
