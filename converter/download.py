@@ -233,6 +233,8 @@ def transfer(url: str, part: Path, progress: Progress | None, limits: Limits | f
     """Download ``url`` into ``part``, continuing what is already there; returns the bytes reused."""
     if not isinstance(limits, Limits):  # a per-operation timeout alone
         limits = Limits(float(limits), DEADLINE_S, MIN_RATE, MAX_BYTES)
+    if part.is_symlink():  # appending through it would write wherever it points
+        raise DownloadError(f"{part}: a symbolic link, not a partial download; remove it")
     if os.path.lexists(part) and file_problem(part):
         raise DownloadError(f"{part}: {file_problem(part)}; it is in the way of the download")
     try:

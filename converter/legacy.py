@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
-from mantranet_torch.files import file_problem
+from mantranet_torch.files import file_problem, listing
 from mantranet_torch.layers import STD_FLOOR, bayar_constraint, l2_normalize_tf, srm_kernels
 from mantranet_torch.model import DETECTOR_CHANNELS, FEATURE_CHANNELS, LSTM_HIDDEN
 from mantranet_torch.weights import WeightFileError, check_pt_size, check_weight_values, torch_load_reason
@@ -260,8 +260,7 @@ def check_part(path: Path, part: str, tensors: dict[str, Tensor], config: ManTra
     ]
     if problems:
         raise ConversionError(
-            f"{path}: does not match the earlier port's {PART_NAMES[part]} for {describe(config)}: "
-            + "; ".join(problems)
+            f"{path}: does not match the earlier port's {PART_NAMES[part]} for {describe(config)}: " + listing(problems)
         )
     try:
         check_weight_values(tensors, str(path), {k: f"key {k}" for k in tensors})

@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from .config import ManTraNetConfig
-from .files import file_problem, one_paragraph, os_reason
+from .files import file_problem, listing, one_paragraph, os_reason
 from .model import ManTraNet
 
 CONFIG_KEY = "mantranet.config"
@@ -269,11 +269,15 @@ def state_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
 def model_from_state_dict(state: dict[str, Tensor], config: ManTraNetConfig, source: str) -> ManTraNet:
     """``ManTraNet(config)`` holding ``state`` (loaded strictly), in eval mode; a misfit names ``source``."""
     shapes = state_shapes(config)  # the shapes first, without allocating: a config may declare a huge model
-    wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
-    if wrong:
-        found = "; ".join(f"{k}: expected shape {shapes[k]}, found {tuple(state[k].shape)}" for k in wrong[:3])
-        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {found}{more}")
+    problems = [f"missing key {k}" for k in shapes if k not in state]
+    problems += [f"unexpected key {k}" for k in state if k not in shapes]
+    problems += [
+        f"{k}: expected shape {shapes[k]}, found {tuple(v.shape)}"
+        for k, v in state.items()
+        if k in shapes and tuple(v.shape) != shapes[k]
+    ]
+    if problems:
+        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {listing(problems)}")
     model = ManTraNet(config)
     try:
         model.load_state_dict(state, strict=True)

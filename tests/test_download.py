@@ -290,3 +290,13 @@ def test_a_folder_in_place_of_the_target_is_named(server, tmp_path) -> None:
     (tmp_path / "w.h5").mkdir()
     with pytest.raises(DownloadError, match=r"w.h5: a folder, not a file; it is in the way of the download"):
         download(url, tmp_path / "w.h5", SHA1, force=True)
+
+
+def test_a_part_that_is_a_symbolic_link_is_never_written_through(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "w.h5.part").symlink_to(victim)
+    with pytest.raises(DownloadError, match=r"w.h5.part: a symbolic link, not a partial download"):
+        download(url, tmp_path / "w.h5", SHA1)
+    assert victim.read_text() == "keep me"

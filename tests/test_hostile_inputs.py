@@ -620,3 +620,27 @@ def test_odd_arguments_are_clear_errors(ours, image, tmp_path, capsys) -> None:
     assert main(["convert", str(ours), "-o", str(tmp_path / "c")]) == 1
     assert "a .safetensors file is already PyTorch weights" in one_line_error(capsys, "convert", ours)
     assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists() and not (tmp_path / "c").exists()
+
+
+def test_crafted_lists_are_refused_before_any_walk(h5, tmp_path) -> None:
+    path = copy(h5, tmp_path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["layer_names"] = np.array([b"img_in"] * 5000)  # within the 64 KB of an attribute
+    with pytest.raises(ConversionError, match=r"5000 layers listed, more than any Keras model"):
+        read_keras_h5(path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["layer_names"] = np.array([b"img_in", b"Featex", b"img_in"])
+    with pytest.raises(ConversionError, match=r"layer 'img_in' is listed twice in layer_names"):
+        read_keras_h5(path)
+
+
+def test_a_state_dict_with_thousands_of_strangers_gets_a_short_message(ours, tmp_path) -> None:
+    tensors, config, _ = mantranet_torch.weights.read_model_weights(ours)
+    crowded = tmp_path / "crowded.safetensors"
+    crowded.write_bytes(
+        encode_safetensors({**tensors, **{f"extra.{i}": torch.zeros(1) for i in range(5000)}}, config, {})
+    )
+    with pytest.raises(WeightFileError) as error:
+        mantranet_torch.load(crowded)
+    message = str(error.value)
+    assert "unexpected key extra.0; " in message and message.endswith("and 4995 more") and len(message) < 1000
