@@ -125,7 +125,7 @@ def read_keras_h5(path: str | Path, check: LayoutCheck | None = None) -> KerasWe
     if problem:
         raise ConversionError(f"{path}: {problem}")
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r", locking=False)  # reading needs no lock; some filesystems have none
     except H5PY_ERRORS as e:
         raise ConversionError(f"{path}: not an HDF5 file ({_h5_reason(e)})") from None
     try:
@@ -188,15 +188,14 @@ def _read_open_file(path: Path, f: h5py.File, check: LayoutCheck | None) -> Kera
     """``read_keras_h5`` on an open file; ConversionErrors without the path (the caller adds it)."""
     if _string_attr(f.attrs, "layer_names") is not None:
         root, layout, where = f, WEIGHTS_ONLY, "the root"
-    elif (model_weights := _resolve(f, f, "model_weights", "group model_weights")) is not None and (
-        isinstance(model_weights, h5py.Group) and _string_attr(model_weights.attrs, "layer_names", "model_weights")
-    ) is not None:
-        root, layout, where = model_weights, FULL_MODEL, "model_weights"
     else:
-        raise ConversionError(
-            "not a Keras weight file: neither a root attribute 'layer_names' (weights-only layout) "
-            "nor a group 'model_weights' with one (full-model layout)"
-        )
+        group = _resolve(f, f, "model_weights", "group model_weights")
+        if not isinstance(group, h5py.Group) or _string_attr(group.attrs, "layer_names", "model_weights") is None:
+            raise ConversionError(
+                "not a Keras weight file: neither a root attribute 'layer_names' (weights-only layout) "
+                "nor a group 'model_weights' with one (full-model layout)"
+            )
+        root, layout, where = group, FULL_MODEL, "model_weights"
     layer_names = _string_attr(root.attrs, "layer_names", where) or []
     if len(layer_names) > MAX_LAYERS:
         raise ConversionError(f"{len(layer_names)} layers listed, more than any Keras model of this kind has")
