@@ -27,10 +27,6 @@ def record_key(**parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def content_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 @dataclass
 class Record:
     """What one image (under one perturbation and backend) contributes: JSON-able fields and a few arrays."""

@@ -39,9 +39,20 @@ def l2_normalize_tf(x: Tensor, dim: int = 1) -> Tensor:
     return x * torch.rsqrt(torch.clamp(square_sum, min=L2_EPSILON))
 
 
+def recording() -> bool:
+    """True while ``torch.compile``, ``torch.export`` (and so the ONNX exporter) or TorchScript records the model.
+
+    The layers then take their shape-generic form: one graph for every image size (no branch on a size, no
+    image-by-image loop over the batch) and no writes into strided views. Same arithmetic as in eager mode, where
+    the layers keep their faster, leaner form.
+    """
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
 def _symmetric_index(size: int, pad: int, device: torch.device) -> Tensor:
     """Indices of the periodic symmetric extension (as numpy's ``mode='symmetric'``)."""
-    idx = torch.arange(-pad, size + pad, device=device) % (2 * size)
+    period = _scalar(2 * size, torch.int64, device)  # a tensor: exporters take no symbolic scalar divisor
+    idx = torch.remainder(torch.arange(-pad, size + pad, device=device), period)
     return torch.where(idx < size, idx, 2 * size - 1 - idx)
 
 
@@ -63,6 +74,9 @@ def symmetric_pad(x: Tensor, pad: int) -> Tensor:
     """
     if pad == 0:
         return x
+    if recording():  # one gather per side, valid for any size (a 1-pixel side under the 5x5 layer too)
+        x = x.index_select(-1, _symmetric_index(x.shape[-1], pad, x.device))
+        return x.index_select(-2, _symmetric_index(x.shape[-2], pad, x.device))
     return _symmetric_pad_dim(_symmetric_pad_dim(x, pad, -1), pad, -2)
 
 
@@ -73,8 +87,14 @@ def symmetric_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     the outermost k//2 rows and columns, the only outputs that see the padding, are recomputed from
     symmetrically padded strips. Same sums, without a full-size padded copy of every activation.
     """
+    if recording():
+        return F.conv2d(symmetric_pad(x, weight.shape[-1] // 2), weight, bias)
     if x.shape[0] > 1:  # image by image: oneDNN's batched kernels sum in another order than its single-image ones
-        return torch.cat([symmetric_conv2d(x[i : i + 1], weight, bias) for i in range(x.shape[0])])
+        return torch.cat([_symmetric_conv2d_image(x[i : i + 1], weight, bias) for i in range(x.shape[0])])
+    return _symmetric_conv2d_image(x, weight, bias)
+
+
+def _symmetric_conv2d_image(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     pad = weight.shape[-1] // 2
     x = x.contiguous(memory_format=torch.channels_last)
     h, w = x.shape[-2:]
@@ -192,8 +212,19 @@ class ImageStatistics:
 
     @classmethod
     def of(cls, x: Tensor) -> ImageStatistics:
-        var, mean = torch.var_mean(x.to(torch.float64), dim=(2, 3), correction=0)
+        x = x.to(torch.float64)
+        if recording():  # two passes over sums divided by an explicit float64 count (exporters type H*W as float32)
+            count = _scalar(x.shape[-2] * x.shape[-1], x.dtype, x.device)
+            mean = x.sum(dim=(2, 3)) / count
+            var = (x - mean[:, :, None, None]).square().sum(dim=(2, 3)) / count
+        else:
+            var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
         return cls(mean, var.sqrt())
+
+
+def _scalar(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A size (a symbolic one while recording) as a 0-d tensor: counted in int64, then cast to ``dtype``."""
+    return torch.scalar_tensor(size, dtype=torch.int64, device=device).to(dtype)
 
 
 class GlobalStd(nn.Module):
@@ -215,6 +246,9 @@ def window_means(x: Tensor, window_sizes: tuple[int, ...]) -> Iterator[Tensor]:
     float64 integral image serves every window, so the rounding error does not grow with image size
     as the original's float32 integral image does. Yields one float64 tensor per window.
     """
+    if recording():
+        yield from _window_means_recorded(x, window_sizes)
+        return
     h, w = x.shape[-2:]
     r = max(window_sizes) // 2
     # One extra zero row/column in front makes ii[i] the sum of everything before padded index i.
@@ -231,6 +265,19 @@ def window_means(x: Tensor, window_sizes: tuple[int, ...]) -> Iterator[Tensor]:
         yield box.div_(_window_counts(h, q, x.device)[:, None] * _window_counts(w, q, x.device))
 
 
+def _window_means_recorded(x: Tensor, window_sizes: tuple[int, ...]) -> Iterator[Tensor]:
+    """``window_means`` without in-place writes, for any size: the same sums in the same order."""
+    h, w = x.shape[-2:]
+    r = max(window_sizes) // 2
+    ii = F.pad(x.to(torch.float64), (r + 1, r, r + 1, r)).cumsum(dim=-2).cumsum(dim=-1)
+    for k in window_sizes:
+        q = k // 2
+        lo, hi = r - q, r + q + 1
+        box = ii[..., hi : hi + h, hi : hi + w] - ii[..., lo : lo + h, hi : hi + w]
+        box = box - ii[..., hi : hi + h, lo : lo + w] + ii[..., lo : lo + h, lo : lo + w]
+        yield box / (_window_counts(h, q, x.device)[:, None] * _window_counts(w, q, x.device))
+
+
 def _zeros_in_layout_of(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """Zeros of ``shape``, channels-last when x is (elementwise work on mixed layouts is several times slower)."""
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -239,9 +286,12 @@ def _zeros_in_layout_of(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -
 
 
 def _window_counts(size: int, q: int, device: torch.device) -> Tensor:
-    """How many of the positions y-q .. y+q lie inside [0, size), for each y."""
-    y = torch.arange(size, device=device, dtype=torch.float64)
-    return torch.clamp(y + q, max=size - 1) - torch.clamp(y - q, min=0) + 1
+    """How many of the positions y-q .. y+q lie inside [0, size), for each y, as float64.
+
+    Counted in int64 and then cast: a float64 range of a symbolic size would be recorded as float32.
+    """
+    y = torch.arange(size, device=device)
+    return (torch.clamp(y + q, max=size - 1) - torch.clamp(y - q, min=0) + 1).to(torch.float64)
 
 
 class WindowDeviations(nn.Module):
@@ -257,6 +307,10 @@ class WindowDeviations(nn.Module):
 
     def forward(self, x: Tensor, stats: ImageStatistics | None = None) -> Tensor:
         mean = (stats or ImageStatistics.of(x)).mean
+        if recording():
+            xd = x.to(torch.float64)
+            steps = [*window_means(x, self.window_sizes), mean[:, :, None, None]]
+            return torch.stack([(m - xd).to(x.dtype) for m in steps], dim=1)
         out = _steps_in_layout_of(x, len(self.window_sizes) + 1)
         xd = x.to(torch.float64)  # differences in float64, rounded once to x's dtype
         for step, m in enumerate(window_means(x, self.window_sizes)):
