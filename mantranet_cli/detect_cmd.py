@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--tile {args.tile}: tiles must be at least {MIN_TILE} pixels")
     if args.max_memory is not None and not (math.isfinite(args.max_memory) and 0 < args.max_memory <= MAX_MEMORY_GB):
         raise CommandError(f"--max-memory {args.max_memory}: must be a number of GB, > 0 and <= {MAX_MEMORY_GB:,.0f}")
+    if args.max_pixels < 1:
+        raise CommandError(f"--max-pixels {args.max_pixels}: must be at least 1")
     images = find_images(args.inputs, skip=args.output)
     if not images:
         raise CommandError(f"no images found in {', '.join(str(p) for p in args.inputs)}")

@@ -25,6 +25,7 @@ from parity_tests.tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES
 from . import progress
 from .errors import BAD_INPUT, CommandError
 
+SUSPECT_ERROR = 1e-2  # a suggested module this far from the reference (relative to its scale) is flagged
 TRACE_STEPS = 10  # the reference's trace, counted as this many layer steps for the progress estimate
 
 
@@ -204,14 +205,17 @@ def run_suggest(args: argparse.Namespace) -> int:
         )
     except ParityInputError as e:
         raise CommandError(str(e), BAD_INPUT) from None
-    print(f"{'layer':<16}{'module':<32}{'layout':<8}{'output':<8}{'rel. error':>11}  modules of that shape")
+    width = max([len(s.entry.module) for s in suggestions if s.entry is not None] + [len("module")]) + 2
+    print(f"{'layer':<16}{'module':<{width}}{'layout':<8}{'output':<8}{'rel. error':>11}  modules of that shape")
     for s in suggestions:
         if s.entry is None:
-            print(f"{s.layer:<16}{'(none: unmapped)':<32}{'':<8}{'':<8}{'-':>11}  {'; '.join(s.why)}")
+            print(f"{s.layer:<16}{'(none: unmapped)':<{width}}{'':<16}{'-':>11}  {'; '.join(s.why)}")
             continue
         output = "-" if s.entry.output is None else json.dumps(s.entry.output)
-        row = f"{s.layer:<16}{s.entry.module:<32}{s.entry.layout:<8}{output:<8}{s.relative_error:>11.1e}"
-        print(f"{row}  {s.alternatives}")
+        check = "  <- check: far from the reference" if s.relative_error > SUSPECT_ERROR else ""
+        check += "" if s.entry.local else "  (local mode off: not this layer alone)"
+        row = f"{s.layer:<16}{s.entry.module:<{width}}{s.entry.layout:<8}{output:<8}{s.relative_error:>11.1e}"
+        print(f"{row}  {s.alternatives}{check}")
     try:
         write_bytes_atomic(args.suggest_map, (json.dumps(mapping.to_dict(), indent=2) + "\n").encode(), force=True)
     except (ConversionError, OSError) as e:

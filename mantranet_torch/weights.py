@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from .config import ManTraNetConfig
-from .files import file_problem, one_paragraph, os_reason
+from .files import file_problem, listing, one_paragraph, os_reason
 from .model import ManTraNet
 
 CONFIG_KEY = "mantranet.config"
@@ -208,6 +208,17 @@ def torch_load_reason(error: Exception, path: str | Path) -> str:
     return f"not a plain PyTorch state dict (torch.load with weights_only=True: {reason})"
 
 
+def _tensor_kind(value: Tensor) -> str | None:
+    """What makes a tensor unusable as weights: nested, sparse, or without data (meta); None for a dense one."""
+    if value.is_nested:
+        return "nested"
+    if value.layout != torch.strided:
+        return f"{value.layout}".removeprefix("torch.")
+    if value.device.type == "meta":
+        return "meta (data-less)"
+    return None
+
+
 def check_weight_values(
     values: Mapping[str, Tensor | np.ndarray], source: str, names: Mapping[str, str] | None = None
 ) -> None:
@@ -219,6 +230,9 @@ def check_weight_values(
     for key, value in values.items():
         name = (names or {}).get(key, key)
         if isinstance(value, Tensor):
+            kind = _tensor_kind(value)
+            if kind:
+                raise WeightFileError(f"{source}: {name} is a {kind} tensor, expected a dense one holding its values")
             if not value.is_floating_point():
                 raise WeightFileError(f"{source}: {name} has dtype {value.dtype}, expected floating point")
             as_float32 = value.detach().to("cpu", torch.float32).numpy()
@@ -299,18 +313,22 @@ def state_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
 
 def model_from_state_dict(state: dict[str, Tensor], config: ManTraNetConfig, source: str) -> ManTraNet:
     """``ManTraNet(config)`` holding ``state`` (loaded strictly), in eval mode; a misfit names ``source``."""
-    shapes = state_shapes(config)  # the shapes first, without allocating: a config may declare a huge model
-    wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
-    if wrong:
-        found = "; ".join(f"{k}: expected shape {shapes[k]}, found {tuple(state[k].shape)}" for k in wrong[:3])
-        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {found}{more}")
+    check_weight_values(state, source)  # first: a nested or sparse tensor has no shape to compare
+    shapes = state_shapes(config)  # then the shapes, without allocating: a config may declare a huge model
+    problems = [f"missing key {k}" for k in shapes if k not in state]
+    problems += [f"unexpected key {k}" for k in state if k not in shapes]
+    problems += [
+        f"{k}: expected shape {shapes[k]}, found {tuple(v.shape)}"
+        for k, v in state.items()
+        if k in shapes and tuple(v.shape) != shapes[k]
+    ]
+    if problems:
+        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {listing(problems)}")
     model = ManTraNet(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {one_paragraph(str(e))}") from None
-    check_weight_values(state, source)
     cast = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.dtype != torch.float32})
     if cast:
         warnings.warn(

@@ -20,6 +20,7 @@ from tests.weights_server import (
     DROP_ONCE,
     NO_RANGE,
     RANGE,
+    SLOW_HEADERS,
     STALL,
     TRICKLE,
     TRUNCATE,
@@ -230,6 +231,14 @@ def test_a_stalled_server_meets_the_deadline_within_one_read(server, tmp_path) -
     assert time.monotonic() - started < 5  # the socket read was bounded by what was left of the deadline
 
 
+def test_headers_trickled_forever_meet_the_deadline(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY, SLOW_HEADERS, delay=0.1)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"not done within the 1 s allowed \(--timeout\), after 0 bytes"):
+        download(url, tmp_path / "w.h5", SHA1, timeout_s=60.0, deadline_s=1.0)
+    assert time.monotonic() - started < 3
+
+
 def test_a_server_sending_more_than_any_weight_file_is_cut_off(server, tmp_path) -> None:
     url = server.add("/w.h5", BODY)
     with pytest.raises(DownloadError, match=rf"announces {len(BODY)} bytes, more than the 1000 any weight file takes"):
@@ -260,3 +269,13 @@ def test_a_folder_in_place_of_the_target_is_named(server, tmp_path) -> None:
     (tmp_path / "w.h5").mkdir()
     with pytest.raises(DownloadError, match=r"w.h5: a folder, not a file; it is in the way of the download"):
         download(url, tmp_path / "w.h5", SHA1, force=True)
+
+
+def test_a_part_that_is_a_symbolic_link_is_never_written_through(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "w.h5.part").symlink_to(victim)
+    with pytest.raises(DownloadError, match=r"w.h5.part: a symbolic link, not a partial download"):
+        download(url, tmp_path / "w.h5", SHA1)
+    assert victim.read_text() == "keep me"
