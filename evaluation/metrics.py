@@ -3,11 +3,14 @@
 ROC curves and areas come from scikit-learn. The fixed-threshold scores (F1, IoU, MCC) are computed from
 one confusion count per image, so that they can be summed over a dataset (pooled F1) and kept in the result
 store; tests check them against scikit-learn's ``f1_score``, ``jaccard_score`` and ``matthews_corrcoef``.
+The pooled ROC merges each image's exact score distribution (``ScoreDistribution``): scikit-learn would need
+every pixel of the dataset in memory at once.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -15,7 +18,6 @@ import numpy as np
 from sklearn.metrics import auc, balanced_accuracy_score, roc_auc_score, roc_curve
 
 THRESHOLD = 0.5  # a pixel (or image) is called forged when its likelihood is above this
-HISTOGRAM_LEVELS = 65536  # pooled ROC: likelihoods at 16-bit resolution, round(p * 65535)
 IMAGE_SCORES = ("max", "mean", "p99")
 ImageScore = Literal["max", "mean", "p99"]
 PIXEL_METRICS = ("pixel_auc", "pixel_f1_fixed", "pixel_f1_best", "pixel_iou_fixed", "pixel_mcc_fixed")
@@ -97,38 +99,111 @@ def pixel_scores(likelihood: np.ndarray, mask: np.ndarray) -> PixelScores:
     return PixelScores(area, confusion.f1(), f1_best, best_threshold, confusion.iou(), confusion.mcc(), confusion)
 
 
-def levels(likelihood: np.ndarray) -> np.ndarray:
-    """Likelihoods at the pooled ROC's 16-bit resolution: round(p * 65535), in float64."""
-    return np.rint(np.clip(likelihood.astype(np.float64), 0.0, 1.0) * (HISTOGRAM_LEVELS - 1)).astype(np.int64)
+@dataclass(frozen=True)
+class ScoreDistribution:
+    """Likelihoods exactly, as a sorted list of distinct float32 values with how many forged and how many
+    authentic pixels have each: an image's pixels, or a dataset's merged. Its size is the number of distinct
+    values, not of pixels, and it gives the pooled ROC curve and AUC exactly as over the pixels themselves."""
+
+    values: np.ndarray  # float32, ascending, distinct
+    forged: np.ndarray  # int64 counts
+    authentic: np.ndarray  # int64 counts
+
+    @classmethod
+    def of(cls, likelihood: np.ndarray, mask: np.ndarray) -> ScoreDistribution:
+        """The distribution of a map (as float32, the saved maps' type) against a bool mask of its shape."""
+        values, inverse = np.unique(likelihood.astype(np.float32, copy=False).ravel(), return_inverse=True)
+        inverse = inverse.ravel()
+        total = np.bincount(inverse, minlength=values.size)
+        forged = np.bincount(inverse[mask.ravel()], minlength=values.size)
+        return cls(values, forged.astype(np.int64), (total - forged).astype(np.int64))
+
+    @classmethod
+    def empty(cls) -> ScoreDistribution:
+        return cls(np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return int(self.values.size)
+
+    def to_arrays(self, prefix: str = "scores") -> dict[str, np.ndarray]:
+        """For the store, losslessly and compactly: the values as steps between consecutive values' order keys
+        (small integers that compress to about a quarter less than the floats), the counts in the narrowest
+        unsigned type that holds them (most are 1)."""
+
+        def narrow(counts: np.ndarray) -> np.ndarray:
+            return counts.astype(np.min_scalar_type(int(counts.max(initial=0))))
+
+        steps = np.diff(_order_keys(self.values), prepend=np.uint32(0))
+        return {f"{prefix}_steps": steps, f"{prefix}_forged": narrow(self.forged),
+                f"{prefix}_authentic": narrow(self.authentic)}  # fmt: skip
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "scores") -> ScoreDistribution:
+        steps = arrays[f"{prefix}_steps"]
+        forged, authentic = arrays[f"{prefix}_forged"], arrays[f"{prefix}_authentic"]
+        if not (steps.dtype == np.uint32 and steps.ndim == 1 and forged.shape == authentic.shape == steps.shape):
+            raise ValueError(f"{prefix}: not a score distribution ({steps.dtype} {steps.shape}, {forged.shape}, "
+                             f"{authentic.shape})")  # fmt: skip
+        values = _from_order_keys(np.cumsum(steps, dtype=np.uint32))
+        return cls(values, forged.astype(np.int64), authentic.astype(np.int64))
+
+    def auc(self) -> float | None:
+        """ROC AUC: P(forged > authentic) + P(tie) / 2 over all (forged, authentic) pixel pairs (Mann-Whitney,
+        as ``roc_auc_score`` counts ties); None unless both classes are present. Counts are exact integers; the
+        products and their (pairwise) sum are float64, off by a few units in the 16th digit."""
+        positives, negatives = int(self.forged.sum()), int(self.authentic.sum())
+        if not positives or not negatives:
+            return None
+        below = np.cumsum(self.authentic) - self.authentic  # authentic pixels with a lower value
+        pairs = self.forged.astype(np.float64) * (below.astype(np.float64) + 0.5 * self.authentic)
+        return float(np.sum(pairs) / (float(positives) * float(negatives)))
+
+    def roc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(false positive rate, true positive rate, precision) with each distinct value as threshold (a pixel
+        called forged when its value is >= it), highest first, after the point (0, 0) with precision 1."""
+        tp = np.cumsum(self.forged[::-1]).astype(np.float64)
+        fp = np.cumsum(self.authentic[::-1]).astype(np.float64)
+        fpr = fp / max(fp[-1], 1.0) if fp.size else fp
+        tpr = tp / max(tp[-1], 1.0) if tp.size else tp
+        precision = tp / np.maximum(tp + fp, 1.0)
+        return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr]), np.concatenate([[1.0], precision])
 
 
-def level_histograms(likelihood: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Counts of each 16-bit level among forged and among authentic pixels (for the pooled ROC)."""
-    q = levels(likelihood.ravel())
-    truth = mask.ravel()
-    forged = np.bincount(q[truth], minlength=HISTOGRAM_LEVELS)
-    authentic = np.bincount(q[~truth], minlength=HISTOGRAM_LEVELS)
-    return forged, authentic
+def _order_keys(values: np.ndarray) -> np.ndarray:
+    """float32 bit patterns as uint32 in the floats' order (negatives' bits flipped, positives' sign bit set)."""
+    bits = values.view(np.uint32)
+    return np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
 
 
-def histogram_auc(forged: np.ndarray, authentic: np.ndarray) -> float | None:
-    """ROC AUC of level counts: P(forged level > authentic level) + P(equal) / 2 (Mann-Whitney), in float64."""
-    positives, negatives = float(forged.sum()), float(authentic.sum())
-    if not positives or not negatives:
-        return None
-    below = np.cumsum(authentic, dtype=np.float64) - authentic
-    return float(np.sum(forged * (below + 0.5 * authentic)) / (positives * negatives))
+def _from_order_keys(keys: np.ndarray) -> np.ndarray:
+    bits = np.where(keys >> 31 == 1, keys & np.uint32(0x7FFFFFFF), ~keys).astype(np.uint32)
+    return bits.view(np.float32)
 
 
-def histogram_roc(forged: np.ndarray, authentic: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate, precision) at each level used, highest threshold first."""
-    used = np.flatnonzero((forged + authentic) > 0)[::-1]
-    tp = np.cumsum(forged[used], dtype=np.float64)
-    fp = np.cumsum(authentic[used], dtype=np.float64)
-    fpr = fp / max(fp[-1], 1.0)
-    tpr = tp / max(tp[-1], 1.0)
-    precision = tp / np.maximum(tp + fp, 1.0)
-    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr]), np.concatenate([[1.0], precision])
+def _union(parts: list[ScoreDistribution]) -> ScoreDistribution:
+    values = np.concatenate([p.values for p in parts])
+    order = np.argsort(values, kind="stable")  # Timsort: the parts are sorted runs, merged in linear time
+    values = values[order]
+    starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))  # each distinct value's first
+
+    def summed(counts: list[np.ndarray]) -> np.ndarray:
+        return np.add.reduceat(np.concatenate(counts)[order], starts) if starts.size else np.zeros(0, np.int64)
+
+    forged, authentic = summed([p.forged for p in parts]), summed([p.authentic for p in parts])
+    return ScoreDistribution(values[starts], forged, authentic)
+
+
+def merge_distributions(distributions: Iterable[ScoreDistribution]) -> ScoreDistribution:
+    """One distribution of many, merged as they arrive. Partial merges are kept on a stack, each more than
+    twice as long as the one above it (as the digits of a binary counter), so memory stays within a small
+    multiple of the distinct values and each value is merged again only O(log n) times."""
+    stack: list[ScoreDistribution] = []
+    for distribution in distributions:
+        stack.append(distribution)
+        while len(stack) > 1 and len(stack[-2]) <= 2 * len(stack[-1]):
+            top = stack.pop()
+            stack.append(_union([stack.pop(), top]))
+    return _union(stack) if stack else ScoreDistribution.empty()
 
 
 def image_score(likelihood: np.ndarray, how: ImageScore) -> float:

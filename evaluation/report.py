@@ -15,7 +15,6 @@ from PIL import Image, ImageDraw
 from converter.atomic import write_files_atomic
 from parity_tests.plots import BACKGROUND, GRID, INK, colourize, font, png_bytes
 
-from .metrics import histogram_roc
 from .run import Evaluation
 
 PALETTE = ((31, 119, 180), (230, 120, 20), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
@@ -26,9 +25,9 @@ PLOT_SIDE = 420
 def write_report(evaluation: Evaluation, folder: Path) -> list[Path]:
     """Write roc.png, pr.png, best_worst.png and index.html into ``folder``; returns their paths."""
     curves = []
-    for (perturbation, backend), (forged, authentic) in evaluation.curves.items():
-        if forged.sum() and authentic.sum():
-            fpr, tpr, precision = histogram_roc(forged, authentic)
+    for (perturbation, backend), pooled in evaluation.curves.items():
+        if pooled.forged.sum() and pooled.authentic.sum():
+            fpr, tpr, precision = thinned(*pooled.roc())
             label = (perturbation or "none") + (" (tensorflow)" if backend != "torch" else "")
             curves.append((label, fpr, tpr, precision))
     files = {
@@ -41,6 +40,18 @@ def write_report(evaluation: Evaluation, folder: Path) -> list[Path]:
     files[folder / "index.html"] = _index(evaluation).encode()
     write_files_atomic(files, force=True)
     return list(files)
+
+
+def thinned(*curve: np.ndarray, points: int = 4 * PLOT_SIDE) -> list[np.ndarray]:
+    """A curve's vertices at most ``points`` apart along its length (the first and last kept): a pooled curve has
+    a vertex per distinct likelihood, millions on a large dataset, and a figure shows a few hundred pixels."""
+    size = curve[0].size
+    if size <= points:
+        return list(curve)
+    steps = np.sqrt(sum(np.diff(c) ** 2 for c in curve))  # in every coordinate drawn (ROC and PR)
+    length = np.concatenate([[0.0], np.cumsum(steps)])
+    keep = np.union1d(np.searchsorted(length, np.linspace(0.0, length[-1], points)), [0, size - 1])
+    return [c[keep] for c in curve]
 
 
 def _plot(title: str, x_label: str, y_label: str, series: list[tuple[str, np.ndarray, np.ndarray]]) -> Image.Image:

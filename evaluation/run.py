@@ -6,7 +6,7 @@ import csv
 import io
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
@@ -18,14 +18,14 @@ from converter.releases import bytes_digest, file_digests, release_by_hash
 from .datasets import Dataset, Entry
 from .engines import local_setup, run_local, run_ray
 from .metrics import (
-    HISTOGRAM_LEVELS,
     IMAGE_SCORES,
     METRICS,
     Confusion,
     PixelScores,
-    histogram_auc,
+    ScoreDistribution,
     image_level,
     mean_or_none,
+    merge_distributions,
 )
 from .perturb import Perturbation
 from .store import Record, ResultStore, record_key
@@ -76,7 +76,7 @@ class Evaluation:
     counts: dict[str, int]
     engine: dict
     seconds: float
-    curves: dict = field(default_factory=dict)  # (perturbation, backend) -> pooled level histograms
+    curves: dict = field(default_factory=dict)  # (perturbation, backend) -> pooled ScoreDistribution
     previews: dict = field(default_factory=dict)  # (name, perturbation, backend) -> 8-bit (map, mask) previews
 
     def row(self, perturbation: str | None = None, backend: str = TORCH) -> Row:
@@ -232,7 +232,7 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
             config.save_maps is None or map_path(config.save_maps, task.name, task.perturbation, task.backend).exists()
         )
         if record is not None and have_map and task.key not in todo:
-            records[task.key] = record
+            records[task.key] = _light(record)
             resumed += 1
         else:
             todo.setdefault(task.key, []).append(task)
@@ -252,7 +252,7 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
         else:
             store.put(outcome.task.key, outcome.record)
             computed += 1
-            records[outcome.task.key] = outcome.record
+            records[outcome.task.key] = _light(outcome.record)
             if config.save_maps is not None and outcome.likelihood is not None:
                 for task in tasks:
                     target = map_path(config.save_maps, task.name, task.perturbation, task.backend)
@@ -302,17 +302,19 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
     )
     for perturbation in rows:
         for backend in backends:
-            chosen = [
-                records[t.key]
+            keys = [
+                t.key
                 for e, t in wanted
                 if t.perturbation == perturbation
                 and t.backend == backend
                 and t.key in records
                 and e.name not in skipped
             ]
-            row, histograms = aggregate(chosen, config.image_score)
+            chosen = [records[key] for key in keys]
+            stored = (_distribution(store, key) for key in keys if records[key].fields["pixel"])
+            row, pooled = aggregate(chosen, config.image_score, stored)
             evaluation.rows.append(Row(perturbation, backend, row["metrics"], row["counts"]))
-            evaluation.curves[(perturbation, backend)] = histograms
+            evaluation.curves[(perturbation, backend)] = pooled
     for _, task in wanted:
         if task.key in records and task.perturbation is None and task.backend == TORCH:
             arrays = records[task.key].arrays
@@ -339,16 +341,28 @@ def _options(config: Config) -> dict:
     }
 
 
-def aggregate(records: list[Record], image_score: str) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
-    """The metrics of one row from its images' records, and the pooled level histograms."""
+def _light(record: Record) -> Record:
+    """A record without its score distribution (read back from the store one at a time when rows are merged)."""
+    return Record(record.fields, {k: v for k, v in record.arrays.items() if k.startswith("preview_")})
+
+
+def _distribution(store: ResultStore, key: str) -> ScoreDistribution:
+    record = store.get(key)
+    if record is None:
+        raise RuntimeError(f"{store.path(key)}: a record written in this run is gone or damaged; run again")
+    return ScoreDistribution.from_arrays(record.arrays)
+
+
+def aggregate(
+    records: list[Record], image_score: str, distributions: Iterable[ScoreDistribution] | None = None
+) -> tuple[dict, ScoreDistribution]:
+    """The metrics of one row from its images' records, and the row's pooled score distribution.
+    ``distributions``: the forged images' score distributions, in order (default: from the records' arrays)."""
     pixel = [PixelScores.from_dict(r.fields["pixel"]) for r in records if r.fields["pixel"]]
     aucs = [p.auc for p in pixel if p.auc is not None]
-    forged = np.zeros(HISTOGRAM_LEVELS, dtype=np.float64)
-    authentic = np.zeros(HISTOGRAM_LEVELS, dtype=np.float64)
-    for r in records:
-        if r.fields["pixel"]:
-            forged[r.arrays["forged_levels"].astype(np.int64)] += r.arrays["forged_counts"]
-            authentic[r.arrays["authentic_levels"].astype(np.int64)] += r.arrays["authentic_counts"]
+    if distributions is None:
+        distributions = (ScoreDistribution.from_arrays(r.arrays) for r in records if r.fields["pixel"])
+    pooled_scores = merge_distributions(distributions)
     pooled = sum((p.confusion for p in pixel), Confusion(0, 0, 0, 0))
     labels = [r.fields["label"] for r in records]
     scores = [r.fields["scores"][image_score] for r in records]
@@ -358,7 +372,7 @@ def aggregate(records: list[Record], image_score: str) -> tuple[dict, tuple[np.n
         "pixel_f1_best": mean_or_none([p.f1_best for p in pixel]),
         "pixel_iou_fixed": mean_or_none([p.iou_fixed for p in pixel]),
         "pixel_mcc_fixed": mean_or_none([p.mcc_fixed for p in pixel]),
-        "pooled_auc": histogram_auc(forged, authentic),
+        "pooled_auc": pooled_scores.auc(),
         "pooled_f1_fixed": pooled.f1() if pixel else None,
         **image_level(labels, scores),
     }
@@ -370,7 +384,7 @@ def aggregate(records: list[Record], image_score: str) -> tuple[dict, tuple[np.n
         "forged_with_mask": len(pixel),
         "pixel_auc_excluded": len(pixel) - len(aucs),
     }
-    return {"metrics": metrics, "counts": counts}, (forged, authentic)
+    return {"metrics": metrics, "counts": counts}, pooled_scores
 
 
 def write_outputs(evaluation: Evaluation, json_path: Path | None, csv_path: Path | None) -> None:

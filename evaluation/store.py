@@ -2,7 +2,9 @@
 
 A record's key is the SHA-256 of the image's content, its mask's content, the weights' git blob SHA-1 and
 every option that changes the result, so a rerun (on any machine, with any engine) finds exactly the work
-that is done, and a changed image, mask, weight file or option is computed afresh.
+that is done, and a changed image, mask, weight file or option is computed afresh. ``STORE_FORMAT`` is in
+every key and every file: records of another format (format 1 kept the pooled ROC's scores at 16-bit
+resolution) are never found, so they are computed again rather than mixed in.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from converter.atomic import write_bytes_atomic
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: exact score distributions (float32 values and counts) for the pooled ROC
 
 
 def record_key(**parts: object) -> str:
@@ -36,13 +38,18 @@ class Record:
 
     def encode(self) -> bytes:
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, __record__=np.array(json.dumps(self.fields)), **self.arrays)
+        np.savez_compressed(
+            buffer, __record__=np.array(json.dumps(self.fields)), __format__=np.array(STORE_FORMAT), **self.arrays
+        )
         return buffer.getvalue()
 
     @classmethod
     def decode(cls, data: bytes) -> Record:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files if k != "__record__"}
+            found = int(npz["__format__"]) if "__format__" in npz.files else 1
+            if found != STORE_FORMAT:
+                raise ValueError(f"a record of store format {found}; this version reads format {STORE_FORMAT}")
+            arrays = {k: npz[k] for k in npz.files if k not in ("__record__", "__format__")}
             return cls(json.loads(str(npz["__record__"])), arrays)
 
 
@@ -54,7 +61,7 @@ class ResultStore:
         return self.root / key[:2] / f"{key}.npz"
 
     def get(self, key: str) -> Record | None:
-        """The stored record, or None when absent or unreadable (a damaged file is computed again)."""
+        """The stored record, or None when absent, unreadable or of another format (computed again)."""
         path = self.path(key)
         try:
             return Record.decode(path.read_bytes())

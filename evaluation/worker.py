@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .masks import MaskError, MaskRule, decode_mask, fit_mask
-from .metrics import level_histograms, pixel_scores
+from .metrics import ScoreDistribution, pixel_scores
 from .perturb import Perturbation, resize_long_side
 from .store import Record
 
@@ -203,11 +203,7 @@ def score(task: Task, likelihood: np.ndarray, mask: np.ndarray | None) -> Record
         arrays["preview_mask"] = _preview(mask.astype(np.float32))
     if mask is not None and task.label == 1:
         fields["pixel"] = pixel_scores(likelihood, mask).to_dict()
-        forged, authentic = level_histograms(likelihood, mask)
-        for name, counts in (("forged", forged), ("authentic", authentic)):
-            used = np.flatnonzero(counts)
-            arrays[f"{name}_levels"] = used.astype(np.uint16)
-            arrays[f"{name}_counts"] = counts[used].astype(np.uint64)
+        arrays |= ScoreDistribution.of(likelihood, mask).to_arrays()  # for the pooled ROC, exactly
     return Record(fields, arrays)
 
 

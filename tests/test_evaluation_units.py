@@ -3,17 +3,25 @@ layout on a small fake tree, mask rules, perturbations."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.metrics import f1_score, jaccard_score, matthews_corrcoef, roc_auc_score
+from sklearn.metrics import f1_score, jaccard_score, matthews_corrcoef, roc_auc_score, roc_curve
 
 from evaluation import LAYOUTS, DatasetError, MaskError, MaskRule, Perturbation, PerturbationError, load_dataset
 from evaluation.masks import decode_mask, fit_mask
-from evaluation.metrics import Confusion, histogram_auc, image_level, level_histograms, levels, pixel_scores
+from evaluation.metrics import (
+    Confusion,
+    ScoreDistribution,
+    image_level,
+    merge_distributions,
+    pixel_scores,
+)
+from evaluation.store import Record
 
 EXACT = 1e-12  # the same counts reach both sides; only float64 rounding of a few divisions differs
 
@@ -70,21 +78,66 @@ def test_one_class_masks():
     assert full.f1_best == 1.0 and empty.f1_best == 0.0
 
 
-def test_pooled_auc_from_histograms_matches_sklearn_on_levels():
-    maps = [_maps(s, shape=(17 + s, 20)) for s in range(3)]
-    forged = authentic = 0
-    confusion = Confusion(0, 0, 0, 0)
-    for likelihood, mask in maps:
-        f, a = level_histograms(likelihood, mask)
-        forged, authentic = forged + f, authentic + a
-        confusion = confusion + Confusion.of(likelihood.ravel(), mask.ravel())
-    scores = np.concatenate([levels(m.ravel()) for m, _ in maps])
+def _shared_value_maps() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Maps whose values repeat within and across images (ties across images), two of them one class only."""
+    rng = np.random.default_rng(11)
+    palette = rng.random(40, dtype=np.float32)  # every map draws from these 40 values (and 0.5)
+    maps = []
+    for i, (shape, forged_share) in enumerate([((17, 20), 0.3), ((9, 30), 0.0), ((21, 19), 0.5), ((8, 8), 1.0)]):
+        likelihood = palette[rng.integers(0, 40 if i % 2 else 25, shape)]  # some values in only some images
+        likelihood[rng.random(shape) < 0.1] = 0.5
+        mask = rng.random(shape) < forged_share
+        likelihood[mask] = palette[np.minimum(rng.integers(0, 40, int(mask.sum())) + 5, 39)]  # a little signal
+        maps.append((likelihood, mask))
+    maps += [_maps(s, shape=(13 + s, 20)) for s in range(2)]  # and continuous values with their own ties
+    return maps
+
+
+def same(a: ScoreDistribution, b: ScoreDistribution) -> bool:
+    pairs = ((a.values, b.values), (a.forged, b.forged), (a.authentic, b.authentic))
+    return all(np.array_equal(x, y) and x.dtype == y.dtype for x, y in pairs)
+
+
+def test_pooled_auc_of_merged_distributions_equals_sklearn_on_all_pixels():
+    maps = _shared_value_maps()
     truth = np.concatenate([k.ravel() for _, k in maps])
-    assert histogram_auc(forged, authentic) == pytest.approx(roc_auc_score(truth, scores), abs=EXACT)
     raw = np.concatenate([m.ravel() for m, _ in maps])
+    distributions = [ScoreDistribution.of(m, k) for m, k in maps]
+    assert distributions[1].auc() is None and distributions[3].auc() is None  # one class only
+    for d in distributions:  # through the store's compact form and back, unchanged
+        back = ScoreDistribution.from_arrays(Record.decode(Record({}, d.to_arrays()).encode()).arrays)
+        assert same(d, back)
+    pooled = merge_distributions(iter(distributions))  # streamed: the merge never sees all pixels at once
+    assert len(pooled) < sum(len(d) for d in distributions) - 100  # many values tie across images
+    assert pooled.forged.sum() == truth.sum() and pooled.authentic.sum() == (~truth).sum()
+    assert np.array_equal(pooled.values, np.unique(raw))
+    # the same integer counts reach both sides: only float64 rounding of sums and a division differs
+    assert pooled.auc() == pytest.approx(roc_auc_score(truth, raw), abs=EXACT)
+    assert pooled.auc() == pytest.approx(_auc_float64(raw, truth), abs=EXACT)
+    # any order of images gives the same distribution
+    reordered = merge_distributions(distributions[::-1])
+    assert same(pooled, reordered)
+    # the ROC curve's vertices are scikit-learn's (every threshold kept)
+    fpr, tpr, _ = pooled.roc()
+    sk_fpr, sk_tpr, _ = roc_curve(truth, raw, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, rtol=0, atol=EXACT)
+    np.testing.assert_allclose(tpr, sk_tpr, rtol=0, atol=EXACT)
+    confusion = sum((Confusion.of(m.ravel(), k.ravel()) for m, k in maps), Confusion(0, 0, 0, 0))
     assert confusion.f1() == pytest.approx(f1_score(truth, raw > 0.5), abs=EXACT)
-    # 16-bit levels move the pooled AUC by little on maps like these (the README quotes this bound)
-    assert abs(histogram_auc(forged, authentic) - roc_auc_score(truth, raw)) < 1e-4
+
+
+def test_stored_distribution_keeps_every_float32_bit_pattern():
+    special = [-np.inf, -3.4e38, -1.0, -1e-45, 0.0, 1e-45, 1e-38, 0.5, np.nextafter(np.float32(0.5), 1), 1.0, np.inf]
+    likelihood = np.array(special, np.float32).reshape(1, -1)
+    d = ScoreDistribution.of(likelihood, np.arange(likelihood.size).reshape(1, -1) % 2 == 0)
+    back = ScoreDistribution.from_arrays(d.to_arrays())
+    assert same(d, back) and np.array_equal(back.values.view(np.uint32), likelihood.ravel().view(np.uint32))
+
+
+def test_pooled_auc_of_one_class_only_and_of_nothing():
+    forged_only = [_shared_value_maps()[3]]
+    assert merge_distributions(ScoreDistribution.of(m, k) for m, k in forged_only).auc() is None
+    assert merge_distributions([]).auc() is None and len(merge_distributions([])) == 0
 
 
 def test_image_level():
@@ -272,3 +325,22 @@ def test_resize_to_a_long_side_keeps_the_aspect_and_moves_the_mask():
     small, small_mask = resize_long_side(pixels, mask, 40)
     assert small.shape == (20, 40, 3) and small_mask.shape == (20, 40)
     assert small_mask[:, 20:].all() and not small_mask[:, :20].any()
+
+
+def test_store_refuses_records_of_another_format(tmp_path, monkeypatch):
+    from evaluation import store as store_module
+    from evaluation.store import ResultStore, record_key
+
+    store = ResultStore(tmp_path)
+    key = record_key(image="a")
+    store.put(key, Record({"pixel": None}, {"preview_map": np.zeros((2, 2), np.uint8)}))
+    assert store.get(key).fields == {"pixel": None}
+    path = store.path(key)
+    old = io.BytesIO()  # format 1: 16-bit level histograms, no format entry in the file
+    np.savez_compressed(old, __record__=np.array(json.dumps({"pixel": None})), forged_levels=np.zeros(1, np.uint16))
+    path.write_bytes(old.getvalue())
+    assert store.get(key) is None  # computed again, never mixed in
+    with pytest.raises(ValueError, match="store format 1; this version reads format 2"):
+        Record.decode(old.getvalue())
+    monkeypatch.setattr(store_module, "STORE_FORMAT", 1)
+    assert record_key(image="a") != key  # the format is part of every key: old records are not even looked up
