@@ -127,8 +127,8 @@ class ScoreDistribution:
 
     def to_arrays(self, prefix: str = "scores") -> dict[str, np.ndarray]:
         """For the store, losslessly and compactly: the values as steps between consecutive values' order keys
-        (small integers that compress to about a quarter less than the floats), the counts in the narrowest
-        unsigned type that holds them (most are 1)."""
+        (small integers, which deflate better than the floats), the counts in the narrowest unsigned type that
+        holds them (most are 1)."""
 
         def narrow(counts: np.ndarray) -> np.ndarray:
             return counts.astype(np.min_scalar_type(int(counts.max(initial=0))))
