@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -109,9 +110,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def local_status(path: Path, git_blob_sha1: str) -> str:
-    problem = file_problem(path)
-    if problem == "no such file":
+    if not os.path.lexists(path):
         return "-"
+    problem = file_problem(path)
     if problem:
         return f"present, {problem}"
     try:

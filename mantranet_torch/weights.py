@@ -34,6 +34,7 @@ SAFETENSORS_SUFFIX = ".safetensors"
 PT_SUFFIXES = (".pt", ".pth")
 MAX_PT_BYTES = 1 << 30  # ManTraNet's weights take 15 MB: an archive unpacking to more is refused unread
 MANIFEST_SUFFIX = ".json"  # a weight file's manifest: NAME.safetensors.json beside NAME.safetensors
+MAX_MANIFEST_BYTES = 1 << 20  # ours take 1-2 KB: a bigger file of that name is someone else's
 MODEL_PARTS = ("featex", "detector")
 # A BatchNorm variance (ours, or a Keras dataset path): negative values are refused, no data gives them
 VARIANCE_KEY = re.compile(r"(^|[./])moving_variance(:\d+)?$")
@@ -122,7 +123,7 @@ def check_manifest(path: Path) -> None:
     the two were left from different runs. A file without a manifest, or beside a JSON file that is not one
     of ours, is taken as it is (its own metadata carries its provenance)."""
     manifest = manifest_path(path)
-    if file_problem(manifest):
+    if file_problem(manifest) or manifest.stat().st_size > MAX_MANIFEST_BYTES:
         return
     try:
         record = json.loads(manifest.read_text())
