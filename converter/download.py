@@ -1,4 +1,4 @@
-"""Downloading weight files with urllib alone: progress, resume through a ``.part`` file, git blob SHA-1 check.
+"""Downloading weight files with urllib alone: resume through a ``.part`` file, git blob SHA-1 check.
 
 An interrupted download leaves ``NAME.part`` beside the target; the next attempt asks the server for
 the rest with an HTTP Range request, and starts over when the server ignores it. A finished file
@@ -13,7 +13,6 @@ import http.client
 import math
 import os
 import socket
-import sys
 import threading
 import time
 import urllib.error
@@ -22,7 +21,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO
 
 from mantranet_torch.files import file_problem, os_reason
 
@@ -58,46 +57,6 @@ class Fetched:
 
 
 Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
-
-
-class ProgressBar:
-    """A one-line progress bar on a text stream: redrawn in place on a terminal, every 10% otherwise."""
-
-    WIDTH = 30
-
-    def __init__(self, label: str, stream: TextIO | None = None, min_interval_s: float = 0.1) -> None:
-        self.label, self.stream, self.min_interval_s = label, stream or sys.stderr, min_interval_s
-        self.tty = self.stream.isatty()
-        self.start, self.last_draw, self.last_decile = time.monotonic(), 0.0, -1
-        self.done, self.total = 0, None
-
-    def __call__(self, done: int, total: int | None) -> None:
-        self.done, self.total = done, total
-        now = time.monotonic()
-        if self.tty:
-            if now - self.last_draw >= self.min_interval_s:
-                self.last_draw = now
-                self.stream.write("\r" + self.line())
-                self.stream.flush()
-        elif total:
-            decile = 10 * done // total
-            if decile > self.last_decile:
-                self.last_decile = decile
-                self.stream.write(self.line() + "\n")
-
-    def line(self) -> str:
-        rate = self.done / max(time.monotonic() - self.start, 1e-9)
-        amount = f"{self.done / 1e6:.1f}" + (f"/{self.total / 1e6:.1f}" if self.total else "") + " MB"
-        if not self.total:
-            return f"{self.label} {amount} {rate / 1e6:.1f} MB/s"
-        filled = self.WIDTH * self.done // self.total
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        return f"{self.label} [{bar}] {100 * self.done // self.total:3d}% {amount} {rate / 1e6:.1f} MB/s"
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\r" + self.line() + "\n")
-            self.stream.flush()
 
 
 def part_path(target: Path) -> Path:

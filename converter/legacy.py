@@ -264,7 +264,8 @@ def check_part(path: Path, part: str, tensors: dict[str, Tensor], config: ManTra
     ]
     if problems:
         raise ConversionError(
-            f"{path}: does not match the earlier port's {PART_NAMES[part]} for {describe(config)}: " + listing(problems)
+            f"{path}: does not match the earlier port's {PART_NAMES[part]} for {config.describe()}: "
+            + listing(problems)
         )
 
 
@@ -391,10 +392,3 @@ def verify_import(result: PortImport) -> None:
     if not torch.isfinite(out).all():
         names = ", ".join(s.path.name for s in result.sources)
         raise ConversionError(f"{names}: the imported weights give non-finite outputs on a probe input")
-
-
-def describe(config: ManTraNetConfig) -> str:
-    return (
-        f"{config.first_block_filters} first-block filters, transform {config.transform_activation or 'linear'}, "
-        f"windows {', '.join(map(str, config.window_sizes))}"
-    )

@@ -11,11 +11,9 @@ from pathlib import Path
 from converter import convert_h5, output_paths, save_conversion
 from converter.convert import FORMATS
 from converter.legacy import PART_NAMES, EarlierPortWarning, load_earlier_port
-from mantranet_torch.weights import SAFETENSORS_SUFFIX
+from mantranet_torch.weights import H5_SUFFIXES, SAFETENSORS_SUFFIX
 
 from .errors import CommandError
-
-H5_SUFFIXES = (".h5", ".hdf5")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -32,10 +32,14 @@ CONFIG_KEY = "mantranet.config"
 PROVENANCE_KEY = "mantranet.provenance"
 SAFETENSORS_SUFFIX = ".safetensors"
 PT_SUFFIXES = (".pt", ".pth")
+H5_SUFFIXES = (".h5", ".hdf5")  # Keras' weight files
 MAX_PT_BYTES = 1 << 30  # ManTraNet's weights take 15 MB: an archive unpacking to more is refused unread
 MANIFEST_SUFFIX = ".json"  # a weight file's manifest: NAME.safetensors.json beside NAME.safetensors
 MAX_MANIFEST_BYTES = 1 << 20  # ours take 1-2 KB: a bigger file of that name is someone else's
 MODEL_PARTS = ("featex", "detector")
+HDF5, PYTORCH, SAFETENSORS = "HDF5", "PyTorch checkpoint", "safetensors"  # what ``sniff`` tells apart
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0, or 512, 1024, 2048, ... after a user block
+ZIP_MAGIC, PICKLE_PROTOCOL_2 = b"PK\x03\x04", b"\x80\x02"  # torch.save's zip archive, and its legacy format
 # A BatchNorm variance (ours, or a Keras dataset path): negative values are refused, no data gives them
 VARIANCE_KEY = re.compile(r"(^|[./])moving_variance(:\d+)?$")
 # torch.load's text around the reason it refused a file: the same for every file, so left out of ours
@@ -76,13 +80,38 @@ def encode_pt(state_dict: dict[str, Tensor], config: ManTraNetConfig, provenance
     return buf.getvalue()
 
 
+def sniff(path: str | Path) -> str | None:
+    """A weight file's format by its first bytes, whatever its name: HDF5, PYTORCH, SAFETENSORS or None."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(9)
+        offset = 0
+        while offset + len(HDF5_SIGNATURE) <= size:
+            f.seek(offset)
+            if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                return HDF5
+            offset = 512 if offset == 0 else 2 * offset
+    if head.startswith((ZIP_MAGIC, PICKLE_PROTOCOL_2)):
+        return PYTORCH
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return SAFETENSORS
+    return None
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors and string metadata of a .safetensors or .pt file (metadata may be empty)."""
+    """The tensors and string metadata of a .safetensors or .pt file (metadata may be empty); a file of another
+    name is read by its content."""
     path = Path(path)
     problem = file_problem(path)
     if problem:
         raise WeightFileError(f"{path}: {problem}")
     suffix = path.suffix.lower()
+    if suffix not in (SAFETENSORS_SUFFIX, *PT_SUFFIXES, *H5_SUFFIXES):
+        suffix = {SAFETENSORS: SAFETENSORS_SUFFIX, PYTORCH: PT_SUFFIXES[0], HDF5: H5_SUFFIXES[0]}.get(
+            sniff(path), suffix
+        )
     if suffix in (SAFETENSORS_SUFFIX, *PT_SUFFIXES):
         check_manifest(path)
     if suffix == SAFETENSORS_SUFFIX:
@@ -109,8 +138,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         metadata = metadata.get("", {}) if isinstance(metadata, dict) else {}
         metadata = metadata if isinstance(metadata, dict) else {}
         return dict(sd), {k: v for k, v in metadata.items() if isinstance(k, str) and isinstance(v, str)}
-    if suffix in (".h5", ".hdf5"):
-        raise WeightFileError(f"{path}: a Keras HDF5 file; convert it first with `mantranet convert {path}`")
+    if suffix in H5_SUFFIXES:
+        raise WeightFileError(
+            f"{path}: a Keras HDF5 file; load it with converter.load_weights, or convert it with `mantranet convert`"
+        )
     raise WeightFileError(f"{path}: unknown weight format {suffix!r} (expected .safetensors, .pt or .pth)")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from converter import download as dl
-from converter.download import DownloadError, ProgressBar, download
+from converter.download import DownloadError, download
 from tests.weights_server import (
     BLOCK,
     BLOCK_RANGE,
@@ -188,27 +188,6 @@ def test_a_full_disk(server, tmp_path, monkeypatch) -> None:
     with pytest.raises(DownloadError, match=r"w.h5.part: no space left on the device after \d+ bytes; free some"):
         download(url, tmp_path / "w.h5", SHA1)
     assert not (tmp_path / "w.h5").exists()
-
-
-def test_progress_bar_on_a_terminal_and_in_a_log() -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    term = Terminal()
-    bar = ProgressBar("w.h5", term, min_interval_s=0.0)
-    for done in range(0, 2_000_001, 500_000):
-        bar(done, 2_000_000)
-    bar.close()
-    assert term.getvalue().count("\r") == 6 and term.getvalue().endswith("\n")
-    assert "w.h5 [###############---------------]  50% 1.0/2.0 MB" in term.getvalue()
-    log = io.StringIO()
-    bar = ProgressBar("w.h5", log)
-    for done in range(0, 2_000_001, 100_000):
-        bar(done, 2_000_000)
-    bar.close()
-    lines = log.getvalue().splitlines()
-    assert len(lines) == 11 and lines[-1].startswith("w.h5 [##############################] 100% 2.0/2.0 MB")
 
 
 # ---- cut, slow and stalled servers: every wait bounded, the part kept for a resume ----

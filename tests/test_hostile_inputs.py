@@ -21,10 +21,9 @@ import torch
 from PIL import Image
 
 import mantranet_torch
-from converter import ConversionError, atomic, convert_h5, read_keras_h5, save_conversion
+from converter import ConversionError, atomic, convert_h5, file_record, read_keras_h5, save_conversion, trained
 from converter.export import export_keras
 from converter.legacy import load_earlier_port, read_checkpoint
-from mantranet_cli import weights_cmd
 from mantranet_cli.main import main
 from mantranet_torch import WeightFileError
 from mantranet_torch.weights import PROVENANCE_KEY, encode_safetensors
@@ -199,7 +198,7 @@ def test_a_huge_declared_shape_is_refused_before_any_data_is_read(h5, tmp_path, 
     assert f"layer Featex, array b3c1/kernel:0: expected shape (3, 3, 64, 128), found {shape}" in str(error.value)
     # weights identify has no release to compare with: it bounds every array by ManTraNet's largest
     with pytest.raises(ConversionError, match=rf"array {key} declares shape .* larger than any array of ManTraNet"):
-        weights_cmd.read_keras_h5(path, lambda d: weights_cmd.check_declared_sizes(d, str(path)))
+        file_record.read_keras_h5(path, lambda d: file_record.check_declared_sizes(d, str(path)))
 
 
 @pytest.mark.parametrize("dtype", ["int32", "complex64", "S4"])
@@ -325,12 +324,13 @@ def test_unreadable_files_in_identify_and_list(h5, tmp_path, capsys, monkeypatch
     folder = tmp_path / "weights"
     folder.mkdir()
     path = copy(h5, folder)
-    monkeypatch.setenv("MANTRANET_WEIGHTS_DIR", str(folder))
+    monkeypatch.setenv("MANTRANET_HOME", str(tmp_path))  # its weights folder: tmp_path / "weights"
 
     def denied(p):
         raise PermissionError(13, "Permission denied", str(p))
 
-    monkeypatch.setattr(weights_cmd, "file_digests", denied)  # as root, chmod does not stop reads
+    for module in (file_record, trained):  # identify and list read files there; as root, chmod stops no reads
+        monkeypatch.setattr(module, "file_digests", denied)
     assert main(["weights", "identify", str(path)]) == 1
     assert "cannot be read (Permission denied)" in one_line_error(capsys, "weights", path)
     assert main(["weights", "list"]) == 0
