@@ -5,6 +5,7 @@ from .errors import ConversionError
 from .keras_h5 import FULL_MODEL, WEIGHTS_ONLY, KerasWeights, read_keras_h5
 from .legacy import EarlierPortWarning, load_earlier_port
 from .mapping import MAPPING, keras_to_torch, torch_to_keras
+from .onnx_export import OnnxModel, export_onnx
 from .synthetic import synthetic_keras_weights
 
 __all__ = [
@@ -15,7 +16,9 @@ __all__ = [
     "ConversionError",
     "EarlierPortWarning",
     "KerasWeights",
+    "OnnxModel",
     "convert_h5",
+    "export_onnx",
     "identify_keras_file",
     "keras_to_torch",
     "load_earlier_port",

@@ -11,10 +11,19 @@ from converter import ConversionError
 from converter.convert import tool_version
 from mantranet_torch import SlowPrecisionWarning, WeightFileError
 
-from . import convert_cmd, demo_cmd, detect_cmd, evaluate_cmd, export_keras_cmd, parity_cmd, weights_cmd
+from . import (
+    convert_cmd,
+    demo_cmd,
+    detect_cmd,
+    evaluate_cmd,
+    export_keras_cmd,
+    export_onnx_cmd,
+    parity_cmd,
+    weights_cmd,
+)
 from .errors import CommandError
 
-COMMANDS = (demo_cmd, convert_cmd, weights_cmd, export_keras_cmd, parity_cmd, detect_cmd, evaluate_cmd)
+COMMANDS = (demo_cmd, convert_cmd, weights_cmd, export_keras_cmd, export_onnx_cmd, parity_cmd, detect_cmd, evaluate_cmd)
 EXPECTED_ERRORS = (CommandError, ConversionError, WeightFileError)
 
 
