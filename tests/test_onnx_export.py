@@ -68,14 +68,17 @@ def test_every_release_matches_float64_on_real_crops(exported) -> None:
 
 
 def test_named_layer_outputs_against_float64(exported) -> None:
-    release, _, arrays, export = exported
+    release, h5, arrays, export = exported
     crop = _crops()[2]
     exact = Oracle(arrays, RELEASES[release]).trace(crop)
     got = OnnxModel(export.target).trace(crop.transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        eager = converted_model(h5).trace(torch.from_numpy(crop).permute(0, 3, 1, 2))
     assert list(got) == list(LAYERS)
     for layer, value in got.items():
         err = np.abs(to_nhwc(torch.from_numpy(value)) - exact[layer]).max()
-        assert err <= _atol(layer), f"release {release}, {layer}: {err:.3g} from float64 > {_atol(layer)}"
+        bound = max(_atol(layer), FLAT_CROP_FACTOR * np.abs(to_nhwc(eager[layer]) - exact[layer]).max())
+        assert err <= bound, f"release {release}, {layer}: {err:.3g} from float64 > {bound:.3g}"
 
 
 def test_metadata_carries_config_and_source_hashes(exported) -> None:
