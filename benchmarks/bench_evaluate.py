@@ -52,12 +52,12 @@ def bare_loop(weights: Path, images: list[Path], threads: int) -> tuple[float, f
     engine), and the seconds inside ``predict``."""
     import torch
 
-    from mantranet_cli.detect_cmd import load_model
-    from mantranet_cli.images import read_image
+    from converter import load_weights
+    from mantranet_torch.images import read_image
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = load_model(weights, None, torch.device("cpu"))
+    model = load_weights(weights)
     predicting = 0.0
     for path in images:
         pixels = read_image(path).pixels

@@ -116,20 +116,14 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 def _torch_model(weights: str | None):
-    import mantranet_torch
-    from converter import convert_h5, keras_to_torch, synthetic_keras_weights
+    from converter import keras_to_torch, load_weights, synthetic_keras_weights
     from mantranet_torch import RELEASES, ManTraNet
 
     if weights is None:
         model = ManTraNet(RELEASES[4])
         model.load_state_dict(keras_to_torch(synthetic_keras_weights(RELEASES[4], 0), RELEASES[4], "synthetic"))
         return model.eval()
-    if weights.endswith((".h5", ".hdf5")):
-        conversion = convert_h5(weights)
-        model = ManTraNet(conversion.config)
-        model.load_state_dict(conversion.state_dict)
-        return model.eval()
-    return mantranet_torch.load(weights)
+    return load_weights(weights)  # ours, an official .h5 (converted in memory) or the earlier port's
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -166,8 +160,9 @@ def _contender(name: str, args: argparse.Namespace):
         import reference
         from converter import synthetic_keras_weights
         from mantranet_torch import RELEASES
+        from mantranet_torch.weights import H5_SUFFIXES
 
-        if args.weights and args.weights.endswith((".h5", ".hdf5")):
+        if args.weights and args.weights.lower().endswith(H5_SUFFIXES):
             ref = reference.load(args.weights)
         elif args.weights:
             raise SystemExit("the TensorFlow reference reads official .h5 weights only")

@@ -6,7 +6,6 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
@@ -14,11 +13,13 @@ import h5py
 import numpy as np
 import torch
 
+import mantranet_torch
 from mantranet_torch import RELEASES, ManTraNetConfig
 from mantranet_torch.config import FIXED_FIRST_LAYER_FILTERS
 from mantranet_torch.weights import encode_pt, encode_safetensors, manifest_path, model_from_state_dict
 
 from .atomic import refuse_existing, write_files_atomic
+from .cache import weights_dir
 from .errors import ConversionError
 from .keras_h5 import WEIGHTS_ONLY, KerasWeights, read_keras_h5, write_keras_h5
 from .mapping import (
@@ -29,7 +30,7 @@ from .mapping import (
     torch_to_keras,
     uses_frozen_order,
 )
-from .releases import Digests, Identification, bytes_digest, file_digests, resolve_variant, weights_dir
+from .releases import Digests, Identification, bytes_digest, file_digests, resolve_variant
 
 TOOL_NAME = "mantranet-torch"
 FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
@@ -37,10 +38,7 @@ PROBE_SIZE = 9  # a probe image large enough to exercise every padding path, sma
 
 
 def tool_version() -> str:
-    try:
-        return metadata.version(TOOL_NAME)
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return mantranet_torch.__version__
 
 
 class Converted(Protocol):

@@ -1,4 +1,4 @@
-"""Downloading weight files with urllib alone: progress, resume through a ``.part`` file, git blob SHA-1 check.
+"""Downloading weight files with urllib alone: resume through a ``.part`` file, git blob SHA-1 check.
 
 An interrupted download leaves ``NAME.part`` beside the target; the next attempt asks the server for
 the rest with an HTTP Range request, and starts over when the server ignores it. A finished file
@@ -7,20 +7,21 @@ whose git blob SHA-1 is not the expected one is deleted, unless the caller allow
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import math
 import os
 import socket
-import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO
 
 from mantranet_torch.files import file_problem, os_reason
 
@@ -58,46 +59,6 @@ class Fetched:
 Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
 
 
-class ProgressBar:
-    """A one-line progress bar on a text stream: redrawn in place on a terminal, every 10% otherwise."""
-
-    WIDTH = 30
-
-    def __init__(self, label: str, stream: TextIO | None = None, min_interval_s: float = 0.1) -> None:
-        self.label, self.stream, self.min_interval_s = label, stream or sys.stderr, min_interval_s
-        self.tty = self.stream.isatty()
-        self.start, self.last_draw, self.last_decile = time.monotonic(), 0.0, -1
-        self.done, self.total = 0, None
-
-    def __call__(self, done: int, total: int | None) -> None:
-        self.done, self.total = done, total
-        now = time.monotonic()
-        if self.tty:
-            if now - self.last_draw >= self.min_interval_s:
-                self.last_draw = now
-                self.stream.write("\r" + self.line())
-                self.stream.flush()
-        elif total:
-            decile = 10 * done // total
-            if decile > self.last_decile:
-                self.last_decile = decile
-                self.stream.write(self.line() + "\n")
-
-    def line(self) -> str:
-        rate = self.done / max(time.monotonic() - self.start, 1e-9)
-        amount = f"{self.done / 1e6:.1f}" + (f"/{self.total / 1e6:.1f}" if self.total else "") + " MB"
-        if not self.total:
-            return f"{self.label} {amount} {rate / 1e6:.1f} MB/s"
-        filled = self.WIDTH * self.done // self.total
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        return f"{self.label} [{bar}] {100 * self.done // self.total:3d}% {amount} {rate / 1e6:.1f} MB/s"
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\r" + self.line() + "\n")
-            self.stream.flush()
-
-
 def part_path(target: Path) -> Path:
     return target.with_name(target.name + PART_SUFFIX)
 
@@ -122,7 +83,10 @@ def download(
     Raises ``DownloadError``.
     """
     target = Path(target)
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError as e:
+        raise DownloadError(f"{url}: not a valid URL ({e})") from None
     if scheme not in SCHEMES:
         raise DownloadError(f"{url}: only http:// and https:// URLs are downloaded (not {scheme or 'a bare path'})")
     if deadline_s is not None and not (math.isfinite(deadline_s) and deadline_s > 0):
@@ -169,38 +133,94 @@ def download(
 
 @dataclass
 class Limits:
-    """The bounds on one transfer's waits (see ``download``); the clock starts when it is made."""
+    """The bounds on one transfer's waits (see ``download``); the clock starts when it is made.
+
+    The deadline is enforced by a watchdog that shuts the transfer's sockets down when it passes, so that it
+    holds in every phase, headers included (a server may trickle those too)."""
 
     timeout_s: float
     deadline_s: float | None
     min_rate: tuple[float, float] | None
     max_bytes: int
     start: float = field(default_factory=time.monotonic)
+    expired: bool = False
+    sockets: list[socket.socket] = field(default_factory=list)
 
-    def remaining(self) -> float:
-        """Seconds the next socket operation may wait: the per-operation timeout, within the deadline."""
+    @contextlib.contextmanager
+    def watchdog(self) -> Iterator[None]:
         if self.deadline_s is None:
-            return self.timeout_s
-        return max(min(self.timeout_s, self.deadline_s - (time.monotonic() - self.start)), 0.001)
+            yield
+            return
+        timer = threading.Timer(max(self.deadline_s - (time.monotonic() - self.start), 0.0), self.expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def expire(self) -> None:
+        self.expired = True
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # a blocked read returns at once
+
+
+def _opener(limits: Limits) -> urllib.request.OpenerDirector:
+    """urllib's opener, its connections' sockets registered with ``limits`` for the watchdog."""
+
+    def watched(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+        class Watched(base):  # type: ignore[valid-type, misc]
+            def connect(self) -> None:
+                super().connect()
+                limits.sockets.append(self.sock)
+
+        return Watched
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(watched(http.client.HTTPConnection), req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(watched(http.client.HTTPSConnection), req, context=self._context)
+
+    return urllib.request.build_opener(HTTP(), HTTPS())
 
 
 def transfer(url: str, part: Path, progress: Progress | None, limits: Limits | float) -> int:
     """Download ``url`` into ``part``, continuing what is already there; returns the bytes reused."""
     if not isinstance(limits, Limits):  # a per-operation timeout alone
         limits = Limits(float(limits), DEADLINE_S, MIN_RATE, MAX_BYTES)
+    if part.is_symlink():  # appending through it would write wherever it points
+        raise DownloadError(f"{part}: a symbolic link, not a partial download; remove it")
     if os.path.lexists(part) and file_problem(part):
         raise DownloadError(f"{part}: {file_problem(part)}; it is in the way of the download")
+    try:
+        with limits.watchdog():
+            offset = _transfer(url, part, progress, limits)
+    except DownloadError:
+        if not limits.expired:
+            raise
+    if limits.expired:  # whatever broke, or ended the body early, the watchdog did it
+        have = part.stat().st_size if part.exists() else 0
+        resume = f"run the same command again to resume (kept in {part})"
+        raise DownloadError(_deadline_message(url, limits, have, resume)) from None
+    return offset
+
+
+def _transfer(url: str, part: Path, progress: Progress | None, limits: Limits) -> int:
     offset = part.stat().st_size if part.exists() else 0
-    response = open_url(url, offset, limits.remaining())
+    response = open_url(url, offset, limits.timeout_s, limits)
     if offset and response.status == HTTP_RANGE_NOT_SATISFIABLE:
         response.close()
         part.unlink()  # the partial file is not a prefix of what the server has: start over
-        offset, response = 0, open_url(url, 0, limits.remaining())
+        offset, response = 0, open_url(url, 0, limits.timeout_s, limits)
     elif offset and response.status != HTTP_PARTIAL:
         offset = 0  # the server ignored the Range request and sends the whole file
     elif offset and range_start(response) != offset:
         response.close()  # a range that does not continue the part: ask for the whole file instead
-        offset, response = 0, open_url(url, 0, limits.remaining())
+        offset, response = 0, open_url(url, 0, limits.timeout_s, limits)
     with response:
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None and length.isdigit() else None
@@ -229,13 +249,17 @@ def transfer(url: str, part: Path, progress: Progress | None, limits: Limits | f
     return offset
 
 
-def open_url(url: str, offset: int, timeout_s: float) -> http.client.HTTPResponse:
-    """The response to a GET (with a Range request after ``offset``); HTTP and network errors as DownloadError."""
+def open_url(url: str, offset: int, timeout_s: float, limits: Limits | None = None) -> http.client.HTTPResponse:
+    """The response to a GET (with a Range request after ``offset``); HTTP and network errors as DownloadError.
+    With ``limits``, its watchdog can cut the request short."""
     headers = {"User-Agent": USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+        if limits is None:
+            return urllib.request.urlopen(request, timeout=timeout_s)
+        return _opener(limits).open(request, timeout=timeout_s)
     except urllib.error.HTTPError as e:
         if offset and e.code == HTTP_RANGE_NOT_SATISFIABLE:
             return e  # an HTTPError is also a response; the caller starts over
@@ -286,7 +310,6 @@ def copy_stream(
     if progress:
         progress(done, total)
     while True:
-        _set_socket_timeout(response, limits.remaining())
         try:
             chunk = response.read1(CHUNK)
         except http.client.IncompleteRead as e:  # a cut transfer, chunked or of announced length
@@ -295,7 +318,7 @@ def copy_stream(
             expected = f" of {total}" if total is not None else ""
             raise DownloadError(f"{url}: the transfer ended after {done}{expected} bytes; {resume}") from None
         except (OSError, http.client.HTTPException, ValueError) as e:
-            if limits.deadline_s is not None and time.monotonic() - limits.start >= limits.deadline_s:
+            if limits.expired:
                 raise DownloadError(_deadline_message(url, limits, done, resume)) from None
             raise DownloadError(
                 f"{url}: the connection broke after {done} bytes ({network_reason(e)}); {resume}"
@@ -323,10 +346,3 @@ def copy_stream(
 
 def _deadline_message(url: str, limits: Limits, done: int, resume: str) -> str:
     return f"{url}: not done within the {limits.deadline_s:g} s allowed (--timeout), after {done} bytes; {resume}"
-
-
-def _set_socket_timeout(response: http.client.HTTPResponse, seconds: float) -> None:
-    """Bound the next socket read by ``seconds`` (the deadline's remainder), where the response exposes it."""
-    sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
-    if sock is not None:
-        sock.settimeout(seconds)

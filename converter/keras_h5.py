@@ -44,6 +44,7 @@ class KerasWeights:
 
 # Array checks on the file's metadata, before any data is read: {"<layer>/<weight name>": dataset}.
 LayoutCheck = Callable[[Mapping[str, h5py.Dataset]], None]
+MAX_LAYERS, MAX_ARRAYS = 1000, 10_000  # ManTraNet has 10 and 35: a crafted list of millions is refused unread
 MAX_LINK_HOPS = 16  # soft links followed for one name before it counts as a loop (HDF5's own limit)
 FLOAT_ITEMSIZES = (2, 4, 8)  # float16, float32, float64: what NumPy reads exactly and casts to float32
 STORED_TYPE = "float32"
@@ -124,7 +125,7 @@ def read_keras_h5(path: str | Path, check: LayoutCheck | None = None) -> KerasWe
     if problem:
         raise ConversionError(f"{path}: {problem}")
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r", locking=False)  # reading needs no lock; some filesystems have none
     except H5PY_ERRORS as e:
         raise ConversionError(f"{path}: not an HDF5 file ({_h5_reason(e)})") from None
     try:
@@ -187,16 +188,20 @@ def _read_open_file(path: Path, f: h5py.File, check: LayoutCheck | None) -> Kera
     """``read_keras_h5`` on an open file; ConversionErrors without the path (the caller adds it)."""
     if _string_attr(f.attrs, "layer_names") is not None:
         root, layout, where = f, WEIGHTS_ONLY, "the root"
-    elif (model_weights := _resolve(f, f, "model_weights", "group model_weights")) is not None and (
-        isinstance(model_weights, h5py.Group) and _string_attr(model_weights.attrs, "layer_names", "model_weights")
-    ) is not None:
-        root, layout, where = model_weights, FULL_MODEL, "model_weights"
     else:
-        raise ConversionError(
-            "not a Keras weight file: neither a root attribute 'layer_names' (weights-only layout) "
-            "nor a group 'model_weights' with one (full-model layout)"
-        )
+        group = _resolve(f, f, "model_weights", "group model_weights")
+        if not isinstance(group, h5py.Group) or _string_attr(group.attrs, "layer_names", "model_weights") is None:
+            raise ConversionError(
+                "not a Keras weight file: neither a root attribute 'layer_names' (weights-only layout) "
+                "nor a group 'model_weights' with one (full-model layout)"
+            )
+        root, layout, where = group, FULL_MODEL, "model_weights"
     layer_names = _string_attr(root.attrs, "layer_names", where) or []
+    if len(layer_names) > MAX_LAYERS:
+        raise ConversionError(f"{len(layer_names)} layers listed, more than any Keras model of this kind has")
+    if len(set(layer_names)) < len(layer_names):
+        repeated = next(name for i, name in enumerate(layer_names) if name in layer_names[:i])
+        raise ConversionError(f"layer '{repeated}' is listed twice in layer_names")
     datasets: dict[str, h5py.Dataset] = {}
     for layer in layer_names:
         group = _resolve(f, root, layer, f"layer '{layer}'")
@@ -207,6 +212,8 @@ def _read_open_file(path: Path, f: h5py.File, check: LayoutCheck | None) -> Kera
         weight_names = _string_attr(group.attrs, "weight_names", f"layer '{layer}'")
         if weight_names is None:
             raise ConversionError(f"layer '{layer}' has no 'weight_names' attribute")
+        if len(datasets) + len(weight_names) > MAX_ARRAYS:
+            raise ConversionError(f"more than {MAX_ARRAYS} arrays listed, more than any model of this kind has")
         for name in weight_names:
             key = f"{layer}/{name}"
             item = _resolve(f, group, name, f"array {key}")

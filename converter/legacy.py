@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mantranet_torch import RELEASES, ManTraNet, ManTraNetConfig
-from mantranet_torch.files import file_problem
+from mantranet_torch.files import file_problem, listing
 from mantranet_torch.layers import STD_FLOOR, bayar_constraint, l2_normalize_tf, srm_kernels
 from mantranet_torch.model import DETECTOR_CHANNELS, FEATURE_CHANNELS, LSTM_HIDDEN
 from mantranet_torch.weights import WeightFileError, check_pt_size, check_weight_values, torch_load_reason
@@ -244,6 +244,10 @@ def split_parts(path: Path, checkpoint: dict[str, Tensor]) -> dict[str, dict[str
 
 def check_part(path: Path, part: str, tensors: dict[str, Tensor], config: ManTraNetConfig) -> None:
     """Every key present with its shape, none left over, every value finite; errors name key and shapes."""
+    try:  # first: a nested or sparse tensor has no shape to compare
+        check_weight_values(tensors, str(path), {k: f"key {k}" for k in tensors})
+    except WeightFileError as e:
+        raise ConversionError(str(e)) from None
     ours = torch_shapes(config)
     expected: dict[str, tuple[int, ...]] = {}
     for port, key, transform in PORT_MAPPING:
@@ -260,13 +264,9 @@ def check_part(path: Path, part: str, tensors: dict[str, Tensor], config: ManTra
     ]
     if problems:
         raise ConversionError(
-            f"{path}: does not match the earlier port's {PART_NAMES[part]} for {describe(config)}: "
-            + "; ".join(problems)
+            f"{path}: does not match the earlier port's {PART_NAMES[part]} for {config.describe()}: "
+            + listing(problems)
         )
-    try:
-        check_weight_values(tensors, str(path), {k: f"key {k}" for k in tensors})
-    except WeightFileError as e:
-        raise ConversionError(str(e)) from None
 
 
 def check_srm(path: Path, kernel: Tensor) -> None:
@@ -392,10 +392,3 @@ def verify_import(result: PortImport) -> None:
     if not torch.isfinite(out).all():
         names = ", ".join(s.path.name for s in result.sources)
         raise ConversionError(f"{names}: the imported weights give non-finite outputs on a probe input")
-
-
-def describe(config: ManTraNetConfig) -> str:
-    return (
-        f"{config.first_block_filters} first-block filters, transform {config.transform_activation or 'linear'}, "
-        f"windows {', '.join(map(str, config.window_sizes))}"
-    )

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mantranet_torch import RELEASES, ManTraNetConfig
+from mantranet_torch.files import listing
 from mantranet_torch.weights import WeightFileError, check_weight_values, state_shapes
 
 from .errors import ConversionError
@@ -111,7 +112,7 @@ def check_keras_shapes(shapes: Mapping[str, tuple[int, ...]], config: ManTraNetC
             layer, name = path.split("/", 1)
             problems.append(f"layer {layer}, array {name}: expected shape {shape}, found {tuple(shapes[path])}")
     if problems:
-        raise ConversionError(f"{source}: does not match ManTraNet {_describe(config)}: " + "; ".join(problems))
+        raise ConversionError(f"{source}: does not match ManTraNet {_describe(config)}: {listing(problems)}")
 
 
 def check_declared_sizes(arrays: Mapping[str, np.ndarray | h5py.Dataset], source: str) -> None:

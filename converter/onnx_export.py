@@ -29,12 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from mantranet_torch import LAYERS, ManTraNet, ManTraNetConfig
-from mantranet_torch.weights import CONFIG_KEY, PROVENANCE_KEY, load, model_from_state_dict, read_weights
+from mantranet_torch.weights import CONFIG_KEY, PROVENANCE_KEY
 
 from .atomic import refuse_existing, write_bytes_atomic
-from .convert import TOOL_NAME, convert_h5, tool_version
+from .convert import TOOL_NAME, tool_version
 from .errors import ConversionError
-from .releases import file_digests
+from .file_record import identify
+from .load import load_weights
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "likelihood"
@@ -43,7 +44,6 @@ LAYERS_KEY = "mantranet.layer_outputs"
 DEFAULT_OPSET = 18  # the dynamo exporter's own opset: other opsets go through ONNX's version converter
 MIN_OPSET = 18
 INSTALL_HINT = "pip install 'mantranet-torch[onnx]' (onnx, onnxscript and onnxruntime)"
-H5_SUFFIXES = (".h5", ".hdf5")
 # Probe sizes (batch, height, width): 1 x 1 (every padding wider than the image), odd and thin sizes, a batch.
 PROBE_SIZES: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 5, 7), (2, 33, 97), (1, 64, 48))
 # ONNX Runtime and PyTorch each compute the map in float32 within 3.3e-6 of float64 (tests/test_model.py); their
@@ -96,20 +96,15 @@ def output_names(layers: bool) -> list[str]:
 
 
 def model_and_provenance(weights: str | Path, variant: int | None = None) -> tuple[ManTraNet, dict]:
-    """The model of any weight file we read (official .h5, our .safetensors/.pt) and where it came from."""
-    path = Path(weights)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
-    if path.suffix.lower() in H5_SUFFIXES:
-        conversion = convert_h5(path, variant)
-        model = model_from_state_dict(conversion.state_dict, conversion.config, str(path))
-        return model, conversion.provenance()
-    model = load(path)
-    digests = file_digests(path)
-    _, metadata = read_weights(path)
-    origin = json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else None
-    source = {"name": path.name, "size": digests.size, "sha256": digests.sha256, "git_blob_sha1": digests.git_blob_sha1}
-    return model, {"source": source, "converted_from": origin, "config": model.config.to_dict()}
+    """The model of any weight file ``load_weights`` reads, and where it came from (hashes, what the file is)."""
+    model = load_weights(weights, variant=variant, quiet=True)
+    record = identify(weights)
+    source = {"name": Path(weights).name, "size": record.size, "sha256": record.sha256}
+    source["git_blob_sha1"] = record.git_blob_sha1
+    what = {"content": record.content, "format": record.format, "release": record.release}
+    if "provenance" in record.details:  # a file of ours: where it was converted from
+        what["converted_from"] = record.details["provenance"]
+    return model, {"source": source, **what, "config": model.config.to_dict()}
 
 
 def export_onnx(
@@ -120,7 +115,7 @@ def export_onnx(
     force: bool = False,
     variant: int | None = None,
 ) -> OnnxExport:
-    """Export ``weights`` (any weight file we read) to ``target`` as ONNX, check it, then write it atomically.
+    """Export ``weights`` (any file ``converter.load_weights`` reads) to ``target`` as ONNX, checked, atomically.
 
     The check runs ONNX Runtime on the ``PROBE_SIZES`` inputs and compares the map with the PyTorch model's;
     over ``PROBE_ATOL`` it raises ConversionError and writes nothing. ``layers``: add the 20 other named layers

@@ -1,28 +1,40 @@
-"""Which file is which: the release table in ``weights/releases.json``, content hashes, and variant choice."""
+"""Which file is which: the release table, content hashes, and variant choice.
+
+The table is ``weights/releases.json`` in the repository; an installed package carries the same file as
+``converter/data/releases.json`` (package data, read with ``importlib.resources``).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mantranet_torch import RELEASES, ManTraNetConfig
 
+from .cache import cache_dir
 from .errors import ConversionError
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-RELEASES_JSON = WEIGHTS_DIR / "releases.json"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+
+def release_table_file() -> Traversable:
+    """The packaged table of an installed package, else the repository's ``weights/releases.json``."""
+    packaged = resources.files(__package__).joinpath("data", "releases.json")
+    if packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "weights" / "releases.json"
+
+
+RELEASES_JSON = release_table_file()
 RELEASE_NAME = re.compile(r"^ManTraNet_Ptrain(\d)\.h5$")
 _CHUNK = 1 << 20
-
-
-def weights_dir() -> Path:
-    """Where converted and downloaded weights go: $MANTRANET_WEIGHTS_DIR, else the project's weights/."""
-    return Path(os.environ.get("MANTRANET_WEIGHTS_DIR", WEIGHTS_DIR))
 
 
 @dataclass(frozen=True)
@@ -104,7 +116,7 @@ def official_code() -> OfficialCode:
 
 def official_code_path() -> Path:
     """Where ``mantranet weights fetch --code`` keeps the official ``modelCore.py``."""
-    return weights_dir() / "official" / official_code().file
+    return cache_dir() / "official" / official_code().file
 
 
 def official_release(index: int) -> OfficialRelease:

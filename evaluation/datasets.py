@@ -165,25 +165,28 @@ class Layout:
     find: Callable[[Path], list[Entry]]
 
 
-def _images(folder: Path) -> list[Path]:
+def _images(folder: Path, recursive: bool = False) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _entry(root: Path, image: Path, mask: Path | None, label: int) -> Entry:
     return Entry(image.relative_to(root).as_posix(), image, mask, label)
 
 
-def _by_stem(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in _images(folder)}
+def _by_stem(folder: Path, recursive: bool = False) -> dict[str, Path]:
+    return {p.stem: p for p in _images(folder, recursive)}
 
 
 def _find_casia(root: Path) -> list[Entry]:
-    """Tp/ (tampered), Au/ (authentic), masks in Gt/ as <stem>_gt.png (the masks published for CASIA v1/v2)."""
-    masks = _by_stem(root / "Gt")
-    entries = [_entry(root, p, masks.get(f"{p.stem}_gt") or masks.get(p.stem), 1) for p in _images(root / "Tp")]
-    return entries + [_entry(root, p, None, 0) for p in _images(root / "Au")]
+    """Tp/ (tampered; sub-folders such as CASIA v1's CM/ and Sp/ too), Au/ (authentic), masks anywhere under
+    Gt/ as <stem>_gt.png (the masks published for CASIA v1 and v2)."""
+    masks = _by_stem(root / "Gt", recursive=True)
+    tampered = _images(root / "Tp", recursive=True)
+    entries = [_entry(root, p, masks.get(f"{p.stem}_gt") or masks.get(p.stem), 1) for p in tampered]
+    return entries + [_entry(root, p, None, 0) for p in _images(root / "Au", recursive=True)]
 
 
 def _find_columbia(root: Path) -> list[Entry]:

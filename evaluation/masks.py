@@ -23,7 +23,8 @@ class MaskRule:
     """Which pixels of a mask file are forged: ``channel > threshold``, or ``<= threshold`` when inverted.
 
     The default (grey > 127) suits masks drawn white on black; benchmarks that draw the forged region
-    black (NIST16, DSO-1) invert it, and Columbia marks the spliced region in the green channel.
+    black (NIST16, DSO-1) invert it, and Columbia marks the spliced region in the green channel. A mask whose
+    values are only 0 and 1 (a binary mask saved without scaling) is read as 0 and 255.
     """
 
     channel: str = GREY
@@ -53,6 +54,8 @@ def decode_mask(data: bytes, name: str, rule: MaskRule) -> np.ndarray:
             values = _grey(image) if channel is None else np.asarray(image.convert("RGB"))[:, :, channel]
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise MaskError(f"{name}: cannot decode the mask as an image ({e})") from None
+    if values.max(initial=0) == 1:  # a mask stored as 0 and 1 (not 0 and 255): 1 is the marked class
+        values = values * np.uint8(255)
     return rule.apply(values)
 
 

@@ -8,12 +8,12 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from converter.atomic import write_bytes_atomic
-from converter.releases import file_digests, release_by_hash
+from converter.releases import bytes_digest, file_digests, release_by_hash
 
 from .datasets import Dataset, Entry
 from .engines import local_setup, run_local, run_ray
@@ -28,7 +28,7 @@ from .metrics import (
     mean_or_none,
 )
 from .perturb import Perturbation
-from .store import Record, ResultStore, content_sha256, record_key
+from .store import Record, ResultStore, record_key
 from .worker import TENSORFLOW, TORCH, Evaluator, Execution, Options, Outcome, Setup, Task
 
 Progress = Callable[[int, int], None]  # (records done, records in all), resumed ones included
@@ -166,7 +166,8 @@ def map_path(root: Path, name: str, perturbation: str | None, backend: str) -> P
     folder = root / "reference" if backend == TENSORFLOW else root
     if perturbation:
         folder = folder / perturbation.replace(":", "-")
-    return folder / Path(name).with_suffix(".npy")
+    parts = [p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("/", "..", ".")]
+    return folder.joinpath(*parts).with_suffix(".npy")  # never outside ROOT, whatever the manifest says
 
 
 def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None) -> Evaluation:
@@ -197,8 +198,8 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
     wanted: list[tuple[Entry, Task]] = []
     for entry in dataset.entries:
         try:
-            content = content_sha256(entry.image.read_bytes())
-            mask_content = content_sha256(entry.mask.read_bytes()) if entry.mask else None
+            content = bytes_digest(entry.image.read_bytes())
+            mask_content = bytes_digest(entry.mask.read_bytes()) if entry.mask else None
         except OSError as e:
             missing = entry.image if not entry.image.is_file() else entry.mask
             skipped[entry.name] = f"{missing}: {'no such file' if isinstance(e, FileNotFoundError) else e}"
@@ -223,34 +224,40 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
                 wanted.append((entry, task))
 
     records: dict[str, Record] = {}
-    todo = []
+    todo: dict[str, list[Task]] = {}  # key -> the tasks it answers (one image listed twice: one computation)
+    resumed = 0
     for _, task in wanted:
-        record = store.get(task.key)
+        record = records.get(task.key) or store.get(task.key)
         have_map = (
             config.save_maps is None or map_path(config.save_maps, task.name, task.perturbation, task.backend).exists()
         )
-        if record is not None and have_map:
+        if record is not None and have_map and task.key not in todo:
             records[task.key] = record
+            resumed += 1
         else:
-            todo.append(task)
-    resumed = len(records)
+            todo.setdefault(task.key, []).append(task)
     total = len(wanted)
     done = resumed
     if progress:
         progress(done, total)
 
+    computed = 0
+
     def on_outcome(outcome: Outcome) -> None:
-        nonlocal done
-        task = outcome.task
+        nonlocal done, computed
+        tasks = todo[outcome.task.key]
         if outcome.error is not None:
-            skipped.setdefault(task.name, outcome.error)
+            for task in tasks:
+                skipped.setdefault(task.name, outcome.error)
         else:
-            store.put(task.key, outcome.record)
-            records[task.key] = outcome.record
+            store.put(outcome.task.key, outcome.record)
+            computed += 1
+            records[outcome.task.key] = outcome.record
             if config.save_maps is not None and outcome.likelihood is not None:
-                target = map_path(config.save_maps, task.name, task.perturbation, task.backend)
-                write_bytes_atomic(target, _npy(outcome.likelihood), force=True)
-        done += 1
+                for task in tasks:
+                    target = map_path(config.save_maps, task.name, task.perturbation, task.backend)
+                    write_bytes_atomic(target, _npy(outcome.likelihood), force=True)
+        done += len(tasks)
         if progress:
             progress(done, total)
 
@@ -262,29 +269,31 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
         compare_reference=config.compare_reference,
     )
     engine = {"engine": config.engine}
+    first = [tasks[0] for tasks in todo.values()]
     if todo:
         if config.engine == "ray":
             Evaluator(replace(setup, execution=replace(setup.execution, threads=None)))  # a bad file fails here
-            engine |= run_ray(todo, setup, config.workers, config.ray_address, on_outcome)
+            engine |= run_ray(first, setup, config.workers, config.ray_address, on_outcome)
         else:
             workers = config.workers or 1
             setup = local_setup(setup, workers)
             evaluator = Evaluator(setup)  # loads the model here: a bad weight file fails before any work
             engine |= {"workers": workers, "threads_per_worker": setup.execution.threads}
-            run_local(todo, setup, workers, on_outcome, evaluator if workers == 1 else None)
+            run_local(first, setup, workers, on_outcome, evaluator if workers == 1 else None)
 
-    ordered = [records[t.key] for _, t in wanted if t.key in records]
+    # a record is the image's content: its name and label in this dataset are the entry's
+    ordered = [{**records[t.key].fields, "name": t.name, "label": t.label} for _, t in wanted if t.key in records]
     evaluation = Evaluation(
         dataset=dataset.describe(),
         weights=weights,
         options=_options(config),
         rows=[],
-        records=[r.fields for r in ordered],
+        records=ordered,
         skipped=sorted(skipped.items()),
         counts={
             "entries": len(dataset.entries) + len(dataset.problems),
             "records": total,
-            "computed": len(records) - resumed,
+            "computed": computed,  # computations: an image listed twice is computed once
             "resumed": resumed,
             "skipped": len(skipped),
         },

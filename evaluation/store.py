@@ -27,10 +27,6 @@ def record_key(**parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def content_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 @dataclass
 class Record:
     """What one image (under one perturbation and backend) contributes: JSON-able fields and a few arrays."""
@@ -72,13 +68,7 @@ class ResultStore:
 
 
 def default_store() -> Path:
-    """The per-user cache folder's ``evaluate/`` (records are keyed by content, so one store serves every run)."""
-    import os
+    """``evaluate/`` in the per-user cache folder (records are keyed by content, so one store serves every run)."""
+    from converter.cache import cache_dir
 
-    if os.environ.get("MANTRANET_EVAL_STORE"):
-        return Path(os.environ["MANTRANET_EVAL_STORE"])
-    try:
-        import platformdirs
-    except ImportError:
-        return Path.home() / ".cache" / "mantranet-torch" / "evaluate"
-    return Path(platformdirs.user_cache_dir("mantranet-torch")) / "evaluate"
+    return cache_dir() / "evaluate"

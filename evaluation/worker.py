@@ -12,7 +12,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -120,10 +119,10 @@ class Evaluator:
     @property
     def model(self):
         if self._model is None:
-            from mantranet_cli.detect_cmd import load_model
+            from converter import load_weights
 
             with self._weights_file() as path:
-                self._model = load_model(path, self.setup.variant, device())
+                self._model = load_weights(path, self.setup.variant, map_location=device())
         return self._model
 
     @property
@@ -138,16 +137,10 @@ class Evaluator:
 
             x = to_model_input(pixels).permute(0, 2, 3, 1).numpy()
             return self.reference.predict(x)[0, :, :, 0]
-        from mantranet_cli.detect_cmd import choose_tile
-
-        model = self.model
-        height, width = pixels.shape[:2]
         execution = self.setup.execution
-        how = SimpleNamespace(
-            tile=execution.tile, max_memory=execution.max_memory, precision=self.setup.options.precision
+        return self.model.predict(
+            pixels, tile=execution.tile, max_memory=execution.max_memory, precision=self.setup.options.precision
         )
-        tile = choose_tile(model, height, width, how)
-        return model.predict(pixels, tile=tile, precision=self.setup.options.precision)
 
     # ------------------------------------------------------------ one image
 
@@ -157,7 +150,7 @@ class Evaluator:
         except MaskError as e:
             return Outcome(task, error=str(e))
         except Exception as e:  # an image the reader rejects, a damaged file, out of memory on one image
-            from mantranet_cli.images import ImageReadError
+            from mantranet_torch.images import ImageReadError
 
             if isinstance(e, (ImageReadError, ValueError, MemoryError)) or "memory" in str(e).lower():
                 return Outcome(task, error=str(e) or type(e).__name__)
@@ -229,12 +222,12 @@ def _preview(values: np.ndarray) -> np.ndarray:
 
 
 def _read_pixels(task: Task, max_pixels: int) -> tuple[np.ndarray, list[str]]:
-    from mantranet_cli.images import read_image
+    from mantranet_torch.images import read_image
 
     if task.image_data is None:
         image = read_image(Path(task.image), max_pixels)
         return image.pixels, image.notes
-    from mantranet_cli.images import ImageReadError
+    from mantranet_torch.images import ImageReadError
 
     fd, tmp = tempfile.mkstemp(prefix="mantranet-eval-", suffix=Path(task.image).suffix)
     try:
@@ -256,9 +249,8 @@ def device():
 
 def _reference_model(weights_file, variant: int | None):
     """The TensorFlow reference for the same weights (imported only when asked for)."""
-    from converter.export import H5_SUFFIXES
     from converter.mapping import torch_to_keras
-    from mantranet_torch.weights import read_model_weights
+    from mantranet_torch.weights import H5_SUFFIXES, read_model_weights
     from parity_tests.api import import_reference, native_stderr_silenced
 
     reference = import_reference()

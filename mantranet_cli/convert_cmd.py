@@ -11,10 +11,9 @@ from pathlib import Path
 from converter import convert_h5, output_paths, save_conversion
 from converter.convert import FORMATS
 from converter.legacy import PART_NAMES, EarlierPortWarning, load_earlier_port
+from mantranet_torch.weights import H5_SUFFIXES, SAFETENSORS_SUFFIX
 
 from .errors import CommandError
-
-H5_SUFFIXES = (".h5", ".hdf5")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    ours = next((p for p in args.inputs if p.suffix.lower() == SAFETENSORS_SUFFIX), None)
+    if ours is not None:
+        raise CommandError(
+            f"{ours}: a .safetensors file is already PyTorch weights: convert reads official .h5 files and the "
+            "earlier port's .pt checkpoints; load it directly (mantranet detect -w, mantranet_torch.load)"
+        )
     if any(p.suffix.lower() in H5_SUFFIXES for p in args.inputs):
         if len(args.inputs) != 1:
             raise CommandError("convert one .h5 file at a time; only the earlier port's .pt files come in pairs")

@@ -3,34 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 import torch
 
-import mantranet_torch
-from converter import convert_h5
+from converter import load_weights
 from converter.atomic import make_folder, staged_path, write_bytes_atomic
-from mantranet_torch import ManTraNet
+from mantranet_torch.detection import Detection, detect_found
 from mantranet_torch.files import os_reason
-from mantranet_torch.memory import full_image_bytes, tile_for_budget
+from mantranet_torch.images import DEFAULT_MAX_PIXELS, find_images
+from mantranet_torch.maps import encode_mask, encode_npy, encode_overlay
 from mantranet_torch.precision import PRECISIONS, SlowPrecisionWarning, bf16_support, resolve_precision
 from mantranet_torch.tiling import MIN_TILE
-from mantranet_torch.weights import WeightCastWarning, model_from_state_dict
+from mantranet_torch.weights import WeightCastWarning
 
+from . import progress
 from .errors import CommandError
-from .images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, read_image
-from .maps import encode_mask, encode_npy, encode_overlay
 
 DEFAULT_OUTPUT = Path("mantranet_out")
-GB = 2**30
+DEVICES = ("auto", "cpu", "cuda", "mps")
 MAX_MEMORY_GB = 2.0**20  # a petabyte: beyond any machine, and far from int64 when counted in bytes
 
 
@@ -61,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(AVX-512 BF16/AMX CPUs, CUDA compute capability 8.0+), else fp32; bf16: faster there, less exact, and "
         "slower than fp32 elsewhere; tf32: TF32 convolutions on NVIDIA Ampere and newer GPUs",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda, else mps, where available, else cpu")
     p.add_argument("--save-npy", action="store_true", help="also write the raw float32 map as <name>.npy")
     p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.png, the map over the image")
     p.add_argument("--force", action="store_true", help="recompute images whose outputs exist")
@@ -72,6 +70,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"refuse larger images (default {DEFAULT_MAX_PIXELS:,})",
     )
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print one JSON object describing every image, nothing else")
+    out.add_argument("--quiet", action="store_true", help="print errors only")
     p.set_defaults(run=run)
 
 
@@ -102,68 +103,20 @@ class Outputs:
         return encoders
 
 
-class ProgressBar:
-    """Images done (and tiles done in tiled runs) on one self-rewriting stderr line.
-
-    When stderr is not a terminal (a log file), long tiled runs print a plain line now and then instead.
-    """
-
-    WIDTH = 24
-    LOG_INTERVAL = 30.0  # seconds between progress lines in a log
-
-    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
-        self.total, self.stream, self.live = total, stream, stream.isatty()
-        self.done = 0
-        self.logged = time.monotonic()
-
-    def show(self, name: str, tiles: tuple[int, int] | None = None) -> None:
-        if not self.live:
-            if tiles and time.monotonic() - self.logged >= self.LOG_INTERVAL:
-                self.logged = time.monotonic()
-                print(f"{name}: tiles {tiles[0]}/{tiles[1]}", file=self.stream, flush=True)
-            return
-        filled = self.WIDTH * self.done // max(self.total, 1)
-        line = f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done}/{self.total} images"
-        if tiles:
-            line += f", tiles {tiles[0]}/{tiles[1]}"
-        self.stream.write(f"\r\033[K{line}  {name}")
-        self.stream.flush()
-
-    def clear(self) -> None:
-        if self.live:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-
 def resolve_device(choice: str) -> torch.device:
+    """``--device``: auto picks CUDA, else Apple's MPS, else the CPU; an unavailable choice is an error."""
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
         raise CommandError("--device cuda: no CUDA device is available to this PyTorch build")
+    if choice == "mps" and not mps_available():
+        raise CommandError("--device mps: Apple's Metal (MPS) backend is not available to this PyTorch build")
     return torch.device(choice)
 
 
-def load_model(path: Path, variant: int | None, device: torch.device) -> ManTraNet:
-    """Our weight files as they are; an official .h5 converted in memory (nothing is written)."""
-    if path.suffix.lower() in (".h5", ".hdf5"):
-        conversion = convert_h5(path, variant)
-        for note in conversion.keras.notes:
-            print(f"mantranet detect: note: {path}: {note}", file=sys.stderr)
-        return model_from_state_dict(conversion.state_dict, conversion.config, str(path)).to(device)
-    return mantranet_torch.load(path, map_location=device)
-
-
-def choose_tile(model: ManTraNet, height: int, width: int, args: argparse.Namespace) -> int | None:
-    """The tile size for this image: --tile, the largest that fits --max-memory, or None (automatic)."""
-    if args.tile is not None:
-        return args.tile
-    if args.max_memory is None:
-        return None
-    budget = int(args.max_memory * GB)
-    precision = resolve_precision(args.precision, next(model.parameters()).device, warn=False)
-    if full_image_bytes(model, height, width, precision) <= budget:
-        return max(height, width)
-    return tile_for_budget(model, height, width, budget, precision)
+def mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,54 +124,74 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--tile {args.tile}: tiles must be at least {MIN_TILE} pixels")
     if args.max_memory is not None and not (math.isfinite(args.max_memory) and 0 < args.max_memory <= MAX_MEMORY_GB):
         raise CommandError(f"--max-memory {args.max_memory}: must be a number of GB, > 0 and <= {MAX_MEMORY_GB:,.0f}")
+    if args.max_pixels < 1:
+        raise CommandError(f"--max-pixels {args.max_pixels}: must be at least 1")
     images = find_images(args.inputs, skip=args.output)
     if not images:
         raise CommandError(f"no images found in {', '.join(str(p) for p in args.inputs)}")
     device = resolve_device(args.device)
-    args.precision = _precision(args.precision, device)
+    quiet = args.json or args.quiet
+    args.precision = _precision(args.precision, device, quiet=quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", WeightCastWarning)
-        model = load_model(args.weights, args.variant, device)
-    for w in caught:
-        print(f"mantranet detect: note: {w.message}", file=sys.stderr)
+        model = load_weights(args.weights, args.variant, map_location=device, quiet=quiet)
+    for w in caught:  # a cast to float32 is a note; the earlier port's approximations are warnings
+        kind = "note" if issubclass(w.category, WeightCastWarning) else "warning"
+        print(f"mantranet detect: {kind}: {w.message}", file=sys.stderr)
     check_output_folder(args.output)  # before any inference
-    bar = ProgressBar(len(images))
-    failed, skipped, claimed = [], 0, {}
+    records, todo, claimed = [], [], {}
     for path, relative in images:
         outputs = Outputs.of(args.output, relative, args)
         if outputs.mask in claimed:
-            failed.append(path)
-            _error(bar, f"{path}: its outputs would overwrite those of {claimed[outputs.mask]}; run it separately")
-            bar.done += 1
+            error = f"{path}: its outputs would overwrite those of {claimed[outputs.mask]}; run it separately"
+            records.append(record(path, "failed", error=error))
             continue
         claimed[outputs.mask] = path
         missing = [p for p in outputs.paths() if args.force or not p.exists()]
-        if not missing:
-            skipped += 1
-            bar.done += 1
-            continue
-        bar.show(path.name)
-        try:
-            summary = detect_one(model, path, outputs, missing, args, bar)
-        except ImageReadError as e:
-            failed.append(path)
-            _error(bar, str(e))
-        except (ValueError, MemoryError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and "memory" not in str(e).lower():
-                raise
-            failed.append(path)
-            hint = "; try --max-memory or --tile" if not isinstance(e, ValueError) else ""
-            _error(bar, f"{path}: {e or type(e).__name__}{hint}")
+        if missing:
+            todo.append((path, relative, outputs, missing))
         else:
-            bar.clear()
-            print(summary, flush=True)
-        bar.done += 1
-    bar.clear()
-    done = len(images) - len(failed) - skipped
-    print(
-        f"{len(images)} image(s): {done} written, {skipped} skipped (outputs exist; --force redoes them), "
-        f"{len(failed)} failed; outputs in {args.output}"
-    )
+            records.append(record(path, "skipped", outputs=outputs.paths()))
+    for r in records:
+        if r["error"] and not args.json:
+            print(f"mantranet detect: {r['error']}", file=sys.stderr, flush=True)
+    bar = progress.bar(len(images), "detect", unit="image", stream=None if not (args.json or args.quiet) else _Null())
+    bar.update(len(records))
+    pending = {path: (outputs, missing) for path, _, outputs, missing in todo}
+
+    def tiles(path: Path, done: int, total: int) -> None:
+        bar.set_postfix_str(f"{path.name}: tiles {done}/{total}")
+
+    options = dict(tile=args.tile, max_memory=args.max_memory, precision=args.precision, max_pixels=args.max_pixels)
+    found = ((path, relative) for path, relative, _, _ in todo)
+    with bar, warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPrecisionWarning)  # said once, before the first image
+        for result in detect_found(model, found, progress=tiles, **options):
+            outputs, missing = pending[result.path]
+            r = (
+                write_outputs(result, outputs, missing)
+                if result.ok
+                else record(result.path, "failed", error=result.error)
+            )
+            records.append(r)
+            bar.update(1)
+            if args.json:
+                continue
+            if r["error"]:
+                progress.message(f"mantranet detect: {r['error']}")
+            elif not args.quiet:
+                progress.message(describe(r), sys.stdout)
+    failed = sum(r["status"] == "failed" for r in records)
+    written = sum(r["status"] == "written" for r in records)
+    skipped = len(records) - failed - written
+    if args.json:
+        summary = {"images": len(records), "written": written, "skipped": skipped, "failed": failed}
+        print(json.dumps({"output": str(args.output), **summary, "results": records}, indent=2))
+    elif not args.quiet:
+        print(
+            f"{len(images)} image(s): {written} written, {skipped} skipped (outputs exist; --force redoes them), "
+            f"{failed} failed; outputs in {args.output}"
+        )
     return 1 if failed else 0
 
 
@@ -232,41 +205,45 @@ def check_output_folder(folder: Path) -> None:
         raise CommandError(f"{folder}: cannot write in the output folder ({os_reason(e)})") from None
 
 
-def detect_one(
-    model: ManTraNet, path: Path, outputs: Outputs, missing: list[Path], args: argparse.Namespace, bar: ProgressBar
-) -> str:
-    """Read, predict and write one image; returns the lines to print."""
-    image = read_image(path, args.max_pixels)
-    height, width = image.pixels.shape[:2]
-    tile = choose_tile(model, height, width, args)
-    tiles_seen = []
-
-    def progress(done: int, total: int) -> None:
-        tiles_seen.append(total)
-        bar.show(path.name, (done, total))
-
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SlowPrecisionWarning)  # said once, before the first image
-        likelihood = model.predict(image.pixels, tile=tile, precision=args.precision, progress=progress)
-    seconds = time.perf_counter() - start
-    encoders = outputs.encoders(image.pixels, likelihood)
+def write_outputs(result: Detection, outputs: Outputs, missing: list[Path]) -> dict:
+    """Write the requested files of one image atomically; its record for printing."""
+    encoders = outputs.encoders(result.pixels, result.likelihood)
     for target in missing:
         write_bytes_atomic(target, encoders[target](), force=True)
-    how = f"{tiles_seen[-1] // 2} tiles in 2 passes" if tiles_seen else "whole image"
-    lines = [f"{path}: {width} x {height}, {how}, {seconds:.1f} s -> {', '.join(str(p) for p in missing)}"]
-    lines += [f"  note: {note}" for note in image.notes]
-    return "\n".join(lines)
+    width, height = result.size
+    return record(
+        result.path, "written", outputs=missing, width=width, height=height, tiles=result.tiles,
+        seconds=round(result.seconds, 3), notes=result.notes,
+    )  # fmt: skip
 
 
-def _precision(precision: str, device: torch.device) -> str:
+def record(path: Path, status: str, error: str | None = None, outputs: list[Path] = (), **fields: object) -> dict:
+    """One image's line of ``--json``: status written, skipped (outputs exist) or failed."""
+    return {"input": str(path), "status": status, "error": error, "outputs": [str(p) for p in outputs], **fields}
+
+
+def describe(r: dict) -> str:
+    how = f"{r['tiles']} tiles in 2 passes" if r["tiles"] else "whole image"
+    lines = [f"{r['input']}: {r['width']} x {r['height']}, {how}, {r['seconds']:.1f} s -> {', '.join(r['outputs'])}"]
+    return "\n".join(lines + [f"  note: {note}" for note in r["notes"]])
+
+
+class _Null:
+    """A stream that is never a terminal: no bar with --json or --quiet."""
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _precision(precision: str, device: torch.device, quiet: bool) -> str:
     """The precision the run computes in, said when ``auto`` chose it; a slow bf16 is warned of here, once."""
     resolved = resolve_precision(precision, device)
-    if precision == "auto":
+    if precision == "auto" and not quiet:
         print(f"precision auto: {resolved}, as {bf16_support(device).reason}", flush=True)
     return resolved
-
-
-def _error(bar: ProgressBar, message: str) -> None:
-    bar.clear()
-    print(f"mantranet detect: {message}", file=sys.stderr, flush=True)

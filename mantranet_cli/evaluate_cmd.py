@@ -6,11 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from mantranet_torch.images import DEFAULT_MAX_PIXELS
 from mantranet_torch.precision import PRECISIONS
 from mantranet_torch.tiling import MIN_TILE
 
+from . import progress
 from .errors import CommandError
-from .images import DEFAULT_MAX_PIXELS
 
 GB = 2**30
 
@@ -131,18 +132,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 class ProgressLine:
-    """Records done, throughput and ETA on stderr (tqdm; silent when stderr is not a terminal)."""
+    """Records done, throughput and ETA on stderr (``progress.bar``: drawn on a terminal only)."""
 
     def __init__(self) -> None:
         self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total, initial=done, unit="img", desc="evaluate", disable=not sys.stderr.isatty(), leave=False
-            )
+            self.bar = progress.bar(total, "evaluate", unit="img", initial=done)
             return
         self.bar.update(done - self.bar.n)
 

@@ -19,11 +19,22 @@ from . import (
     export_keras_cmd,
     export_onnx_cmd,
     parity_cmd,
+    selftest_cmd,
     weights_cmd,
 )
 from .errors import CommandError
 
-COMMANDS = (demo_cmd, convert_cmd, weights_cmd, export_keras_cmd, export_onnx_cmd, parity_cmd, detect_cmd, evaluate_cmd)
+COMMANDS = (
+    demo_cmd,
+    convert_cmd,
+    weights_cmd,
+    export_keras_cmd,
+    export_onnx_cmd,
+    parity_cmd,
+    selftest_cmd,
+    detect_cmd,
+    evaluate_cmd,
+)
 EXPECTED_ERRORS = (CommandError, ConversionError, WeightFileError)
 
 
@@ -35,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
+    parser.set_defaults(dispatch=main)  # for commands that run other commands (demo), without importing this module
     return parser
 
 

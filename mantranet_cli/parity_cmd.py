@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import TextIO
 
@@ -23,8 +22,10 @@ from parity_tests.report import render_table
 from parity_tests.report_page import ReportError, check_target, write_report
 from parity_tests.tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES
 
+from . import progress
 from .errors import BAD_INPUT, CommandError
 
+SUSPECT_ERROR = 1e-2  # a suggested module this far from the reference (relative to its scale) is flagged
 TRACE_STEPS = 10  # the reference's trace, counted as this many layer steps for the progress estimate
 
 
@@ -133,47 +134,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 class Progress:
-    """``run_parity``'s events on stderr: the layers done for the current image with an estimate of the time
-    left, as one self-rewriting line on a terminal; elsewhere (a log file) a line as each image starts, as its
-    reference trace and each mode finish. The run's header goes to stdout when it starts."""
+    """``run_parity``'s events as a bar per image (``progress.bar``: drawn on a terminal only) whose steps are the
+    reference's trace and each mode's layers; tqdm estimates the time left. The run's header goes to stdout when
+    it starts."""
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-        self.live = stream.isatty()
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream, self.bar = stream, None
 
     def __call__(self, event: ParityEvent) -> None:
         if event.kind == START:
             print_header(event.run.reference, event.run.torch)
-            return
-        if event.kind == IMAGE:
+        elif event.kind == IMAGE:
+            self.close()
             height, width = event.image.pixels.shape[:2]
-            self.steps = TRACE_STEPS + len(event.run.modes) * len(LAYERS)
-            self.label = f"image {event.index}/{event.count} {event.image.name} ({width} x {height})"
-            self.started, self.done = time.perf_counter(), 0
-            self._show("tracing the reference", logged=True)
-        elif event.kind == TRACED:
-            self.done = TRACE_STEPS
-            self._show("reference traced", logged=True)
-        elif event.kind == LAYER:
-            self.done += 1
-            if event.layer == LAYERS[-1]:
-                self._show(f"{event.mode} mode done", logged=True)
-            else:
-                self._show(f"{event.mode} {LAYERS.index(event.layer) + 1}/{len(LAYERS)} {event.layer}")
-        elif event.kind == DONE and self.live:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+            label = f"image {event.index}/{event.count} {event.image.name} ({width} x {height})"
+            steps = TRACE_STEPS + len(event.run.modes) * len(LAYERS)
+            self.bar = progress.bar(steps, label, unit="step", stream=self.stream)
+            self.bar.set_postfix_str("tracing the reference")
+        elif event.kind == TRACED and self.bar is not None:
+            self.bar.update(TRACE_STEPS)
+            self.bar.set_postfix_str("reference traced")
+        elif event.kind == LAYER and self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{event.mode} {LAYERS.index(event.layer) + 1}/{len(LAYERS)} {event.layer}")
+        elif event.kind == DONE:
+            self.close()
 
-    def _show(self, what: str, logged: bool = False) -> None:
-        elapsed = time.perf_counter() - self.started
-        line = f"{self.label}: {what}, {elapsed:.0f} s"
-        if TRACE_STEPS < self.done < self.steps:
-            line += f", about {elapsed / self.done * (self.steps - self.done):.0f} s left"
-        if self.live:
-            self.stream.write(f"\r\033[K{line}")
-            self.stream.flush()
-        elif logged:
-            print(line, file=self.stream, flush=True)
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def print_header(reference: dict, torch_side: dict) -> None:
@@ -216,14 +206,17 @@ def run_suggest(args: argparse.Namespace) -> int:
         )
     except ParityInputError as e:
         raise CommandError(str(e), BAD_INPUT) from None
-    print(f"{'layer':<16}{'module':<32}{'layout':<8}{'output':<8}{'rel. error':>11}  modules of that shape")
+    width = max([len(s.entry.module) for s in suggestions if s.entry is not None] + [len("module")]) + 2
+    print(f"{'layer':<16}{'module':<{width}}{'layout':<8}{'output':<8}{'rel. error':>11}  modules of that shape")
     for s in suggestions:
         if s.entry is None:
-            print(f"{s.layer:<16}{'(none: unmapped)':<32}{'':<8}{'':<8}{'-':>11}  {'; '.join(s.why)}")
+            print(f"{s.layer:<16}{'(none: unmapped)':<{width}}{'':<16}{'-':>11}  {'; '.join(s.why)}")
             continue
         output = "-" if s.entry.output is None else json.dumps(s.entry.output)
-        row = f"{s.layer:<16}{s.entry.module:<32}{s.entry.layout:<8}{output:<8}{s.relative_error:>11.1e}"
-        print(f"{row}  {s.alternatives}")
+        check = "  <- check: far from the reference" if s.relative_error > SUSPECT_ERROR else ""
+        check += "" if s.entry.local else "  (local mode off: not this layer alone)"
+        row = f"{s.layer:<16}{s.entry.module:<{width}}{s.entry.layout:<8}{output:<8}{s.relative_error:>11.1e}"
+        print(f"{row}  {s.alternatives}{check}")
     try:
         write_bytes_atomic(args.suggest_map, (json.dumps(mapping.to_dict(), indent=2) + "\n").encode(), force=True)
     except (ConversionError, OSError) as e:
@@ -239,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     if args.suggest_map is not None:
         return run_suggest(args)
     modes = [LOCAL] if args.local else list(MODES)
-    progress = Progress()
+    events = Progress()
     try:
         crop = Crop.parse(args.crop) if args.crop else None
         if args.report is not None:
@@ -258,12 +251,14 @@ def run(args: argparse.Namespace) -> int:
             atol=args.atol,
             rtol=args.rtol,
             crop=crop,
-            progress=progress,
+            progress=events,
             shrink=args.shrink,
             shrink_budget=args.shrink_budget,
         )
     except (ParityInputError, ReportError) as e:
         raise CommandError(str(e), BAD_INPUT) from None
+    finally:
+        events.close()  # the bar of an image the run did not finish
     print()
     print(render_table(parity))
     for found in parity.shrunk:

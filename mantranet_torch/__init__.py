@@ -6,6 +6,16 @@ from .model import LAYERS, AnomalyDetector, Featex, ManTraNet
 from .precision import PRECISIONS, SlowPrecisionWarning, bf16_support
 from .weights import WeightFileError, load
 
+__version__ = "0.2.0"
+
+
+def pretrained(release: int = 4, **options: object) -> ManTraNet:
+    """Official release ``release`` (0-4) as a trained model in eval mode: downloaded, verified, converted and
+    cached per user on first use (see ``converter.pretrained``, which takes the same arguments)."""
+    from converter.trained import pretrained as load_release  # at call time: this package imports none of ours
+
+    return load_release(release, **options)
+
 __all__ = [
     "LAYERS",
     "PRECISIONS",
@@ -16,8 +26,10 @@ __all__ = [
     "ManTraNetConfig",
     "SlowPrecisionWarning",
     "WeightFileError",
+    "__version__",
     "bf16_support",
     "load",
+    "pretrained",
     "release_config",
     "scale_pixels",
     "to_model_input",

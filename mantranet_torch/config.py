@@ -46,6 +46,13 @@ class ManTraNetConfig:
         """ConvLSTM steps: one per window, plus the global mean."""
         return len(self.window_sizes) + 1
 
+    def describe(self) -> str:
+        """The three settings in words, as every tool here prints them."""
+        return (
+            f"{self.first_block_filters} first-block filters, transform {self.transform_activation or 'linear'}, "
+            f"windows {', '.join(map(str, self.window_sizes))}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["window_sizes"] = list(self.window_sizes)

@@ -60,3 +60,9 @@ def one_paragraph(text: str, path: str | Path | None = None) -> str:
             text = re.sub(r":?[ \t]*['\"]?" + re.escape(form) + r"['\"]?:?", "", text)
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text.strip())]
     return "; ".join(p for p in paragraphs if p)
+
+
+def listing(items: list[str], limit: int = 5, sep: str = "; ") -> str:
+    """The first ``limit`` items joined, and how many more: a crafted file's thousand problems in one line."""
+    more = f"{sep}and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more

@@ -1,19 +1,17 @@
-"""How much memory inference takes, and the largest tile that fits a budget.
+"""How much memory inference takes, how much the machine has, and the largest tile that fits a budget.
 
 Peak memory is modelled per pixel from the channel counts: which full-size tensors are alive at
 once at the peak of each phase (read off the code in layers.py and model.py), times their width.
-Checked against peak RSS (VmHWM) on this project's 2-core CI machine: a process with torch and a
-loaded model holds 350-365 MB; on small runs (whole images of 0.15-0.26 MP, tiles of 128-400 px, Ptrain4
-and Ptrain0, fp32 and bf16) the rest measured 0.80-1.13 times the modelled tensor bytes. A 12 MP image
-in 750 x 800 tiles peaked at 2.87 GiB where the tensors alone model 2.13 GiB (the allocator keeps freed
-memory between tiles), hence the slack below.
+The constants below come from peak resident memory measured on real runs (the README's "Memory model" lists
+them); the slack covers what the allocator keeps between tiles.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -21,9 +19,12 @@ from .tiling import MIN_TILE, crop_shape, detector_radius, featex_radius, tile_g
 
 FLOAT32_BYTES = 4
 BFLOAT16_BYTES = 2
+GB = 2**30  # the unit of ``max_memory``
 PROCESS_OVERHEAD = 450 * 2**20  # interpreter, torch, a model and oneDNN's kernels for a pass's shapes
-ALLOCATOR_SLACK = 1.3  # peak RSS over modelled tensor bytes: 1.13 on small runs, 1.15 at 12 MP, plus headroom
+ALLOCATOR_SLACK = 1.3  # peak resident memory over modelled tensor bytes, with headroom (see the README)
 AVAILABLE_FRACTION = 0.8  # leave room for everything else on the machine
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_V1_NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a huge page-aligned number
 
 
 @dataclass(frozen=True)
@@ -89,25 +90,70 @@ def tile_for_budget(model: nn.Module, height: int, width: int, budget: int, prec
     return lo
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes free for this process: the GPU's free memory, or the host's MemAvailable."""
+def available_memory(device: torch.device | str | None = None) -> int:
+    """Bytes this process may still allocate on ``device`` (default: the host).
+
+    CUDA: the device's free memory. Otherwise the host's available memory (psutil, which every platform
+    answers), capped by the container's limit where a Linux cgroup (v2 or v1) sets one: a process in a
+    container is killed at its cgroup limit, whatever the host has free.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    host = psutil.virtual_memory().available
+    limited = cgroup_available()
+    return host if limited is None else min(host, limited)
+
+
+def cgroup_available(root: Path = CGROUP_ROOT) -> int | None:
+    """Bytes left under this process's cgroup memory limit; None without a cgroup or without a limit."""
+    for limit_file, usage_file in _cgroup_files(root):
+        try:
+            limit_text, usage = limit_file.read_text().strip(), int(usage_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= CGROUP_V1_NO_LIMIT:
+            continue
+        # page cache counts as usage but is given back under pressure: not counted as used
+        reclaimable = _memory_stat(limit_file.parent / "memory.stat", ("inactive_file", "total_inactive_file"))
+        return max(int(limit_text) - max(usage - reclaimable, 0), 0)
+    return None
+
+
+def _cgroup_files(root: Path) -> list[tuple[Path, Path]]:
+    """(limit, usage) file pairs to try: this process's own cgroup v2 folder, the namespace root, cgroup v1."""
+    folders = []
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):  # cgroup v2: "0::/path/of/the/group"
+                folders.append(root / line[3:].lstrip("/"))
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    folders.append(root)
+    pairs = [(folder / "memory.max", folder / "memory.current") for folder in folders]
+    return [*pairs, (root / "memory" / "memory.limit_in_bytes", root / "memory" / "memory.usage_in_bytes")]
+
+
+def _memory_stat(path: Path, keys: tuple[str, ...]) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in keys and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def tile_for_memory(model: nn.Module, height: int, width: int, budget: int, precision: str = "fp32") -> int | None:
+    """None when the whole image fits ``budget`` bytes, else the largest tile that does (ValueError if none)."""
+    if full_image_bytes(model, height, width, precision) <= budget:
+        return None
+    return tile_for_budget(model, height, width, budget, precision)
 
 
 def automatic_tile(
     model: nn.Module, height: int, width: int, device: torch.device, precision: str = "fp32"
 ) -> int | None:
     """None when the whole image fits in the available memory, else the largest tile that does."""
-    budget = int(AVAILABLE_FRACTION * available_memory(device))
-    if full_image_bytes(model, height, width, precision) <= budget:
-        return None
-    return tile_for_budget(model, height, width, budget, precision)
+    return tile_for_memory(model, height, width, int(AVAILABLE_FRACTION * available_memory(device)), precision)

@@ -26,7 +26,7 @@ from .layers import (
     bayar_constraint,
     l2_normalize_tf,
 )
-from .memory import automatic_tile
+from .memory import GB, automatic_tile, tile_for_memory
 from .precision import float32_precision, resolve_precision
 from .tiling import Progress, extract_features, last_output, predict_tiled
 
@@ -140,7 +140,11 @@ class ManTraNet(nn.Module):
 
     @classmethod
     def from_release(cls, index: int) -> ManTraNet:
-        """A model shaped as the official ``ManTraNet_Ptrain{index}.h5``, with fresh (untrained) weights."""
+        """An UNTRAINED model shaped as the official ``ManTraNet_Ptrain{index}.h5``: random weights, no download.
+
+        For the trained release use ``mantranet_torch.pretrained(index)``; for a weight file,
+        ``converter.load_weights(path)``.
+        """
         return cls(release_config(index))
 
     def stages(self, x: Tensor) -> Iterator[tuple[str, Tensor]]:
@@ -162,26 +166,40 @@ class ManTraNet(nn.Module):
 
     @torch.inference_mode()
     def predict(
-        self, image: ImageLike, tile: int | None = None, precision: str = "fp32", progress: Progress | None = None
+        self,
+        image: ImageLike,
+        tile: int | None = None,
+        max_memory: float | None = None,
+        precision: str = "fp32",
+        progress: Progress | None = None,
     ) -> np.ndarray:
         """Forgery likelihood of one uint8 RGB image (H x W x 3 array or PIL image): float32 H x W.
 
         tile: compute the map in tiles of at most tile x tile pixels, in bounded memory and exactly
-        (up to float32 rounding); by default the whole image at once, or the largest tiles that fit
-        when the whole image would not fit in the device's available memory.
+        (up to float32 rounding).
+        max_memory: a budget in GB (2**30 bytes): the whole image when its modelled peak fits, else the
+        largest tiles that do (ValueError when not even the smallest tiles fit). Not with ``tile``.
+        Neither: the whole image at once, or the largest tiles that fit when the whole image would not fit
+        in the device's available memory.
         precision: "fp32" (true float32, TF32 off), "tf32" (TF32 convolutions on NVIDIA GPUs of compute
         capability 8.0+), "bf16" (a bfloat16 feature extractor: less exact, faster only where bfloat16 is
         native; elsewhere a ``SlowPrecisionWarning``), or "auto" (bf16 where native, else fp32); see
         ``mantranet_torch.precision``. The float32 settings are set for the call and restored after it.
         progress: called with (tiles done, tiles in all) during a tiled run.
         """
+        if tile is not None and max_memory is not None:
+            raise ValueError("give tile or max_memory, not both")
+        if max_memory is not None and not max_memory > 0:
+            raise ValueError(f"max_memory must be a positive number of GB, got {max_memory}")
         param = next(self.parameters())
         x = to_model_input(image).to(device=param.device, dtype=param.dtype)
         if x.shape[0] != 1:
             raise ValueError(f"predict takes one image, got a batch of {x.shape[0]}")
         precision = resolve_precision(precision, x.device)
         height, width = x.shape[-2:]
-        if tile is None:
+        if max_memory is not None:
+            tile = tile_for_memory(self, height, width, int(max_memory * GB), precision)
+        elif tile is None:
             tile = automatic_tile(self, height, width, x.device, precision)
         with float32_precision(precision):
             if tile is not None and tile < max(height, width):

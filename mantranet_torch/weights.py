@@ -25,16 +25,20 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from .config import ManTraNetConfig
-from .files import file_problem, one_paragraph, os_reason
+from .files import file_problem, listing, one_paragraph, os_reason
 from .model import ManTraNet
 
 CONFIG_KEY = "mantranet.config"
 PROVENANCE_KEY = "mantranet.provenance"
 SAFETENSORS_SUFFIX = ".safetensors"
 PT_SUFFIXES = (".pt", ".pth")
+H5_SUFFIXES = (".h5", ".hdf5")  # Keras' weight files
 MAX_PT_BYTES = 1 << 30  # ManTraNet's weights take 15 MB: an archive unpacking to more is refused unread
 MANIFEST_SUFFIX = ".json"  # a weight file's manifest: NAME.safetensors.json beside NAME.safetensors
 MODEL_PARTS = ("featex", "detector")
+HDF5, PYTORCH, SAFETENSORS = "HDF5", "PyTorch checkpoint", "safetensors"  # what ``sniff`` tells apart
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0, or 512, 1024, 2048, ... after a user block
+ZIP_MAGIC, PICKLE_PROTOCOL_2 = b"PK\x03\x04", b"\x80\x02"  # torch.save's zip archive, and its legacy format
 # A BatchNorm variance (ours, or a Keras dataset path): negative values are refused, no data gives them
 VARIANCE_KEY = re.compile(r"(^|[./])moving_variance(:\d+)?$")
 # torch.load's text around the reason it refused a file: the same for every file, so left out of ours
@@ -75,13 +79,38 @@ def encode_pt(state_dict: dict[str, Tensor], config: ManTraNetConfig, provenance
     return buf.getvalue()
 
 
+def sniff(path: str | Path) -> str | None:
+    """A weight file's format by its first bytes, whatever its name: HDF5, PYTORCH, SAFETENSORS or None."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(9)
+        offset = 0
+        while offset + len(HDF5_SIGNATURE) <= size:
+            f.seek(offset)
+            if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                return HDF5
+            offset = 512 if offset == 0 else 2 * offset
+    if head.startswith((ZIP_MAGIC, PICKLE_PROTOCOL_2)):
+        return PYTORCH
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return SAFETENSORS
+    return None
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors and string metadata of a .safetensors or .pt file (metadata may be empty)."""
+    """The tensors and string metadata of a .safetensors or .pt file (metadata may be empty); a file of another
+    name is read by its content."""
     path = Path(path)
     problem = file_problem(path)
     if problem:
         raise WeightFileError(f"{path}: {problem}")
     suffix = path.suffix.lower()
+    if suffix not in (SAFETENSORS_SUFFIX, *PT_SUFFIXES, *H5_SUFFIXES):
+        suffix = {SAFETENSORS: SAFETENSORS_SUFFIX, PYTORCH: PT_SUFFIXES[0], HDF5: H5_SUFFIXES[0]}.get(
+            sniff(path), suffix
+        )
     if suffix in (SAFETENSORS_SUFFIX, *PT_SUFFIXES):
         check_manifest(path)
     if suffix == SAFETENSORS_SUFFIX:
@@ -108,8 +137,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         metadata = metadata.get("", {}) if isinstance(metadata, dict) else {}
         metadata = metadata if isinstance(metadata, dict) else {}
         return dict(sd), {k: v for k, v in metadata.items() if isinstance(k, str) and isinstance(v, str)}
-    if suffix in (".h5", ".hdf5"):
-        raise WeightFileError(f"{path}: a Keras HDF5 file; convert it first with `mantranet convert {path}`")
+    if suffix in H5_SUFFIXES:
+        raise WeightFileError(
+            f"{path}: a Keras HDF5 file; load it with converter.load_weights, or convert it with `mantranet convert`"
+        )
     raise WeightFileError(f"{path}: unknown weight format {suffix!r} (expected .safetensors, .pt or .pth)")
 
 
@@ -177,6 +208,17 @@ def torch_load_reason(error: Exception, path: str | Path) -> str:
     return f"not a plain PyTorch state dict (torch.load with weights_only=True: {reason})"
 
 
+def _tensor_kind(value: Tensor) -> str | None:
+    """What makes a tensor unusable as weights: nested, sparse, or without data (meta); None for a dense one."""
+    if value.is_nested:
+        return "nested"
+    if value.layout != torch.strided:
+        return f"{value.layout}".removeprefix("torch.")
+    if value.device.type == "meta":
+        return "meta (data-less)"
+    return None
+
+
 def check_weight_values(
     values: Mapping[str, Tensor | np.ndarray], source: str, names: Mapping[str, str] | None = None
 ) -> None:
@@ -188,6 +230,9 @@ def check_weight_values(
     for key, value in values.items():
         name = (names or {}).get(key, key)
         if isinstance(value, Tensor):
+            kind = _tensor_kind(value)
+            if kind:
+                raise WeightFileError(f"{source}: {name} is a {kind} tensor, expected a dense one holding its values")
             if not value.is_floating_point():
                 raise WeightFileError(f"{source}: {name} has dtype {value.dtype}, expected floating point")
             as_float32 = value.detach().to("cpu", torch.float32).numpy()
@@ -268,18 +313,22 @@ def state_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
 
 def model_from_state_dict(state: dict[str, Tensor], config: ManTraNetConfig, source: str) -> ManTraNet:
     """``ManTraNet(config)`` holding ``state`` (loaded strictly), in eval mode; a misfit names ``source``."""
-    shapes = state_shapes(config)  # the shapes first, without allocating: a config may declare a huge model
-    wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
-    if wrong:
-        found = "; ".join(f"{k}: expected shape {shapes[k]}, found {tuple(state[k].shape)}" for k in wrong[:3])
-        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {found}{more}")
+    check_weight_values(state, source)  # first: a nested or sparse tensor has no shape to compare
+    shapes = state_shapes(config)  # then the shapes, without allocating: a config may declare a huge model
+    problems = [f"missing key {k}" for k in shapes if k not in state]
+    problems += [f"unexpected key {k}" for k in state if k not in shapes]
+    problems += [
+        f"{k}: expected shape {shapes[k]}, found {tuple(v.shape)}"
+        for k, v in state.items()
+        if k in shapes and tuple(v.shape) != shapes[k]
+    ]
+    if problems:
+        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {listing(problems)}")
     model = ManTraNet(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {one_paragraph(str(e))}") from None
-    check_weight_values(state, source)
     cast = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.dtype != torch.float32})
     if cast:
         warnings.warn(

@@ -42,7 +42,7 @@ from .candidate import RANGES, CandidateSide, LayerMap, Suggestion, load_candida
 from .errors import ParityInputError
 from .inputs import Crop, ImageInput, InputImage, check_memory, host_memory, read_inputs
 from .report import Attributed, ImageParity, ParityRun
-from .runner import Reference, compare_layers
+from .runner import Reference, Side, compare_layers
 from .shrink import shrink as shrink_image
 from .sides import TorchSide, torch_side
 from .tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES, POLICY, TolerancePolicy
@@ -241,8 +241,16 @@ def _candidate_module(candidate: str | nn.Module, weights: Path) -> tuple[nn.Mod
     return model, description, [candidate.rpartition(":")[0]]
 
 
-def candidate_side(candidate: str | nn.Module, layer_map: str | Path | dict | LayerMap | None, weights: Path):
-    """The compared side for a user's PyTorch implementation: loaded, checked against its layer map."""
+def candidate_side(candidate: str | nn.Module | Side, layer_map: str | Path | dict | LayerMap | None, weights: Path):
+    """The compared side for another implementation: a ``runner.Side`` as it is (its own layer naming, e.g. an
+    exported graph's session), or a user's PyTorch module, loaded and checked against its layer map."""
+    if not isinstance(candidate, (str, nn.Module)):
+        if not (callable(getattr(candidate, "stages", None)) and callable(getattr(candidate, "layer", None))):
+            raise ParityInputError(
+                f"candidate: a {type(candidate).__name__} is neither FILE.py:FACTORY, an nn.Module nor a Side"
+            )
+        description = getattr(candidate, "description", type(candidate).__name__)
+        return TorchSide(candidate, description, [], getattr(candidate, "notes", []))
     mapping = read_layer_map(layer_map)
     model, description, paths = _candidate_module(candidate, weights)
     side = CandidateSide(model, mapping, description)
@@ -282,7 +290,7 @@ def run_parity(
     *,
     reference: str | ReferenceChoice = OURS,
     torch_weights: Sequence[str | Path] | None = None,
-    candidate: str | nn.Module | None = None,
+    candidate: str | nn.Module | Side | None = None,
     layer_map: str | Path | dict | LayerMap | None = None,
     variant: int | None = None,
     modes: Sequence[str] = MODES,
@@ -310,7 +318,9 @@ def run_parity(
     ``candidate``: compare another PyTorch implementation instead of ours: ``"FILE.py:FACTORY"`` (FACTORY returns
     the ``nn.Module`` with its weights loaded; it gets ``weights`` when it takes an argument) or the module itself,
     lined up with the Keras layers by ``layer_map`` (a JSON file, its dict, or a ``candidate.LayerMap``; see
-    ``candidate.py``, and ``suggest_map`` to propose one). Layers it does not map are reported as unmapped.
+    ``candidate.py``, and ``suggest_map`` to propose one). Layers it does not map are reported as unmapped. Any
+    ``runner.Side`` may be given as well (``stages`` and ``layer`` in Keras names and layouts: our TensorFlow
+    reference as ``sides.ReferenceSide``, an exported graph's runtime), without a layer map.
 
     ``shrink``: a folder; for each failing image (while ``shrink_budget`` seconds last, in all) the smallest crop,
     then the simplest pixel content, that still fails with the same first divergent layer is saved there as PNG,
@@ -413,7 +423,7 @@ def _command_line(
     weights: str | Path,
     choice: ReferenceChoice,
     torch_weights: Sequence[str | Path] | None,
-    candidate: str | nn.Module | None,
+    candidate: str | nn.Module | Side | None,
     layer_map: Any,
     variant: int | None,
     modes: Sequence[str],

@@ -343,6 +343,32 @@ def _layouts(layer: str, ndim: int) -> list[str]:
     return sorted(found, key=lambda f: (f != default_layout(layer), f))
 
 
+LOCAL_SLACK = 100.0  # a module's own output may be this much further off when fed the reference's input ...
+LOCAL_FLOOR = 1e-3  # ... or this far, relative to the layer's scale: beyond, it is not the layer alone
+
+
+def _computes_alone(
+    model: nn.Module,
+    entries: dict[str, LayerEntry],
+    name: str,
+    x: np.ndarray,
+    reference: Mapping[str, np.ndarray],
+    hooked_error: float,
+    input_layout: str,
+) -> bool:
+    """Whether the module of ``entries[name]``, fed the reference's input to the layer, gives about what it gave
+    in the candidate's own forward: false for an activation module after a convolution done in ``forward``, or a
+    composite module."""
+    side = CandidateSide(model, LayerMap(entries, input_layout), "suggestion")
+    inputs = [x if source == INPUT else reference[source] for source in LAYER_INPUTS[name]]
+    out = side.layer(name, *inputs)
+    expected = np.asarray(reference[name], dtype=np.float64)
+    if out is None or out.shape != expected.shape:
+        return False
+    error = float(np.abs(out - expected).max()) / max(float(np.abs(expected).max()), 1e-12)
+    return error <= max(LOCAL_SLACK * hooked_error, LOCAL_FLOOR)
+
+
 @dataclass
 class Suggestion:
     layer: str
@@ -385,29 +411,34 @@ def suggest_layer_map(
         start = max(positions.get(source, -1) for source in LAYER_INPUTS[name]) + 1
         expected = np.asarray(reference[name], dtype=np.float64)
         scale = max(float(np.abs(expected).max()), 1e-12)
-        best = None
-        count = 0
+        matches = []
         for position in range(start, len(calls)):
             path, output = calls[position]
             for selector, tensor in _tensors(output):
                 value = tensor.detach().float().cpu().numpy()
                 for layout in _layouts(name, value.ndim):
-                    try:
-                        converted = to_keras(value, layout, name)
-                    except ValueError:
-                        continue
-                    if converted.shape != expected.shape:
-                        continue
-                    count += 1
-                    error = float(np.abs(converted - expected).max()) / scale
-                    if best is None or error < best[0]:
-                        best = (error, position, path, layout, selector)
-        if best is None:
+                    converted = to_keras(value, layout, name)
+                    if converted.shape == expected.shape:
+                        error = float(np.abs(converted - expected).max()) / scale
+                        matches.append((error, position, path, layout, selector))
+        if not matches:
             suggestions.append(Suggestion(name, None, why=["no module output of this shape after its inputs'"]))
             continue
-        error, position, path, layout, selector = best
-        positions[name] = position
-        output = None if not selector else selector[0] if len(selector) == 1 else list(selector)
-        entries[name] = LayerEntry(path, layout, output)
-        suggestions.append(Suggestion(name, entries[name], error, count))
+        matches.sort(key=lambda m: m[0])
+        chosen, why = None, []
+        for error, position, path, layout, selector in matches:
+            if error > 2 * matches[0][0] + 1e-9:
+                break  # only near-ties compete on local mode
+            output = None if not selector else selector[0] if len(selector) == 1 else list(selector)
+            entry = LayerEntry(path, layout, output)
+            if _computes_alone(model, {**entries, name: entry}, name, x, reference, error, input_layout):
+                chosen = (error, position, entry)
+                break
+        if chosen is None:
+            error, position, path, layout, selector = matches[0]
+            output = None if not selector else selector[0] if len(selector) == 1 else list(selector)
+            chosen = (error, position, LayerEntry(path, layout, output, local=False))
+            why.append("local mode off: the module does not compute this layer from the layer's input alone")
+        error, positions[name], entries[name] = chosen
+        suggestions.append(Suggestion(name, entries[name], error, len(matches), why))
     return LayerMap(entries, input_layout, input_range, "suggested"), suggestions

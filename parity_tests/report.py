@@ -338,6 +338,8 @@ def verdict(run: ParityRun) -> str:
         compared = f"all {len(LAYERS)} layers" if not unmapped else f"all {len(LAYERS) - len(unmapped)} compared layers"
         line = f"PASSED: {compared} within tolerance on {count} ({modes} mode{'s' * (len(run.modes) > 1)})"
         return line + (f"; unmapped, not compared: {', '.join(unmapped)}" if unmapped else "")
+    if run.first_divergent_layer is None:
+        return f"FAILED: no layer compared on {count}: every layer is unmapped in the modes run ({modes})"
     per_mode = ", ".join(f"{mode}: {run.first_divergent(mode) or 'none'}" for mode in run.modes)
     failing = run.failing_images()
     return (

@@ -208,7 +208,8 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return all(layer.passed for layer in self.layers)
+        """Every compared layer within tolerance, and at least one compared (nothing compared proves nothing)."""
+        return any(not layer.unmapped for layer in self.layers) and all(layer.passed for layer in self.layers)
 
     def first_divergent(self, mode: str | None = None) -> str | None:
         """The first layer in network order over tolerance (in ``mode``, or in any mode)."""
@@ -243,6 +244,8 @@ class ParityReport:
         if self.passed:
             compared = len(self.layers) - len(self.unmapped())
             return f"all {compared} compared layers within tolerance ({', '.join(self.modes)})"
+        if self.first_divergent_layer is None:
+            return f"no layer compared: every layer is unmapped in the modes run ({', '.join(self.modes)})"
         return f"first divergent layer: {self.first_divergent_layer}\n" + "\n".join(self.failures())
 
     def to_dict(self) -> dict[str, Any]:

@@ -102,3 +102,39 @@ def test_reference_drift_is_explained_not_failed() -> None:
     assert report.passed
     assert "explained: nestedAvgFeatex: 4 in local mode over tolerance against the official code" in table
     assert "integral images" in table
+
+
+def test_any_side_is_a_candidate(h5) -> None:
+    # Our TensorFlow reference compared with itself through the Side protocol (as an exported graph's runtime
+    # would be): every layer identical, so the comparison is exact (max abs 0) and passes.
+    import reference
+    from parity_tests.sides import ReferenceSide
+
+    side = ReferenceSide(reference.load(h5))
+    run = run_parity(h5, [builtin_images(SIZE)[0].pixels], candidate=side, modes=["local"])
+    assert run.passed and run.torch["description"] == "ReferenceSide"
+    assert all(layer.local.max_abs == 0 for layer in run.images[0].report.layers)
+    with pytest.raises(ParityInputError, match="neither FILE.py:FACTORY, an nn.Module nor a Side"):
+        run_parity(h5, [builtin_images(SIZE)[0].pixels], candidate=42)
+
+
+def test_nothing_compared_is_not_a_pass(h5) -> None:
+    # A side with no layer in the modes run (a graph with no local mode, run with local mode only) proves nothing.
+    class CumulativeOnly:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def stages(self, x):
+            return self.inner.stages(x)
+
+        def layer(self, name, *inputs):
+            return None
+
+    import reference
+    from parity_tests.report import verdict
+    from parity_tests.sides import ReferenceSide
+
+    side = CumulativeOnly(ReferenceSide(reference.load(h5)))
+    run = run_parity(h5, [builtin_images(SIZE)[0].pixels], candidate=side, modes=["local"])
+    assert not run.passed and run.first_divergent_layer is None
+    assert verdict(run).startswith("FAILED: no layer compared on 1 image")

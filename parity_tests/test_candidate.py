@@ -68,6 +68,9 @@ def test_suggested_map_is_the_right_one_and_the_faithful_port_passes(weights, im
     for name in LAYERS:  # every layer, to the module written for it (pred: or the Sigmoid ending it, same output)
         assert proposed.layers[name].module in (expected.layers[name].module, "head.score.1"), name
     assert proposed.input_layout == "NHWC" and proposed.input_range == "0..1"
+    # Its modules compute their layer from the layer's input alone, so local mode stays on; pred's module takes
+    # NCHW where cLSTM's output is NHWC, which only a hand-written input_layout says.
+    assert [name for name in LAYERS if not proposed.layers[name].local] == ["pred"]
 
     # The hand-checked map (layouts fixed where a square image cannot tell H from W) passes.
     layer_map = tmp_path / "faithful.json"

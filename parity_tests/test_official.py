@@ -120,7 +120,7 @@ def test_the_command_passes_a_faithful_conversion_and_names_a_tampered_layer(use
 
 def test_bad_official_code_exits_2(user_files, tmp_path, capsys, monkeypatch) -> None:
     h5, image = user_files["h5"], user_files["image"]
-    monkeypatch.setenv("MANTRANET_WEIGHTS_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("MANTRANET_HOME", str(tmp_path / "empty-cache"))
     edited = tmp_path / "edited"
     edited.mkdir()
     (edited / "modelCore.py").write_text(OFFICIAL_CODE.read_text() + "\nfrom keras.utils import multi_gpu_model\n")

@@ -1,7 +1,9 @@
 """ManTraNet in TensorFlow 2 / Keras 3 with the numerics of the official Keras 2.2 / TensorFlow 1.8 code.
 
 The yardstick the PyTorch port is measured against. It reads and writes the official HDF5 layout with
-the converter's h5py code (never Keras' ``load_weights``, which fails on these files) and imports no torch.
+the converter's h5py code (never Keras' ``load_weights``, which fails on these files). Its model code uses no
+torch; the converter it reads files with imports torch (for the weight formats it writes), and so does this
+package through it.
 """
 
 from __future__ import annotations

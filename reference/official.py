@@ -39,12 +39,12 @@ import tensorflow as tf
 from converter import ConversionError, identify_keras_file
 from converter.releases import file_digests, official_code, official_code_path
 from mantranet_torch.config import ManTraNetConfig
+from mantranet_torch.weights import H5_SUFFIXES  # what Keras' load_weights reads as HDF5 too
 
 from .model import DETECTOR_LAYERS, FEATEX_LAYERS, LAYERS
 
 FEATEX_MODEL = "Featex"  # the feature extractor, a model nested in the official one
 EXPAND_TIME = "expTime"  # the Lambda between glbStd and divStd (glbStd's output given a time axis)
-HDF5_SUFFIXES = (".h5", ".hdf5")  # what Keras' load_weights reads as HDF5 (anything else it takes for a checkpoint)
 
 
 class OfficialCodeError(Exception):
@@ -223,7 +223,7 @@ def _quiet() -> Iterator[None]:
 @contextlib.contextmanager
 def _hdf5_name(path: Path) -> Iterator[Path]:
     """``path`` under a name Keras reads as HDF5 (a link in a temporary folder when its suffix is another)."""
-    if path.suffix.lower() in HDF5_SUFFIXES:
+    if path.suffix.lower() in H5_SUFFIXES:
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="mantranet-official-") as folder:

@@ -6,6 +6,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -398,8 +399,14 @@ def test_cli_reports_what_it_matched_and_where_it_wrote(tmp_path, capsys) -> Non
     assert len(state) == 35
 
 
-def test_version_is_the_installed_distributions(capsys) -> None:
+def test_version_is_the_packages_and_the_installed_distributions(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"mantranet-torch {importlib.metadata.version('mantranet-torch')}"
+    assert capsys.readouterr().out.strip() == f"mantranet-torch {mantranet_torch.__version__}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", mantranet_torch.__version__)
+    try:  # pyproject.toml takes the distribution's version from mantranet_torch.__version__
+        installed = importlib.metadata.version("mantranet-torch")
+    except importlib.metadata.PackageNotFoundError:
+        return  # run from a checkout that is not installed
+    assert installed == mantranet_torch.__version__

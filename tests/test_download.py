@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from converter import download as dl
-from converter.download import DownloadError, ProgressBar, download
+from converter.download import DownloadError, download
 from tests.weights_server import (
     BLOCK,
     BLOCK_RANGE,
@@ -20,6 +20,7 @@ from tests.weights_server import (
     DROP_ONCE,
     NO_RANGE,
     RANGE,
+    SLOW_HEADERS,
     STALL,
     TRICKLE,
     TRUNCATE,
@@ -189,27 +190,6 @@ def test_a_full_disk(server, tmp_path, monkeypatch) -> None:
     assert not (tmp_path / "w.h5").exists()
 
 
-def test_progress_bar_on_a_terminal_and_in_a_log() -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    term = Terminal()
-    bar = ProgressBar("w.h5", term, min_interval_s=0.0)
-    for done in range(0, 2_000_001, 500_000):
-        bar(done, 2_000_000)
-    bar.close()
-    assert term.getvalue().count("\r") == 6 and term.getvalue().endswith("\n")
-    assert "w.h5 [###############---------------]  50% 1.0/2.0 MB" in term.getvalue()
-    log = io.StringIO()
-    bar = ProgressBar("w.h5", log)
-    for done in range(0, 2_000_001, 100_000):
-        bar(done, 2_000_000)
-    bar.close()
-    lines = log.getvalue().splitlines()
-    assert len(lines) == 11 and lines[-1].startswith("w.h5 [##############################] 100% 2.0/2.0 MB")
-
-
 # ---- cut, slow and stalled servers: every wait bounded, the part kept for a resume ----
 
 
@@ -251,6 +231,14 @@ def test_a_stalled_server_meets_the_deadline_within_one_read(server, tmp_path) -
     assert time.monotonic() - started < 5  # the socket read was bounded by what was left of the deadline
 
 
+def test_headers_trickled_forever_meet_the_deadline(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY, SLOW_HEADERS, delay=0.1)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"not done within the 1 s allowed \(--timeout\), after 0 bytes"):
+        download(url, tmp_path / "w.h5", SHA1, timeout_s=60.0, deadline_s=1.0)
+    assert time.monotonic() - started < 3
+
+
 def test_a_server_sending_more_than_any_weight_file_is_cut_off(server, tmp_path) -> None:
     url = server.add("/w.h5", BODY)
     with pytest.raises(DownloadError, match=rf"announces {len(BODY)} bytes, more than the 1000 any weight file takes"):
@@ -281,3 +269,13 @@ def test_a_folder_in_place_of_the_target_is_named(server, tmp_path) -> None:
     (tmp_path / "w.h5").mkdir()
     with pytest.raises(DownloadError, match=r"w.h5: a folder, not a file; it is in the way of the download"):
         download(url, tmp_path / "w.h5", SHA1, force=True)
+
+
+def test_a_part_that_is_a_symbolic_link_is_never_written_through(server, tmp_path) -> None:
+    url = server.add("/w.h5", BODY)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "w.h5.part").symlink_to(victim)
+    with pytest.raises(DownloadError, match=r"w.h5.part: a symbolic link, not a partial download"):
+        download(url, tmp_path / "w.h5", SHA1)
+    assert victim.read_text() == "keep me"

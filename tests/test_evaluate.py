@@ -290,3 +290,24 @@ def test_image_score_choices_from_the_stored_records(data, baseline, tmp_path, h
     assert result["metrics"]["image_balanced_accuracy"] == pytest.approx(
         balanced_accuracy_score(labels, predicted), abs=METRIC_TOLERANCE
     )
+
+
+def test_one_image_listed_twice_and_paths_outside_the_manifest_folder(data, baseline, tmp_path) -> None:
+    folder = data["manifest"].parent
+    (folder / "sub").mkdir(exist_ok=True)
+    manifest = folder / "sub" / "twice.csv"
+    manifest.write_text("image,mask\n../images/spliced_000.png,../masks/spliced_000.png\n"
+                        f"{folder / 'images' / 'spliced_000.png'},../masks/spliced_000.png\n")  # fmt: skip
+    maps = tmp_path / "maps"
+    store = str(baseline["root"] / "store")
+    code, _, stderr = run_cli(str(manifest), "-w", str(data["weights"]), "--threads", "1", "--save-maps", str(maps),
+                              "--store", store, "--json", str(tmp_path / "o.json"))  # fmt: skip
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert result["counts"]["records"] == 2 and result["counts"]["computed"] == 1  # one computation for both
+    saved = sorted(p.relative_to(maps).as_posix() for p in maps.rglob("*.npy"))
+    absolute = folder.joinpath("images", "spliced_000.npy").relative_to(folder.anchor).as_posix()
+    assert saved == sorted(["images/spliced_000.npy", absolute])  # inside --save-maps, never beside the data
+    expected = np.load(map_path(baseline["root"] / "maps", "images/spliced_000.png", None, "torch"))
+    for name in saved:
+        np.testing.assert_array_equal(np.load(maps / name), expected)

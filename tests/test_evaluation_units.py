@@ -112,6 +112,9 @@ def test_mask_rules(tmp_path):
     data = _png(tmp_path / "m.png", grey).read_bytes()
     assert decode_mask(data, "m", MaskRule()).tolist() == [[False, False, True, True]]
     assert decode_mask(data, "m", MaskRule(inverted=True)).tolist() == [[True, True, False, False]]
+    data = _png(tmp_path / "01.png", np.array([[0, 1, 1, 0]], np.uint8)).read_bytes()  # 0/1, not 0/255
+    assert decode_mask(data, "01", MaskRule()).tolist() == [[False, True, True, False]]
+    assert decode_mask(data, "01", MaskRule(inverted=True)).tolist() == [[True, False, False, True]]
     rgb = np.array([[[255, 0, 0], [0, 255, 0], [255, 255, 255]]], np.uint8)  # Columbia: green marks the splice
     data = _png(tmp_path / "c.png", rgb).read_bytes()
     assert decode_mask(data, "c", MaskRule(channel="green")).tolist() == [[False, True, True]]
@@ -155,8 +158,9 @@ def _touch(root: Path, *names: str) -> None:
 
 FAKE_TREES = {  # layout -> (files, expected (name, mask relative path or None, label))
     "casia": (
-        ["Tp/Tp_D_1.jpg", "Tp/Tp_S_2.tif", "Au/Au_1.jpg", "Gt/Tp_D_1_gt.png", "Gt/Tp_S_2_gt.png"],
-        [("Tp/Tp_D_1.jpg", "Gt/Tp_D_1_gt.png", 1), ("Tp/Tp_S_2.tif", "Gt/Tp_S_2_gt.png", 1), ("Au/Au_1.jpg", None, 0)],
+        ["Tp/Tp_D_1.jpg", "Tp/Sp/Sp_S_2.tif", "Au/Au_1.jpg", "Gt/Tp_D_1_gt.png", "Gt/Sp/Sp_S_2_gt.png"],
+        [("Tp/Sp/Sp_S_2.tif", "Gt/Sp/Sp_S_2_gt.png", 1), ("Tp/Tp_D_1.jpg", "Gt/Tp_D_1_gt.png", 1),
+         ("Au/Au_1.jpg", None, 0)],
     ),
     "columbia": (
         ["4cam_splc/a_b_sub_01.tif", "4cam_splc/edgemask/a_b_sub_01_edgemask.jpg", "4cam_auth/a_sub_01.tif",

@@ -41,7 +41,7 @@ def code_url(tmp_dir: Path, url: str) -> Iterator[None]:
 
 @pytest.fixture
 def site(tmp_path, monkeypatch):
-    monkeypatch.setenv("MANTRANET_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MANTRANET_HOME", str(tmp_path / "cache"))
     with serve() as server, code_url(tmp_path, server.add(OFFICIAL_PATH, OFFICIAL_CODE.read_bytes())):
         yield server
 

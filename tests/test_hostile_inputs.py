@@ -3,6 +3,7 @@ clear message naming the file and what is wrong, a non-zero exit, no traceback, 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import h5py
@@ -19,10 +21,9 @@ import torch
 from PIL import Image
 
 import mantranet_torch
-from converter import ConversionError, atomic, convert_h5, read_keras_h5, save_conversion
+from converter import ConversionError, atomic, convert_h5, file_record, read_keras_h5, save_conversion, trained
 from converter.export import export_keras
-from converter.legacy import read_checkpoint
-from mantranet_cli import weights_cmd
+from converter.legacy import load_earlier_port, read_checkpoint
 from mantranet_cli.main import main
 from mantranet_torch import WeightFileError
 from mantranet_torch.weights import PROVENANCE_KEY, encode_safetensors
@@ -197,7 +198,7 @@ def test_a_huge_declared_shape_is_refused_before_any_data_is_read(h5, tmp_path, 
     assert f"layer Featex, array b3c1/kernel:0: expected shape (3, 3, 64, 128), found {shape}" in str(error.value)
     # weights identify has no release to compare with: it bounds every array by ManTraNet's largest
     with pytest.raises(ConversionError, match=rf"array {key} declares shape .* larger than any array of ManTraNet"):
-        weights_cmd.read_keras_h5(path, lambda d: weights_cmd.check_declared_sizes(d, str(path)))
+        file_record.read_keras_h5(path, lambda d: file_record.check_declared_sizes(d, str(path)))
 
 
 @pytest.mark.parametrize("dtype", ["int32", "complex64", "S4"])
@@ -323,12 +324,13 @@ def test_unreadable_files_in_identify_and_list(h5, tmp_path, capsys, monkeypatch
     folder = tmp_path / "weights"
     folder.mkdir()
     path = copy(h5, folder)
-    monkeypatch.setenv("MANTRANET_WEIGHTS_DIR", str(folder))
+    monkeypatch.setenv("MANTRANET_HOME", str(tmp_path))  # its weights folder: tmp_path / "weights"
 
     def denied(p):
         raise PermissionError(13, "Permission denied", str(p))
 
-    monkeypatch.setattr(weights_cmd, "file_digests", denied)  # as root, chmod does not stop reads
+    for module in (file_record, trained):  # identify and list read files there; as root, chmod stops no reads
+        monkeypatch.setattr(module, "file_digests", denied)
     assert main(["weights", "identify", str(path)]) == 1
     assert "cannot be read (Permission denied)" in one_line_error(capsys, "weights", path)
     assert main(["weights", "list"]) == 0
@@ -610,3 +612,62 @@ def test_float64_tensors_load_with_a_note(ours, tmp_path, image, capsys) -> None
     assert all(torch.equal(model.state_dict()[k], v) for k, v in tensors.items())
     assert main(["detect", str(image), "-w", str(wide), "-o", str(tmp_path / "maps")]) == 0
     assert "note: " in capsys.readouterr().err
+
+
+def test_odd_arguments_are_clear_errors(ours, image, tmp_path, capsys) -> None:
+    assert main(["detect", str(image), "-w", str(ours), "--max-pixels", "-1", "-o", str(tmp_path / "m")]) == 1
+    assert "--max-pixels -1: must be at least 1" in one_line_error(capsys, "detect")
+    assert main(["weights", "fetch", "4", "--url", "http://[::1", "-o", str(tmp_path / "w")]) == 1
+    assert "http://[::1: not a valid URL (Invalid IPv6 URL)" in one_line_error(capsys, "weights")
+    assert main(["convert", str(ours), "-o", str(tmp_path / "c")]) == 1
+    assert "a .safetensors file is already PyTorch weights" in one_line_error(capsys, "convert", ours)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists() and not (tmp_path / "c").exists()
+
+
+def test_crafted_lists_are_refused_before_any_walk(h5, tmp_path) -> None:
+    path = copy(h5, tmp_path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["layer_names"] = np.array([b"img_in"] * 5000)  # within the 64 KB of an attribute
+    with pytest.raises(ConversionError, match=r"5000 layers listed, more than any Keras model"):
+        read_keras_h5(path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["layer_names"] = np.array([b"img_in", b"Featex", b"img_in"])
+    with pytest.raises(ConversionError, match=r"layer 'img_in' is listed twice in layer_names"):
+        read_keras_h5(path)
+
+
+def test_a_state_dict_with_thousands_of_strangers_gets_a_short_message(ours, tmp_path) -> None:
+    tensors, config, _ = mantranet_torch.weights.read_model_weights(ours)
+    crowded = tmp_path / "crowded.safetensors"
+    crowded.write_bytes(
+        encode_safetensors({**tensors, **{f"extra.{i}": torch.zeros(1) for i in range(5000)}}, config, {})
+    )
+    with pytest.raises(WeightFileError) as error:
+        mantranet_torch.load(crowded)
+    message = str(error.value)
+    assert "unexpected key extra.0; " in message and message.endswith("and 4995 more") and len(message) < 1000
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda: torch.empty(1, device="meta"), "is a meta \\(data-less\\) tensor"),
+        (lambda: torch.zeros(1).to_sparse(), "is a sparse_coo tensor"),
+        (lambda: torch.nested.nested_tensor([torch.zeros(1)]), "is a nested tensor"),
+        (lambda: torch.zeros(1, dtype=torch.complex64), "has dtype torch.complex64, expected floating point"),
+    ],
+)
+def test_tensors_that_hold_no_plain_values_are_refused(ours, tmp_path, make, kind) -> None:
+    tensors, config, _ = mantranet_torch.weights.read_model_weights(ours)
+    state = collections.OrderedDict(tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note on nested tensors being a prototype
+        state["detector.pred.bias"] = make()
+    state._metadata = {"": {mantranet_torch.weights.CONFIG_KEY: json.dumps(config.to_dict())}}
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(WeightFileError, match=rf"odd.pt: detector.pred.bias {kind}"):
+        mantranet_torch.load(tmp_path / "odd.pt")
+    # the earlier port's reader runs the same check (its detector's keys: end.0.bias, adaptation.weight, ...)
+    torch.save({"end.0.bias": state["detector.pred.bias"], "adaptation.weight": torch.zeros(3)}, tmp_path / "port.pt")
+    with pytest.raises(ConversionError, match=rf"port.pt: key end.0.bias {kind}"):
+        load_earlier_port(tmp_path / "port.pt")

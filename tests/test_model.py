@@ -133,7 +133,7 @@ def test_load_errors_name_the_file(tmp_path) -> None:
     with pytest.raises(WeightFileError, match="no such file"):
         mantranet_torch.load(tmp_path / "missing.safetensors")
     (tmp_path / "x.h5").write_bytes(b"")
-    with pytest.raises(WeightFileError, match="convert it first"):
+    with pytest.raises(WeightFileError, match="a Keras HDF5 file; load it with converter.load_weights"):
         mantranet_torch.load(tmp_path / "x.h5")
     (tmp_path / "x.bin").write_bytes(b"")
     with pytest.raises(WeightFileError, match="unknown weight format"):

@@ -37,7 +37,7 @@ def fixture_files(tmp_path_factory):
 def site(tmp_path, fixture_files, monkeypatch):
     """A server holding the stand-in as release 4's official URL, a release table that trusts it, a weights folder."""
     body = (fixture_files / "release.h5").read_bytes()
-    monkeypatch.setenv("MANTRANET_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("MANTRANET_HOME", str(tmp_path))  # weights go to tmp_path / "weights"
     with serve() as server:
         url = server.add("/pretrained_weights/ManTraNet_Ptrain4.h5", body)
         with release_table(tmp_path, RELEASE, git_blob_sha1(body), url):
@@ -58,7 +58,7 @@ def test_fetch_downloads_verifies_converts_and_lists(site, tmp_path, capsys) -> 
     assert code == 0, err
     assert f"downloaded {weights / 'ManTraNet_Ptrain4.h5'} ({len(body)} bytes): verified, release 4" in out
     assert "converted as release 4 (identified by content hash)" in out
-    assert "ManTraNet_Ptrain4.h5 [##############################] 100%" in err  # the progress bar, on stderr
+    assert err == ""  # stderr is not a terminal here: no progress bar (tests/test_progress.py draws one)
     assert sorted(p.name for p in weights.iterdir()) == [
         "ManTraNet_Ptrain4.h5",
         "ManTraNet_Ptrain4.safetensors",
@@ -173,3 +173,43 @@ def test_identify_names_the_real_earlier_port_checkpoint_by_content(tmp_path, ca
     assert "git blob SHA-1 63c2da025914e73971c0e779fa305e01f607cfc0" in out
     assert "content: the earlier PyTorch port's AnomalyDetectorv4.pt (anomaly detector, no prefix)" in out
     assert "a checkpoint of the earlier PyTorch port by its keys (anomaly detector)" in out
+
+
+def test_list_and_identify_as_json_and_quiet(site, fixture_files, tmp_path, capsys) -> None:
+    weights = tmp_path / "weights"
+    assert run(capsys, "weights", "fetch", "4")[0] == 0
+    code, out, _ = run(capsys, "weights", "list", "--json")
+    listing = json.loads(out)
+    assert code == 0 and listing["folder"] == str(weights)
+    four = next(r for r in listing["official"] if r["index"] == 4)
+    assert four["local"] == "verified" and four["converted"] == ["safetensors"]
+    assert four["git_blob_sha1"] == git_blob_sha1((fixture_files / "release.h5").read_bytes())
+    assert four["config"] == RELEASES[4].to_dict()
+    assert [c["file"] for c in listing["earlier_pytorch_port"]] == [
+        "MantraNetv4.pt",
+        "IMTFEv4.pt",
+        "AnomalyDetectorv4.pt",
+    ]
+    assert run(capsys, "weights", "list", "--quiet")[1] == f"{weights}\n"
+
+    h5 = weights / "ManTraNet_Ptrain4.h5"
+    code, out, _ = run(capsys, "weights", "identify", str(h5), "--json")
+    record = json.loads(out)
+    assert code == 0 and record["content"] == "official release" and record["release"] == 4
+    assert record["format"] == "HDF5" and record["size"] == h5.stat().st_size
+    assert record["sha256"] == hashlib.sha256(h5.read_bytes()).hexdigest()
+    assert record["details"]["converts_as"] == {"release": 4, "by": "content hash"}
+    assert record["details"]["layout"] == "weights-only" and record["details"]["arrays"] == 35
+    assert run(capsys, "weights", "identify", str(h5), "--quiet")[1] == f"{h5}: official release 4, HDF5 (Keras)\n"
+    converted = weights / "ManTraNet_Ptrain4.safetensors"
+    record = json.loads(run(capsys, "weights", "identify", str(converted), "--json")[1])
+    assert record["content"] == "unknown" and record["details"]["kind"] == "ours"
+    assert record["details"]["config"] == RELEASES[4].to_dict()
+    assert record["details"]["provenance"]["source"]["git_blob_sha1"] == record_sha1(h5)
+    assert run(capsys, "weights", "identify", str(converted), "--quiet")[1] == (
+        f"{converted}: unknown content, safetensors (ours)\n"
+    )
+
+
+def record_sha1(path) -> str:
+    return git_blob_sha1(path.read_bytes())

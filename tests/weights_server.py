@@ -21,7 +21,7 @@ from pathlib import Path
 from converter import releases
 
 RANGE, NO_RANGE, BLOCK_RANGE, TRUNCATE, DROP_ONCE = "range", "no-range", "block-range", "truncate", "drop-once"
-CHUNKED_CUT, TRICKLE, STALL = "chunked-cut", "trickle", "stall"
+CHUNKED_CUT, TRICKLE, STALL, SLOW_HEADERS = "chunked-cut", "trickle", "stall", "slow-headers"
 BLOCK = 256
 SLOW_SERVER_LIMIT_S = 10.0  # a trickling or stalled handler gives up by then, so that the server can stop
 
@@ -58,6 +58,9 @@ def _handler(server_state: WeightsServer) -> type[BaseHTTPRequestHandler]:
                 self.send_error(404, "Not Found")
                 return
             route.served += 1
+            if route.mode == SLOW_HEADERS:
+                self.slow_headers(route)
+                return
             if route.mode in (CHUNKED_CUT, TRICKLE, STALL):
                 self.slow(route)
                 return
@@ -82,6 +85,19 @@ def _handler(server_state: WeightsServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body[start : len(body) // 2] if cut else body[start:])
             if cut:
                 self.close_connection = True
+
+        def slow_headers(self, route: Route) -> None:
+            """Headers a byte every ``delay`` seconds, endlessly: a client bounded per read only never gets out."""
+            self.close_connection = True
+            started = time.monotonic()
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                while time.monotonic() - started < SLOW_SERVER_LIMIT_S:
+                    self.wfile.write(b"X")
+                    self.wfile.flush()
+                    time.sleep(route.delay)
+            except OSError:
+                return
 
         def slow(self, route: Route) -> None:
             self.send_response(200)

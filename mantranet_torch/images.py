@@ -75,7 +75,7 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
             if width * height > max_pixels:
                 raise ImageReadError(
                     f"{path}: {width} x {height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
-                    "(a decompression bomb?); raise --max-pixels to process it"
+                    "(a decompression bomb?); raise the limit (max_pixels, --max-pixels) to process it"
                 )
             sixteen_bit = any(";16" in str(tile.args) for tile in image.tile)  # what the file holds, before decoding
             image.load()
