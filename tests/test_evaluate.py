@@ -311,3 +311,16 @@ def test_one_image_listed_twice_and_paths_outside_the_manifest_folder(data, base
     expected = np.load(map_path(baseline["root"] / "maps", "images/spliced_000.png", None, "torch"))
     for name in saved:
         np.testing.assert_array_equal(np.load(maps / name), expected)
+
+
+def test_tiles_give_the_whole_image_result_and_share_its_records(data, baseline, tmp_path) -> None:
+    manifest = data["manifest"].parent / "one.csv"
+    manifest.write_text("image,mask\nimages/spliced_000.png,masks/spliced_000.png\n")
+    common = [str(manifest), "-w", str(data["weights"]), "--threads", "1", "--tile", "32"]
+    code, _, stderr = run_cli(*common, "--store", str(tmp_path / "s"), "--save-maps", str(tmp_path / "maps"))
+    assert code == 0, stderr
+    tiled = np.load(map_path(tmp_path / "maps", "images/spliced_000.png", None, "torch"))
+    whole = np.load(map_path(baseline["root"] / "maps", "images/spliced_000.png", None, "torch"))
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=MAP_TOLERANCE)  # exact tiling, up to float32 rounding
+    code, _, stderr = run_cli(*common, "--store", str(baseline["root"] / "store"), "--json", str(tmp_path / "o.json"))
+    assert code == 0 and json.loads((tmp_path / "o.json").read_text())["counts"]["computed"] == 0  # not in the key
