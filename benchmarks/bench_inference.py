@@ -5,7 +5,9 @@
 Measures the machine's throughput for a 3x3 256 -> 256 convolution (the roofline: most of the
 arithmetic is that layer; probed before and after every contender, since the load on a shared machine
 drifts), then seconds per megapixel of: our float32 path, our bfloat16 path, the TensorFlow reference,
-and a naive PyTorch baseline written the way the earlier port works (naive_port.py). Prints each as
+a naive PyTorch baseline written the way the earlier port works (naive_port.py), ONNX Runtime (CPU) on the
+model as ``mantranet export-onnx`` writes it, and ``torch.compile`` (inductor, dynamic shapes); the export and
+the compilation happen before the warm-up and are not timed. Prints each as
 s/MP, as a fraction of the roofline, ratios to each other and peak memory, and checks the targets.
 Each contender runs in a fresh worker process (its peak RSS is its own) with the same thread count;
 timings are the best of ``--repeats`` runs after a warm-up. Speed does not depend on weight values,
@@ -34,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
-CONTENDERS = ("fp32", "bf16", "tensorflow", "naive")
+CONTENDERS = ("fp32", "bf16", "tensorflow", "naive", "onnxruntime", "compile")
 TARGETS = {  # (what, the ratio that must reach it)
     "fp32 >= 85% of the roofline": 0.85,
     "fp32 >= 2x the naive baseline": 2.0,
@@ -186,10 +188,36 @@ def _contender(name: str, args: argparse.Namespace):
                 return naive(to_model_input(img))[0, 0].numpy()
 
         return run, run
+    if name in ("onnxruntime", "compile"):
+        return _deployed(name, model, args)
     precision = name
 
     def run(img: np.ndarray) -> np.ndarray:
         return model.predict(img, tile=max(img.shape), precision=precision)  # the whole image, never tiled
+
+    return run, run
+
+
+def _deployed(name: str, model, args: argparse.Namespace):
+    """The model run by ONNX Runtime from an exported file, or compiled by torch.compile: (run, warm-up)."""
+    import torch
+
+    from mantranet_torch import to_model_input
+
+    if name == "onnxruntime":
+        from converter.onnx_export import OnnxModel, export_graph
+
+        session = OnnxModel(export_graph(model).SerializeToString(), threads=args.threads)
+
+        def run(img: np.ndarray) -> np.ndarray:
+            return session(to_model_input(img).numpy())[0, 0]
+
+        return run, run
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+
+    def run(img: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return compiled(to_model_input(img))[0, 0].numpy()
 
     return run, run
 
@@ -354,11 +382,11 @@ def report(args: argparse.Namespace) -> dict:
                 ratios[f"{a} vs {b}"] = rows[b]["seconds"] / rows[a]["seconds"]
     print("\nspeed ratios (how many times faster the first is):")
     for key, value in ratios.items():
-        if key.split(" vs ")[0] in ("fp32", "bf16"):
+        if key.split(" vs ")[0] in ("fp32", "bf16") or key in ("onnxruntime vs fp32", "compile vs fp32"):
             print(f"  {key:<24}{value:>6.2f}x")
     agreement = {}
     fp32_map = results.get("fp32", {}).get("map")
-    for name in ("bf16", "tensorflow", "naive"):
+    for name in ("bf16", "tensorflow", "naive", "onnxruntime", "compile"):
         other = results.get(name, {}).get("map")
         if fp32_map is not None and other is not None:
             agreement[name] = float(np.abs(other.astype(np.float64) - fp32_map).max())

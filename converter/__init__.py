@@ -9,6 +9,7 @@ from .keras_h5 import FULL_MODEL, WEIGHTS_ONLY, KerasWeights, read_keras_h5
 from .legacy import EarlierPortWarning, load_earlier_port
 from .load import load_weights
 from .mapping import MAPPING, keras_to_torch, torch_to_keras
+from .onnx_export import OnnxModel, export_onnx
 from .synthetic import synthetic_keras_weights
 from .trained import FetchResult, PretrainedError, fetch, list_weights, pretrained
 
@@ -22,8 +23,10 @@ __all__ = [
     "FetchResult",
     "FileRecord",
     "KerasWeights",
+    "OnnxModel",
     "PretrainedError",
     "convert_h5",
+    "export_onnx",
     "fetch",
     "identify",
     "identify_keras_file",

@@ -60,6 +60,11 @@ def load_weights(
         raise ConversionError(f"variant {variant}: no such release; releases are {sorted(RELEASES)}")
     first = paths[0]
     kind = sniff(first)
+    if kind is None:
+        raise WeightFileError(
+            f"{first}: not a weight file this project reads: by its first bytes neither HDF5 (an official .h5), "
+            "safetensors nor a PyTorch checkpoint"
+        )
     if len(paths) == 1 and kind == HDF5:
         conversion = convert_h5(first, variant)
         for note in conversion.keras.notes:

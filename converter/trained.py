@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,10 +127,10 @@ def pretrained(
 
 def local_status(path: Path, git_blob_sha1: str) -> str:
     """Absent ("-"), "verified", "present, content differs", or "present, " and what is wrong with it."""
-    problem = file_problem(path)
-    if problem == "no such file":
+    if not os.path.lexists(path):
         return "-"
-    if problem:
+    problem = file_problem(path)
+    if problem:  # a folder, a dangling link, a folder of its path that is a file, ...
         return f"present, {problem}"
     try:
         digests = file_digests(path)

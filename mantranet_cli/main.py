@@ -17,13 +17,24 @@ from . import (
     detect_cmd,
     evaluate_cmd,
     export_keras_cmd,
+    export_onnx_cmd,
     parity_cmd,
     selftest_cmd,
     weights_cmd,
 )
 from .errors import CommandError
 
-COMMANDS = (demo_cmd, convert_cmd, weights_cmd, export_keras_cmd, parity_cmd, selftest_cmd, detect_cmd, evaluate_cmd)
+COMMANDS = (
+    demo_cmd,
+    convert_cmd,
+    weights_cmd,
+    export_keras_cmd,
+    export_onnx_cmd,
+    parity_cmd,
+    selftest_cmd,
+    detect_cmd,
+    evaluate_cmd,
+)
 EXPECTED_ERRORS = (CommandError, ConversionError, WeightFileError)
 
 

@@ -60,7 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="PyTorch weights instead of WEIGHTS.h5 converted: ours (.safetensors/.pt), or the earlier PyTorch "
         "port's MantraNetv4.pt, IMTFEv4.pt and AnomalyDetectorv4.pt (give this option twice for the pair); a "
-        "checkpoint of one part is completed with the other part from WEIGHTS.h5",
+        "checkpoint of one part is completed with the other part from WEIGHTS.h5; or an ONNX file written by "
+        "`mantranet export-onnx --layers`, run in ONNX Runtime (cumulative mode)",
     )
     p.add_argument(
         "--candidate",

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         verdict = "every layer within tolerance" if d.passed else f"first over tolerance: {d.first_divergent}"
         print(
             f"device {d.device}: releases {', '.join(map(str, d.releases))} on {d.images} built-in images, "
-            f"{verdict}; largest error {worst[1]:.2g} ({worst[0]})"
+            f"{verdict}; largest error of a layer alone {worst[1]:.2g} ({worst[0]})"
         )
     if result.exit_code not in (0, 1):
         print(f"pytest stopped with exit status {result.exit_code}; rerun with --verbose to see why")

@@ -35,6 +35,7 @@ PT_SUFFIXES = (".pt", ".pth")
 H5_SUFFIXES = (".h5", ".hdf5")  # Keras' weight files
 MAX_PT_BYTES = 1 << 30  # ManTraNet's weights take 15 MB: an archive unpacking to more is refused unread
 MANIFEST_SUFFIX = ".json"  # a weight file's manifest: NAME.safetensors.json beside NAME.safetensors
+MAX_MANIFEST_BYTES = 1 << 20  # ours take 1-2 KB: a bigger file of that name is someone else's
 MODEL_PARTS = ("featex", "detector")
 HDF5, PYTORCH, SAFETENSORS = "HDF5", "PyTorch checkpoint", "safetensors"  # what ``sniff`` tells apart
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0, or 512, 1024, 2048, ... after a user block
@@ -153,7 +154,7 @@ def check_manifest(path: Path) -> None:
     the two were left from different runs. A file without a manifest, or beside a JSON file that is not one
     of ours, is taken as it is (its own metadata carries its provenance)."""
     manifest = manifest_path(path)
-    if file_problem(manifest):
+    if file_problem(manifest) or manifest.stat().st_size > MAX_MANIFEST_BYTES:
         return
     try:
         record = json.loads(manifest.read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from converter.convert import Conversion
 from converter.legacy import DETECTOR, PART_NAMES, EarlierPortWarning, load_earlier_port
@@ -24,8 +25,12 @@ from mantranet_torch.weights import (
     read_weights,
 )
 
+from .compare import to_nhwc
 from .errors import ParityInputError
 from .runner import Side
+
+ONNX_SUFFIX = ".onnx"
+LOCAL_MODE_NOTE = "an ONNX graph runs from the image only: its layers are compared in cumulative mode"
 
 
 @dataclass
@@ -52,6 +57,30 @@ class ReferenceSide:
 
     def layer(self, name: str, *inputs: np.ndarray) -> np.ndarray:
         return self.layers[name](*inputs)
+
+
+class OnnxSide:
+    """An ONNX file exported with its named layers (``mantranet export-onnx --layers``), run in ONNX Runtime, as a
+    compared ``Side``: every layer in cumulative mode. A graph runs from the image only, so local mode (one layer
+    fed the reference's input) has nothing from it."""
+
+    def __init__(self, path: Path, conversion: Conversion) -> None:
+        from converter.onnx_export import OnnxModel
+
+        self.session = OnnxModel(path)
+        if not self.session.has_layers:
+            raise ParityInputError(
+                f"{path}: holds the map only; export it with `mantranet export-onnx --layers` to compare its layers"
+            )
+        if self.session.config is not None:
+            _same_architecture(self.session.config, conversion, str(path))
+
+    def stages(self, x: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        for name, value in self.session.trace(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).items():
+            yield name, to_nhwc(torch.from_numpy(value))
+
+    def layer(self, name: str, *inputs: np.ndarray) -> None:
+        return None
 
 
 def _is_ours(path: Path) -> bool:
@@ -122,6 +151,9 @@ def torch_side(paths: list[Path] | None, conversion: Conversion) -> TorchSide:
     for path in paths:
         if not path.is_file():
             raise ParityInputError(f"{path}: no such file")
+    if len(paths) == 1 and paths[0].suffix.lower() == ONNX_SUFFIX:
+        side = OnnxSide(paths[0], conversion)
+        return TorchSide(side, f"{paths[0]} (ONNX Runtime, CPU)", [str(paths[0])], [LOCAL_MODE_NOTE])
     if len(paths) == 1 and _is_ours(paths[0]):
         state, notes = _ours(paths[0], conversion)
         kind = "mantranet-torch weights"

@@ -376,3 +376,24 @@ def test_earlier_port_checkpoint_in_each_of_its_forms(files, tmp_path, capsys) -
         assert code == 0, (form, out)
         assert "the earlier PyTorch port's checkpoint" in out, form
     assert "IMTFEv4.pt holds the feature extractor only: combined with the anomaly detector of" in out
+
+
+def test_an_onnx_export_compared_layer_by_layer(files, tmp_path, capsys) -> None:
+    pytest.importorskip("onnxruntime", reason="the optional extra 'onnx' is not installed")
+    pytest.importorskip("onnxscript", reason="the optional extra 'onnx' is not installed")
+    from converter.onnx_export import export_onnx
+
+    h5 = files / "ManTraNet_Ptrain4.h5"
+    good = export_onnx(h5, tmp_path / "good.onnx", layers=True).target
+    code, out, _ = run(capsys, h5, files / "copy-move.png", "--torch-weights", good, "--json", tmp_path / "g.json")
+    assert code == 0, out
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert report["passed"] is True and [layer["name"] for layer in report["layers"]] == list(LAYERS)
+    assert all(layer["cumulative"] is not None and layer["local"] is None for layer in report["layers"])
+    assert "ONNX Runtime" in out
+
+    weights, layer = damaged_weights(files, tmp_path, _damage_transpose)
+    bad = export_onnx(weights, tmp_path / "bad.onnx", layers=True).target
+    code, out, _ = run(capsys, h5, files / "copy-move.png", "--torch-weights", bad, "--json", tmp_path / "b.json")
+    assert code == 1
+    assert json.loads((tmp_path / "b.json").read_text())["first_divergent_layer"] == layer

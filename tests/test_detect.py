@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import stat
 import struct
@@ -267,3 +268,21 @@ def test_bad_arguments_are_one_line_errors(folder, tmp_path) -> None:
     Image.fromarray(cases[1].expected).save(twin / "plain.png")
     code, _, stderr = run(str(cases[0].path), str(twin / "plain.png"), "-w", str(weights), "-o", str(tmp_path / "o"))
     assert code == 1 and "its outputs would overwrite those of" in stderr
+
+
+def test_json_and_quiet(folder, tmp_path) -> None:
+    _, weights, cases = folder
+    good, bad = cases[0].path, tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    code, stdout, stderr = run(str(good), str(bad), "-w", str(weights), "-o", str(tmp_path / "o"), "--json")
+    report = json.loads(stdout)  # stdout is the JSON object and nothing else
+    assert code == 1 and stderr == ""
+    assert (report["images"], report["written"], report["failed"], report["skipped"]) == (2, 1, 1, 0)
+    written = next(r for r in report["results"] if r["status"] == "written")
+    height, width = cases[0].expected.shape[:2]
+    assert written["input"] == str(good) and (written["width"], written["height"]) == (width, height)
+    assert written["outputs"] == [str(tmp_path / "o" / "plain.mask.png")] and written["tiles"] == 0
+    failed = next(r for r in report["results"] if r["status"] == "failed")
+    assert failed["input"] == str(bad) and "cannot decode" in failed["error"]
+    code, stdout, stderr = run(str(good), str(bad), "-w", str(weights), "-o", str(tmp_path / "o"), "--quiet")
+    assert code == 1 and stdout == "" and stderr.count("\n") == 1 and "broken.png: cannot decode" in stderr
