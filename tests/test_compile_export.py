@@ -66,8 +66,11 @@ def test_compile_fullgraph_one_graph_no_break(setup) -> None:
 
 def test_torchscript_trace_runs_at_every_size_after_save_and_load(setup) -> None:
     model, cases = setup
+    # a textured example: on a flat one divStd amplifies rounding (std ~ 0), so the tracer's own re-run check
+    # would compare two chaotic maps and warn
+    example = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        traced = torch.jit.trace(model, torch.zeros(1, 3, 24, 20))
+        traced = torch.jit.trace(model, example)
     buffer = io.BytesIO()  # what a C++ program loads with torch::jit::load
     torch.jit.save(traced, buffer)
     buffer.seek(0)
