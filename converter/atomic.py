@@ -62,6 +62,16 @@ def make_parent(target: Path) -> None:
     make_folder(target.parent)
 
 
+def check_writable_folder(folder: Path) -> None:
+    """Create ``folder`` and try a file in it, before any long work: an unwritable output fails at once."""
+    make_folder(folder)
+    try:
+        with staged_path(folder / "write-test"):
+            pass
+    except OSError as e:
+        raise ConversionError(f"{folder}: cannot write in the output folder ({e.strerror or e})") from None
+
+
 def write_bytes_atomic(target: Path, data: bytes, force: bool) -> None:
     write_files_atomic({target: data}, force)
 

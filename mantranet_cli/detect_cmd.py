@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from converter import load_weights
-from converter.atomic import make_folder, staged_path, write_bytes_atomic
+from converter.atomic import check_writable_folder, write_bytes_atomic
 from mantranet_torch.detection import Detection, detect_found
-from mantranet_torch.files import os_reason
 from mantranet_torch.images import DEFAULT_MAX_PIXELS, find_images
 from mantranet_torch.maps import encode_mask, encode_npy, encode_overlay
 from mantranet_torch.precision import PRECISIONS, SlowPrecisionWarning, bf16_support, resolve_precision
@@ -138,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     for w in caught:  # a cast to float32 is a note; the earlier port's approximations are warnings
         kind = "note" if issubclass(w.category, WeightCastWarning) else "warning"
         print(f"mantranet detect: {kind}: {w.message}", file=sys.stderr)
-    check_output_folder(args.output)  # before any inference
+    check_writable_folder(args.output)  # before any inference
     records, todo, claimed = [], [], {}
     for path, relative in images:
         outputs = Outputs.of(args.output, relative, args)
@@ -193,16 +192,6 @@ def run(args: argparse.Namespace) -> int:
             f"{failed} failed; outputs in {args.output}"
         )
     return 1 if failed else 0
-
-
-def check_output_folder(folder: Path) -> None:
-    """Create the output folder and try a file in it, before any inference: an unwritable folder fails now."""
-    make_folder(folder)
-    try:
-        with staged_path(folder / "write-test"):
-            pass
-    except OSError as e:
-        raise CommandError(f"{folder}: cannot write in the output folder ({os_reason(e)})") from None
 
 
 def write_outputs(result: Detection, outputs: Outputs, missing: list[Path]) -> dict:

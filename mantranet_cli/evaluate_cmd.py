@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from converter.atomic import check_writable_folder
 from mantranet_torch.images import DEFAULT_MAX_PIXELS
 from mantranet_torch.precision import PRECISIONS
 from mantranet_torch.tiling import MIN_TILE
@@ -115,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         save_maps=args.save_maps,
     )
+    for output in (args.json, args.csv, args.report):  # an unwritable place fails now, not after the dataset
+        if output is not None:
+            check_writable_folder(output.parent)
+    if args.save_maps is not None:
+        check_writable_folder(args.save_maps)
     bar = ProgressLine()
     try:
         result = evaluation.evaluate(dataset, config, progress=bar)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from converter import ConversionError
-from converter.atomic import write_bytes_atomic
+from converter.atomic import check_writable_folder, write_bytes_atomic
 from mantranet_torch import LAYERS
 from parity_tests.api import DONE, IMAGE, LAYER, START, TRACED, ParityEvent, run_parity, suggest_map
 from parity_tests.errors import ParityInputError
@@ -239,6 +239,11 @@ def run(args: argparse.Namespace) -> int:
             check_target(args.report)
         if args.json is not None:
             check_json_target(args.json, args.report, args.force)
+        for output in (args.json, args.report):  # an unwritable place fails now, not after the comparison
+            if output is not None:
+                check_writable_folder(output.parent)
+        if args.shrink is not None:
+            check_writable_folder(args.shrink)
         parity = run_parity(
             args.weights,
             args.images,
@@ -255,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
             shrink=args.shrink,
             shrink_budget=args.shrink_budget,
         )
-    except (ParityInputError, ReportError) as e:
+    except (ParityInputError, ReportError, ConversionError) as e:
         raise CommandError(str(e), BAD_INPUT) from None
     finally:
         events.close()  # the bar of an image the run did not finish

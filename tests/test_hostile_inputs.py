@@ -452,6 +452,31 @@ def test_detect_checks_the_output_folder_before_inference(ours, image, tmp_path,
     assert "cannot create the folder" in one_line_error(capsys, "detect")
 
 
+@pytest.mark.parametrize("flag", ["--json", "--report", "--shrink"])
+def test_parity_checks_its_output_places_before_comparing(h5, image, tmp_path, capsys, monkeypatch, flag) -> None:
+    from mantranet_cli import parity_cmd
+
+    (tmp_path / "file").write_text("in the way")
+    monkeypatch.setattr(parity_cmd, "run_parity", lambda *a, **k: pytest.fail("the comparison ran"))
+    target = tmp_path / "file" / ("p.json" if flag == "--json" else "out")
+    assert main(["parity", str(h5), str(image), flag, str(target)]) == 2
+    assert "cannot create the folder" in one_line_error(capsys, "parity")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--report", "--save-maps"])
+def test_evaluate_checks_its_output_places_before_scoring(ours, image, tmp_path, capsys, monkeypatch, flag) -> None:
+    pytest.importorskip("sklearn")
+    import evaluation
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"image,mask,label\n{image},,0\n")
+    (tmp_path / "file").write_text("in the way")
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("the evaluation ran"))
+    target = tmp_path / "file" / ("out.json" if flag in ("--json", "--csv") else "out")
+    assert main(["evaluate", str(manifest), "-w", str(ours), flag, str(target)]) == 1
+    assert "cannot create the folder" in one_line_error(capsys, "evaluate")
+
+
 # ---- 10. a weight file and its manifest: never from different runs ----
 
 
