@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from converter.atomic import check_writable_folder
+from mantranet_torch.files import file_problem
 from mantranet_torch.images import DEFAULT_MAX_PIXELS
 from mantranet_torch.precision import PRECISIONS
 from mantranet_torch.tiling import MIN_TILE
@@ -71,12 +73,13 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--tile {args.tile}: tiles must be at least {MIN_TILE} pixels")
     for flag in ("max_memory", "workers", "threads", "resize"):
         value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise CommandError(f"--{flag.replace('_', '-')} {value}: must be positive")
+        if value is not None and not (0 < value < math.inf):  # NaN and inf too
+            raise CommandError(f"--{flag.replace('_', '-')} {value}: must be a positive, finite number")
     if args.engine == "local" and args.ray_address:
         raise CommandError("--ray-address needs --engine ray")
-    if not args.weights.is_file():
-        raise CommandError(f"{args.weights}: no such weight file")
+    problem = file_problem(args.weights)  # a folder, a FIFO, a link loop: named as such
+    if problem is not None:
+        raise CommandError(f"{args.weights}: {problem}")
     try:
         perturbations = [evaluation.Perturbation.parse(spec) for spec in args.perturb]
         dataset = evaluation.load_dataset(args.dataset, args.layout)

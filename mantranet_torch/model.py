@@ -7,6 +7,7 @@ under its Keras name, which is how parity tools line the two frameworks up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -189,7 +190,7 @@ class ManTraNet(nn.Module):
         """
         if tile is not None and max_memory is not None:
             raise ValueError("give tile or max_memory, not both")
-        if max_memory is not None and not max_memory > 0:
+        if max_memory is not None and not 0 < max_memory < math.inf:  # NaN and inf too
             raise ValueError(f"max_memory must be a positive number of GB, got {max_memory}")
         param = next(self.parameters())
         x = to_model_input(image).to(device=param.device, dtype=param.dtype)

@@ -358,6 +358,30 @@ def test_max_memory_must_be_a_finite_positive_number(ours, image, tmp_path, caps
     assert not (tmp_path / "maps").exists()
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_evaluate_and_predict_refuse_a_non_finite_max_memory(ours, image, tmp_path, capsys, monkeypatch, value):
+    pytest.importorskip("sklearn")
+    import evaluation
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"image,mask,label\n{image},,0\n")
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("the evaluation ran"))
+    assert main(["evaluate", str(manifest), "-w", str(ours), "--max-memory", value]) == 1
+    assert "--max-memory" in one_line_error(capsys, "evaluate")
+    model = mantranet_torch.ManTraNet.from_release(4)
+    with pytest.raises(ValueError, match="max_memory must be a positive number"):
+        model.predict(np.zeros((8, 8, 3), np.uint8), max_memory=float(value))
+
+
+def test_evaluate_names_a_folder_given_as_weights(image, tmp_path, capsys) -> None:
+    pytest.importorskip("sklearn")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"image,mask,label\n{image},,0\n")
+    (tmp_path / "w.h5").mkdir()
+    assert main(["evaluate", str(manifest), "-w", str(tmp_path / "w.h5")]) == 1
+    assert one_line_error(capsys, "evaluate").endswith("w.h5: a folder, not a file")
+
+
 # ---- smaller ones ----
 
 
