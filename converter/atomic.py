@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .errors import ConversionError
 
+ALREADY_EXISTS = "already exists; pass --force (force=True in Python) to replace it"
+
 
 @contextlib.contextmanager
 def staged_path(target: Path) -> Iterator[Path]:
@@ -41,10 +43,10 @@ def publish(staged: Path, target: Path, force: bool) -> None:
     try:
         os.link(staged, target)  # fails if target exists, with no window between check and write
     except FileExistsError:
-        raise ConversionError(f"{target}: already exists; pass --force to replace it") from None
+        raise ConversionError(f"{target}: {ALREADY_EXISTS}") from None
     except OSError:  # a filesystem without hard links
         if target.exists():
-            raise ConversionError(f"{target}: already exists; pass --force to replace it") from None
+            raise ConversionError(f"{target}: {ALREADY_EXISTS}") from None
         os.replace(staged, target)
     else:
         staged.unlink()
@@ -163,4 +165,4 @@ def refuse_existing(paths: list[Path], force: bool) -> None:
         if p.is_dir():
             raise ConversionError(f"{p}: a folder is in the way of the output")
         if not force and os.path.lexists(p):
-            raise ConversionError(f"{p}: already exists; pass --force to replace it")
+            raise ConversionError(f"{p}: {ALREADY_EXISTS}")

@@ -104,7 +104,7 @@ def download(
         if not force:
             raise DownloadError(
                 f"{target}: already exists and is not the expected file (git blob SHA-1 {digests.git_blob_sha1}); "
-                "pass --force to replace it"
+                "pass --force (force=True in Python) to replace it"
             )
     created_dir = not target.parent.exists()
     try:

@@ -8,6 +8,7 @@ written once per session and examples draw their seeds from a small set (``SEEDS
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,7 +29,9 @@ if TYPE_CHECKING:
     from reference.official import OfficialModel
 
 SEEDS = (0, 1, 2)
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared from the repository root
+# ../shared beside a checkout; an installed package has none, so $MANTRANET_SHARED may name such a folder
+SHARED = Path(os.environ.get("MANTRANET_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+ABSENT = "(test data beside a checkout, not shipped with the package: set MANTRANET_SHARED to a folder holding it)"
 SAMPLES = SHARED / "samples"
 SEED_PORT_DETECTOR = SHARED / "seed-port" / "AnomalyDetectorv4.pt"
 OFFICIAL_CODE = SHARED / "official" / "modelCore.py"  # the original model code: test data, never in the project
@@ -37,7 +40,7 @@ OFFICIAL_CODE = SHARED / "official" / "modelCore.py"  # the original model code:
 def official_code_missing() -> str | None:
     """Why the tests that run the original code cannot run here, or None when they can."""
     if not OFFICIAL_CODE.is_file():
-        return f"the official modelCore.py not found at {OFFICIAL_CODE}"
+        return f"the official modelCore.py not found at {OFFICIAL_CODE} {ABSENT}"
     try:
         import tf_keras  # noqa: F401
     except ImportError:

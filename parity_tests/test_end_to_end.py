@@ -16,7 +16,7 @@ import reference
 from converter import torch_to_keras, write_official_h5
 from converter.legacy import EarlierPortWarning, load_earlier_port
 from mantranet_torch import RELEASES, ManTraNet, scale_pixels
-from parity_tests.official_files import SAMPLES, SEED_PORT_DETECTOR, WeightStore
+from parity_tests.official_files import ABSENT, SAMPLES, SEED_PORT_DETECTOR, WeightStore
 from parity_tests.oracle import Oracle
 from parity_tests.profiles import examples
 from parity_tests.runner import ParityReport, compare_layers
@@ -24,9 +24,9 @@ from parity_tests.strategies import ImageRecipe, images, weight_seeds
 
 DRAWN_PIXELS = 1600  # per drawn example: under 2 s for both frameworks, both modes and the oracle
 
-needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real images not found at {SAMPLES}")
+needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real images not found at {SAMPLES} {ABSENT}")
 needs_seed_port = pytest.mark.skipif(
-    not SEED_PORT_DETECTOR.is_file(), reason=f"earlier port's checkpoint not found at {SEED_PORT_DETECTOR}"
+    not SEED_PORT_DETECTOR.is_file(), reason=f"earlier port's checkpoint not found at {SEED_PORT_DETECTOR} {ABSENT}"
 )
 
 

@@ -32,7 +32,7 @@ from mantranet_torch.model import DETECTOR_LAYERS
 from mantranet_torch.weights import encode_safetensors
 from parity_tests import api, inputs, sides
 from parity_tests.builtin_images import builtin_images
-from parity_tests.official_files import SEED_PORT_DETECTOR
+from parity_tests.official_files import ABSENT, SEED_PORT_DETECTOR
 from tests.earlier_port import write_port_files
 
 RELEASE = 4
@@ -40,7 +40,7 @@ SIZE = 24  # every layer and both modes in about a second per image; the 31-pixe
 TEXTURED = ("noise", "gradient", "checkerboard", "copy-move")
 
 needs_seed_port = pytest.mark.skipif(
-    not SEED_PORT_DETECTOR.is_file(), reason=f"earlier port's checkpoint not found at {SEED_PORT_DETECTOR}"
+    not SEED_PORT_DETECTOR.is_file(), reason=f"earlier port's checkpoint not found at {SEED_PORT_DETECTOR} {ABSENT}"
 )
 
 
@@ -304,7 +304,7 @@ def test_bad_input_exits_2_naming_the_file(files, tmp_path, capsys) -> None:
     existing = tmp_path / "results.json"
     existing.write_text("earlier results")
     for argv, expected in [
-        (["--json", existing], "results.json: already exists; pass --force to replace it"),
+        (["--json", existing], "results.json: already exists; pass --force (force=True in Python) to replace it"),
         (["--json", occupied], "occupied: is a folder"),
         (["--json", tmp_path / "page" / "r.json", "--report", tmp_path / "page"], "inside the --report folder"),
     ]:

@@ -10,10 +10,8 @@ import torch
 from converter import convert_h5, synthetic_keras_weights, write_official_h5
 from mantranet_torch import RELEASES, ManTraNet
 from mantranet_torch.weights import model_from_state_dict
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SAMPLES = SHARED / "samples"
-SEED_PORT = SHARED / "seed-port" / "AnomalyDetectorv4.pt"
+from parity_tests.official_files import SAMPLES, SHARED  # noqa: F401 (the tests' one place for ../shared)
+from parity_tests.official_files import SEED_PORT_DETECTOR as SEED_PORT  # noqa: F401
 
 
 def to_nhwc(t: torch.Tensor) -> np.ndarray:

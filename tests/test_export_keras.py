@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from converter import ConversionError, read_keras_h5
+from converter.atomic import ALREADY_EXISTS
 from converter.export import export_keras
 from converter.keras_h5 import FULL_MODEL, LAYOUTS, WEIGHTS_ONLY
 from converter.mapping import keras_to_torch, torch_shapes
@@ -106,7 +107,7 @@ def test_command_writes_atomically_and_refuses_to_overwrite(tmp_path, capsys) ->
     before = out.read_bytes()
     assert main(["export-keras", str(tmp_path / "ours.pt"), "-o", str(out)]) == 1
     err = capsys.readouterr().err
-    assert err == f"mantranet export-keras: error: {out}: already exists; pass --force to replace it\n"
+    assert err == f"mantranet export-keras: error: {out}: {ALREADY_EXISTS}\n"
     assert out.read_bytes() == before
     assert main(["export-keras", str(tmp_path / "ours.pt"), "-o", str(out), "--force"]) == 0
     assert read_keras_h5(out).layout == WEIGHTS_ONLY
