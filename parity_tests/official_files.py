@@ -8,7 +8,6 @@ written once per session and examples draw their seeds from a small set (``SEEDS
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,17 +23,12 @@ from mantranet_torch.weights import model_from_state_dict
 from parity_tests.oracle import Oracle
 from parity_tests.reference_layers import reference_layers
 from parity_tests.runner import torch_layers
+from parity_tests.shared_data import ABSENT, OFFICIAL_CODE, SAMPLES, SEED_PORT_DETECTOR, SHARED  # noqa: F401
 
 if TYPE_CHECKING:
     from reference.official import OfficialModel
 
 SEEDS = (0, 1, 2)
-# ../shared beside a checkout; an installed package has none, so $MANTRANET_SHARED may name such a folder
-SHARED = Path(os.environ.get("MANTRANET_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-ABSENT = "(test data beside a checkout, not shipped with the package: set MANTRANET_SHARED to a folder holding it)"
-SAMPLES = SHARED / "samples"
-SEED_PORT_DETECTOR = SHARED / "seed-port" / "AnomalyDetectorv4.pt"
-OFFICIAL_CODE = SHARED / "official" / "modelCore.py"  # the original model code: test data, never in the project
 
 
 def official_code_missing() -> str | None:

@@ -304,7 +304,7 @@ def test_bad_input_exits_2_naming_the_file(files, tmp_path, capsys) -> None:
     existing = tmp_path / "results.json"
     existing.write_text("earlier results")
     for argv, expected in [
-        (["--json", existing], "results.json: already exists; pass --force (force=True in Python) to replace it"),
+        (["--json", existing], "results.json: already exists; pass --force to replace it"),
         (["--json", occupied], "occupied: is a folder"),
         (["--json", tmp_path / "page" / "r.json", "--report", tmp_path / "page"], "inside the --report folder"),
     ]:

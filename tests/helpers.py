@@ -10,8 +10,8 @@ import torch
 from converter import convert_h5, synthetic_keras_weights, write_official_h5
 from mantranet_torch import RELEASES, ManTraNet
 from mantranet_torch.weights import model_from_state_dict
-from parity_tests.official_files import SAMPLES, SHARED  # noqa: F401 (the tests' one place for ../shared)
-from parity_tests.official_files import SEED_PORT_DETECTOR as SEED_PORT  # noqa: F401
+from parity_tests.shared_data import SAMPLES, SHARED  # noqa: F401 (the tests' one place for ../shared)
+from parity_tests.shared_data import SEED_PORT_DETECTOR as SEED_PORT  # noqa: F401
 
 
 def to_nhwc(t: torch.Tensor) -> np.ndarray:
