@@ -4,39 +4,25 @@ the shared copy), verified by its git blob SHA-1, kept in the cache, and used by
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from converter import releases, synthetic_keras_weights, write_official_h5
+from converter import synthetic_keras_weights, write_official_h5
 from mantranet_cli.main import main
 from mantranet_torch import RELEASES
 from parity_tests.official_files import OFFICIAL_CODE, official_code_missing
-from tests.weights_server import serve
+from tests.weights_server import edited_release_table, serve
 
 pytestmark = pytest.mark.skipif(not OFFICIAL_CODE.is_file(), reason=f"official code not found at {OFFICIAL_CODE}")
 OFFICIAL_PATH = "/ISICV/ManTraNet/raw/master/src/modelCore.py"
 
 
-@contextlib.contextmanager
-def code_url(tmp_dir: Path, url: str) -> Iterator[None]:
+def code_url(tmp_dir: Path, url: str) -> contextlib.AbstractContextManager[Path]:
     """The release table with the official code's URL pointing at the test server (its hash stays the official)."""
-    table = json.loads(releases.RELEASES_JSON.read_text())
-    table["official_code"]["url"] = url
-    path = tmp_dir / "releases.json"
-    path.write_text(json.dumps(table))
-    original = releases.RELEASES_JSON
-    releases.RELEASES_JSON = path
-    releases._table.cache_clear()
-    try:
-        yield
-    finally:
-        releases.RELEASES_JSON = original
-        releases._table.cache_clear()
+    return edited_release_table(tmp_dir, lambda table: table["official_code"].update(url=url))
 
 
 @pytest.fixture

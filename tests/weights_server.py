@@ -13,7 +13,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -146,12 +146,10 @@ def serve() -> Iterator[WeightsServer]:
 
 
 @contextlib.contextmanager
-def release_table(tmp_dir: Path, index: int, git_blob_sha1: str, url: str) -> Iterator[Path]:
-    """Point the release table at a copy in which release ``index`` has this content hash and URL."""
+def edited_release_table(tmp_dir: Path, edit: Callable[[dict], None]) -> Iterator[Path]:
+    """Point the release table at a copy of it that ``edit`` changed in place; the original is restored after."""
     table = json.loads(releases.RELEASES_JSON.read_text())
-    for entry in table["official"]:
-        if entry["index"] == index:
-            entry.update(git_blob_sha1=git_blob_sha1, url=url)
+    edit(table)
     path = tmp_dir / "releases.json"
     path.write_text(json.dumps(table))
     original = releases.RELEASES_JSON
@@ -162,3 +160,14 @@ def release_table(tmp_dir: Path, index: int, git_blob_sha1: str, url: str) -> It
     finally:
         releases.RELEASES_JSON = original
         releases._table.cache_clear()
+
+
+def release_table(tmp_dir: Path, index: int, git_blob_sha1: str, url: str) -> contextlib.AbstractContextManager[Path]:
+    """Point the release table at a copy in which release ``index`` has this content hash and URL."""
+
+    def edit(table: dict) -> None:
+        for entry in table["official"]:
+            if entry["index"] == index:
+                entry.update(git_blob_sha1=git_blob_sha1, url=url)
+
+    return edited_release_table(tmp_dir, edit)
