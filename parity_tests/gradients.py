@@ -57,6 +57,9 @@ GRAD_RTOL = 1e-4
 # fraction of it. Measured <= 3e-4 lr per step for Adam (elements whose |g| is near Adam's epsilon).
 STEP_ATOL_PER_LR = 2e-3
 STEP_RTOL = 1e-6
+# Where the float64 build arbitrates, an element also passes within this many times the reference's own distance
+# from the exact value (the float32 reference's error there is what the original code itself gets wrong).
+REFERENCE_ERROR_FACTOR = 2.0
 
 
 def edge(layer: str, source: str) -> str:
@@ -316,7 +319,12 @@ def judge(name: str, expected: np.ndarray, actual: np.ndarray, exact: np.ndarray
     """``actual`` against ``expected``, atol ``scale_atol`` times the largest exact (else expected) magnitude."""
     basis = expected if exact is None else exact
     atol = max(scale_atol * float(np.max(np.abs(basis), initial=0.0)), floor)
-    comparison = compare_arrays(name, expected, actual, atol, rtol, exact)
+    tolerance: float | np.ndarray = atol
+    if exact is not None and np.shape(exact) == np.shape(expected):
+        # Where the reference's own float32 value is far from exact (a gradient through the chaotic window means
+        # or a kink of |dev / sigma|), the compared side may be as far: the reference's error is the yardstick.
+        tolerance = np.maximum(atol, REFERENCE_ERROR_FACTOR * np.abs(np.asarray(expected, np.float64) - exact))
+    comparison = compare_arrays(name, expected, actual, tolerance, rtol)
     attribution = None
     if exact is not None and comparison.shape_mismatch is None:
         attribution = Attribution.of(expected, actual, exact, atol)
