@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from converter.atomic import write_bytes_atomic
+from mantranet_torch.files import write_bytes_atomic
 
 
 def _photo(path: Path, side: int, rng: np.random.Generator) -> np.ndarray:
