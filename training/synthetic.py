@@ -117,7 +117,10 @@ def image_size(path: Path, exif: bool = True) -> tuple[int, int]:
         with warnings.catch_warnings(), Image.open(path) as image:
             warnings.simplefilter("ignore")
             width, height = image.size
-            orientation = image.getexif().get(ORIENTATION_TAG, 1)
+            try:
+                orientation = image.getexif().get(ORIENTATION_TAG, 1)
+            except (OSError, SyntaxError, ValueError, EOFError):  # a damaged file past its header: found on decoding
+                orientation = 1
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: cannot read as an image ({e})") from None
     return (height, width) if exif and orientation in TRANSPOSING_ORIENTATIONS else (width, height)
