@@ -144,6 +144,7 @@ class CropDataset(Dataset):
         largest: tuple[int, int, str] | None = None
         for entry in dataset.entries:
             why, size = self._check(entry)
+            why = why and why.removeprefix(f"{entry.image}: ")  # the entry's name says which image
             if size is not None and (largest is None or min(size) > min(largest[:2])):
                 largest = (*size, entry.name)
             if why:
@@ -227,7 +228,7 @@ class CropDataset(Dataset):
                     pixels, mask = self.read(entry)
                     break
                 except DataError as e:
-                    self._bad[entry.name] = str(e)
+                    self._bad[entry.name] = str(e).removeprefix(f"{entry.image}: ")
             skipped.append([entry.name, self._bad[entry.name]])
             chosen = replacement
         else:

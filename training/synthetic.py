@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
 from converter.atomic import new_path_mode, write_bytes_atomic, write_files_atomic
 from evaluation.perturb import Step, apply_step
-from mantranet_torch.files import file_problem
+from mantranet_torch.files import file_problem, one_paragraph
 from mantranet_torch.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageReadError, find_images, read_image
 
 KINDS = ("authentic", "copymove", "splice", "removal", "enhance")
@@ -122,7 +122,7 @@ def image_size(path: Path, exif: bool = True) -> tuple[int, int]:
             except (OSError, SyntaxError, ValueError, EOFError):  # a damaged file past its header: found on decoding
                 orientation = 1
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: cannot read as an image ({e})") from None
+        raise DataError(f"{path}: cannot read as an image ({one_paragraph(str(e), path)})") from None
     return (height, width) if exif and orientation in TRANSPOSING_ORIENTATIONS else (width, height)
 
 
@@ -162,7 +162,7 @@ class Photos:
             try:
                 width, height = image_size(path)
             except DataError as e:
-                self.problems.append((name, str(e)))
+                self.problems.append((name, str(e).removeprefix(f"{path}: ")))
                 continue
             readable.append(((width, height), name))
             if min(width, height) < size:
@@ -172,7 +172,7 @@ class Photos:
             self.names.append(name)
             self.sizes.append((width, height))
         if not readable:
-            raise DataError(f"{where}: no readable photograph ({self.problems[0][1]})")
+            raise DataError(f"{where}: no readable photograph ({': '.join(self.problems[0])})")
         if not self.paths:
             (width, height), name = max(readable, key=lambda r: min(r[0]))
             raise DataError(
@@ -434,7 +434,7 @@ class SyntheticForgeries:
             try:
                 pixels = self.photos.pixels(index)
             except ImageReadError as e:
-                skipped.append((self.photos.names[index], str(e)))
+                skipped.append((self.photos.names[index], str(e).removeprefix(f"{self.photos.paths[index]}: ")))
                 continue
             crop = pixels[top : top + self.size, left : left + self.size]
             return crop, {"photo": self.photos.names[index], "photo_index": index, "top": top, "left": left}
