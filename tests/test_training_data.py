@@ -391,3 +391,14 @@ def test_synth_bad_input_is_one_line(photos, tmp_path):
         assert code == 1 and stdout == "" and len(stderr.splitlines()) == 1, (argv, stderr)
         assert stderr.startswith("mantranet synth: error: ") and expected in stderr, stderr
     assert not (tmp_path / "o4").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "junk", "taken"]
+
+
+def test_synth_failing_midway_leaves_nothing(photos, tmp_path):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    whole = (photos / "photo0.png").read_bytes()
+    for i in range(2):
+        (damaged / f"d{i}.png").write_bytes(whole[: len(whole) // 2])  # sizes read from the headers, pixels do not
+    code, stdout, stderr = synth(damaged, "-o", tmp_path / "out", "--n", 3, "--size", SIZE)
+    assert code == 1 and len(stderr.splitlines()) == 1 and "photographs in a row could not be decoded" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]  # no dataset, no hidden staging folder

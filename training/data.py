@@ -84,7 +84,7 @@ def _key(key: int | tuple[int, int], default_epoch: int) -> tuple[int, int]:
 
 
 def _sample(pixels: np.ndarray, mask: np.ndarray, meta: dict) -> dict:
-    image = scale_pixels(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+    image = scale_pixels(torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))))
     return {"image": image, "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None], "meta": meta}
 
 

@@ -164,6 +164,9 @@ class Photos:
             except DataError as e:
                 self.problems.append((name, str(e).removeprefix(f"{path}: ")))
                 continue
+            if width * height > max_pixels:
+                self.problems.append((name, f"{width} x {height} exceeds the pixel limit {max_pixels:,}"))
+                continue
             readable.append(((width, height), name))
             if min(width, height) < size:
                 self.small.append((name, f"{width} x {height} is smaller than the crop {size} x {size}"))
