@@ -79,7 +79,7 @@ def pixels_of(folder: Path, name: str) -> np.ndarray:
 
 
 def host_of(folder: Path, meta: dict, size: int = SIZE) -> np.ndarray:
-    where = meta["host"] if "host" in meta else meta
+    where = meta.get("host", meta)
     top, left = where["top"], where["left"]
     return pixels_of(folder, where["photo"])[top : top + size, left : left + size]
 
@@ -400,5 +400,6 @@ def test_synth_failing_midway_leaves_nothing(photos, tmp_path):
     for i in range(2):
         (damaged / f"d{i}.png").write_bytes(whole[: len(whole) // 2])  # sizes read from the headers, pixels do not
     code, stdout, stderr = synth(damaged, "-o", tmp_path / "out", "--n", 3, "--size", SIZE)
-    assert code == 1 and len(stderr.splitlines()) == 1 and "photographs in a row could not be decoded" in stderr
+    assert code == 1 and stdout == "" and len(stderr.splitlines()) == 1
+    assert "photographs in a row could not be decoded" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]  # no dataset, no hidden staging folder
