@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
-from converter.atomic import new_path_mode, write_bytes_atomic, write_files_atomic
+from converter.atomic import make_folder, new_path_mode, write_bytes_atomic, write_files_atomic
 from evaluation.perturb import Step, apply_step
 from mantranet_torch.files import file_problem, one_paragraph
 from mantranet_torch.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageReadError, find_images, read_image
@@ -508,7 +508,8 @@ def write_synthetic(
     into place when complete: ``out`` never holds half a dataset.
 
     Raises:
-        DataError: n < 1, ``out`` exists, or no usable photograph (see ``SyntheticForgeries``).
+        DataError: n < 1, ``out`` exists or cannot be written, no usable photograph (see ``SyntheticForgeries``).
+        ConversionError: a file that cannot be written (a full disk), from ``converter.atomic``.
     """
     out = Path(out)
     if n < 1:
@@ -516,8 +517,11 @@ def write_synthetic(
     if os.path.lexists(out):
         raise DataError(f"{out}: already exists; choose a new folder")
     forgeries = SyntheticForgeries(photos, size, seed, recipe)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
+    make_folder(out.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
+    except OSError as e:
+        raise DataError(f"{out.parent}: cannot write in the folder ({e.strerror or e})") from None
     try:
         os.chmod(staging, new_path_mode(folder=True))  # mkdtemp's 0700 would carry over to the dataset
         rows, lines, skipped, files = [], [], {}, {}
@@ -554,6 +558,8 @@ def write_synthetic(
         if os.path.lexists(out):
             raise DataError(f"{out}: appeared while the dataset was being written; it is left as it was")
         os.rename(staging, out)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the dataset ({e.strerror or e})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     skipped_all = list(forgeries.photos.problems) + sorted(skipped.items())
