@@ -314,8 +314,15 @@ class Entry:
         }
 
 
-def judge(name: str, expected: np.ndarray, actual: np.ndarray, exact: np.ndarray | None, scale_atol: float,
-          rtol: float, floor: float = 0.0) -> Entry:
+def judge(
+    name: str,
+    expected: np.ndarray,
+    actual: np.ndarray,
+    exact: np.ndarray | None,
+    scale_atol: float,
+    rtol: float,
+    floor: float = 0.0,
+) -> Entry:
     """``actual`` against ``expected``, atol ``scale_atol`` times the largest exact (else expected) magnitude."""
     basis = expected if exact is None else exact
     atol = max(scale_atol * float(np.max(np.abs(basis), initial=0.0)), floor)
@@ -382,6 +389,10 @@ class GradientReport:
     optimizer: dict[str, Any] | None = None
     tolerance: dict[str, float] = field(default_factory=dict)
     not_compared: list[str] = field(default_factory=list)  # entries a side has no gradient for
+    # The compared side rebuilt in float64 against the exact side: the largest |difference| over an entry's
+    # largest exact magnitude, and where. Two float64 builds of one computation agree to ~1e-12 of scale even
+    # where float32 rounding makes the gradients chaotic: the proof that both compute the same backward pass.
+    float64_agreement: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -414,6 +425,7 @@ class GradientReport:
             "loss": {"reference": self.reference_loss, "torch": self.torch_loss, "exact": self.exact_loss},
             "tolerance": self.tolerance,
             "not_compared": self.not_compared,
+            "float64_agreement": self.float64_agreement,
             "optimizer": self.optimizer,
             "rows": [r.to_dict() for r in self.rows],
             "steps": [s.to_dict() for s in self.steps],
@@ -427,6 +439,7 @@ def compare_gradients(
     mask: np.ndarray,
     *,
     exact: GradientSide | None = None,
+    candidate_exact: GradientSide | None = None,
     training: bool = False,
     steps: int = 0,
     optimizer: str = "adam",
@@ -436,7 +449,8 @@ def compare_gradients(
 ) -> GradientReport:
     """The backward pass of ``candidate`` against ``reference`` on ``x`` (N x H x W x 3 in [-1, 1]) and ``mask``
     (N x H x W x 1 in [0, 1]), row by row in backward order; then ``steps`` optimiser steps, every array after
-    each. ``exact``: the float64 build that arbitrates (None: no arbitration).
+    each. ``exact``: the float64 build that arbitrates (None: no arbitration); ``candidate_exact``: the compared
+    side in float64, measured against ``exact`` (``GradientReport.float64_agreement``).
 
     Raises:
         ValueError: an unknown optimizer, a negative step count or learning rate.
@@ -453,7 +467,10 @@ def compare_gradients(
     best = None if exact is None else exact.backward(x, mask, training)
     paths = [key for key in ref.grads if "/" in key]
     report = GradientReport(
-        training, ref.loss, ours.loss, None if best is None else best.loss,
+        training,
+        ref.loss,
+        ours.loss,
+        None if best is None else best.loss,
         tolerance={"scale_atol": scale_atol, "rtol": rtol},
     )
     report.not_compared = sorted(ref.missing | ours.missing)
@@ -464,6 +481,8 @@ def compare_gradients(
             if n in ref.grads and n in ours.grads and n not in report.not_compared
         ]
         report.rows.append(GradientRow(layer, entries))
+    if best is not None and candidate_exact is not None:
+        report.float64_agreement = float64_agreement(candidate_exact.backward(x, mask, training), best)
     if steps:
         report.optimizer = {"name": optimizer, "lr": lr, "steps": steps}
         report.tolerance |= {"step_atol": STEP_ATOL_PER_LR * lr, "step_rtol": STEP_RTOL}
@@ -478,3 +497,96 @@ def compare_gradients(
                 entries.append(judge(path, expected, our_run.arrays[step][path], best_value, 0.0, STEP_RTOL, atol))
             report.steps.append(StepResult(step + 1, ref_run.losses[step], our_run.losses[step], entries))
     return report
+
+
+def float64_agreement(candidate: Backward, exact: Backward) -> dict[str, Any]:
+    """The worst |candidate - exact| over the entry's largest exact magnitude, over every entry both have."""
+    worst, where = 0.0, None
+    for name, value in exact.grads.items():
+        if name in exact.missing or name not in candidate.grads or name in candidate.missing:
+            continue
+        scale = float(np.max(np.abs(value), initial=0.0))
+        if scale > 0:
+            ratio = float(np.max(np.abs(candidate.grads[name] - value))) / scale
+            if ratio >= worst:
+                worst, where = ratio, name
+    return {"max_relative_to_scale": worst, "entry": where}
+
+
+def gradient_sides(sides: Any) -> tuple[GradientSide, GradientSide, GradientSide, GradientSide]:
+    """The reference, its float64 build, the compared model and its float64 build, from a run's ``sides.Sides``.
+
+    Raises:
+        ParityInputError: the reference or the compared side cannot be differentiated here.
+    """
+    from .errors import ParityInputError
+    from .sides import OFFICIAL
+
+    if sides.about.get("kind") != OFFICIAL:
+        raise ParityInputError(
+            "--gradients / --train-steps compare with the original code's training: give --reference official "
+            "(or official:DIR)"
+        )
+    model = sides.compared.model
+    if not isinstance(model, ManTraNet):
+        raise ParityInputError(
+            f"--gradients / --train-steps need a mantranet-torch model (WEIGHTS.h5 converted or --torch-weights); "
+            f"{sides.compared.description} is not one"
+        )
+    return (
+        OfficialGradients(sides.reference),
+        OfficialGradients(sides.exact),
+        TorchGradients(model),
+        TorchGradients(model, dtype=torch.float64, description="PyTorch (float64)"),
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
+def render_gradients(report: GradientReport, label: str = "ref") -> str:
+    """The backward rows and the optimiser steps as a text table, with the verdict's line."""
+    lines = [
+        f"gradients ({'training' if report.training else 'inference'}-mode bnorm), loss {label} "
+        f"{report.reference_loss:.7g}, torch {report.torch_loss:.7g}"
+        + ("" if report.exact_loss is None else f", float64 {report.exact_loss:.10g}"),
+        f"{'row':<16}{'gradient':<38}{'scale':>9}{'max':>9}{'max/scale':>10}{'torch-f64':>10}"
+        f"{label + '-f64':>10}  status",
+    ]
+    for row in report.rows:
+        for entry in row.entries:
+            c, a = entry.comparison, entry.attribution
+            scale = c.scale or 0.0
+            ratio = None if not scale or c.max_abs is None else c.max_abs / scale
+            t64 = None if a is None or not scale else a.torch_max_abs / scale
+            r64 = None if a is None or not scale else a.reference_max_abs / scale
+            status = "ok" if c.passed else "FAIL"
+            lines.append(
+                f"{row.layer:<16}{entry.name:<38}{_fmt(scale):>9}{_fmt(c.max_abs):>9}{_fmt(ratio):>10}"
+                f"{_fmt(t64):>10}{_fmt(r64):>10}  {status}"
+            )
+    if report.not_compared:
+        lines.append(f"not compared (no gradient on one side): {', '.join(report.not_compared)}")
+    if report.float64_agreement is not None:
+        agreement = report.float64_agreement
+        lines.append(
+            f"float64 builds: PyTorch against the {label} within {agreement['max_relative_to_scale']:.1e} of scale "
+            f"(worst: {agreement['entry']})"
+        )
+    for step in report.steps:
+        worst = max(step.entries, key=lambda e: e.comparison.max_abs or 0.0)
+        failing = [e.name for e in step.entries if not e.comparison.passed]
+        lines.append(
+            f"step {step.step}: loss {label} {step.reference_loss:.7g}, torch {step.torch_loss:.7g}; worst array "
+            f"{worst.name} max {_fmt(worst.comparison.max_abs)}; "
+            + (f"FAIL: {', '.join(failing)}" if failing else f"all {len(step.entries)} arrays ok")
+        )
+    first, step = report.first_divergent_gradient, report.first_divergent_step
+    if report.passed:
+        lines.append("gradients PASSED" + (f", {len(report.steps)} steps PASSED" if report.steps else ""))
+    else:
+        where = [] if first is None else [f"first divergent gradient: {first['layer']} ({first['entry']})"]
+        where += [] if step is None else [f"first divergent step: {step['step']} ({step['array']})"]
+        lines.append("gradients FAILED: " + "; ".join(where))
+    return "\n".join(lines)
