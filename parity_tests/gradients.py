@@ -35,7 +35,7 @@ from torch import Tensor
 
 from converter.mapping import MAPPING
 from mantranet_torch import LAYERS, ManTraNet
-from mantranet_torch.training import KerasAdam, KerasSGD, apply_constraints, freeze, keras_binary_crossentropy
+from mantranet_torch.training import KERAS_ADAM_BETAS, KerasAdam, KerasSGD, apply_constraints, freeze, keras_binary_crossentropy
 
 from .compare import Comparison, compare_arrays, from_nhwc, to_nhwc
 from .runner import INPUT, LAYER_INPUTS, Attribution, torch_layers
@@ -43,6 +43,7 @@ from .runner import INPUT, LAYER_INPUTS, Attribution, torch_layers
 LOSS = "loss"  # the first backward row: the loss's gradient with respect to pred's output
 ROWS = (LOSS, *reversed(LAYERS))  # backward order
 OPTIMIZERS = ("adam", "sgd")
+ADAM_BETA_1, ADAM_BETA_2 = KERAS_ADAM_BETAS
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.01}  # Keras 2's defaults
 
 # Tolerances, as fractions of each compared array's largest exact magnitude (gradients span many orders of
@@ -95,6 +96,7 @@ class Backward:
     # Entries the side computes no gradient for (TensorFlow's fused batch norm has none for the moving statistics,
     # which Keras never trains): reported, not compared.
     missing: set[str] = field(default_factory=set)
+    values: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the image and each layer's output
 
 
 @dataclass
@@ -109,6 +111,8 @@ class GradientSide(Protocol):
     """Anything whose training can be compared: its backward pass and its optimiser steps, in Keras' terms."""
 
     def backward(self, x: np.ndarray, mask: np.ndarray, training: bool) -> Backward: ...
+
+    def vjp(self, name: str, inputs: Sequence[np.ndarray], upstream: np.ndarray, training: bool) -> Backward: ...
 
     def train(
         self, x: np.ndarray, mask: np.ndarray, steps: int, optimizer: str, lr: float, training: bool
@@ -171,6 +175,7 @@ class TorchGradients:
                 taken[edge(name, source)] = inputs[-1]
             outputs[name] = layers[name](*inputs)
         taken[edge(LOSS, "pred")] = outputs["pred"]
+        values = {name: to_nhwc(out) if name != INPUT else np.asarray(x) for name, out in outputs.items()}
         loss = self.loss(outputs["pred"], _nchw(mask, self.dtype))
         wanted = list(taken.values()) + list(arrays.values())
         grads = torch.autograd.grad(loss, wanted, allow_unused=True)
@@ -179,7 +184,29 @@ class TorchGradients:
             found[key] = to_nhwc(torch.zeros_like(tensor) if grad is None else grad).astype(np.float64)
         for (path, tensor), grad in zip(arrays.items(), grads[len(taken) :], strict=True):
             found[path] = _as_keras(path, grad, tensor)
-        return Backward(float(loss.detach()), found)
+        return Backward(float(loss.detach()), found, values=values)
+
+    def vjp(self, name: str, inputs: Sequence[np.ndarray], upstream: np.ndarray, training: bool) -> Backward:
+        """One layer's backward pass (``LOSS``: the loss's, inputs pred and the mask) at the given NHWC inputs
+        and output gradient: the gradients of its inputs and weight arrays, as ``backward``'s entries."""
+        model = self._copy(training)
+        arrays = {p: t for p, t in _torch_keras_arrays(model).items() if array_layer(p) == name}
+        for tensor in arrays.values():
+            tensor.requires_grad_(True)
+        if name == LOSS:
+            pred = _nchw(inputs[0], self.dtype).requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.loss(pred, _nchw(inputs[1], self.dtype)), [pred])
+            return Backward(0.0, {edge(LOSS, "pred"): to_nhwc(grad).astype(np.float64)})
+        tensors = [_nchw(a, self.dtype).requires_grad_(True) for a in inputs]
+        out = torch_layers(model)[name](*tensors)
+        wanted = tensors + list(arrays.values())
+        grads = torch.autograd.grad(out, wanted, grad_outputs=_nchw(upstream, self.dtype), allow_unused=True)
+        found = {}
+        for source, tensor, grad in zip(LAYER_INPUTS[name], tensors, grads, strict=False):
+            found[edge(name, source)] = to_nhwc(torch.zeros_like(tensor) if grad is None else grad).astype(np.float64)
+        for (path, tensor), grad in zip(arrays.items(), grads[len(tensors) :], strict=True):
+            found[path] = _as_keras(path, grad, tensor)
+        return Backward(0.0, found)
 
     def train(
         self, x: np.ndarray, mask: np.ndarray, steps: int, optimizer: str, lr: float, training: bool
@@ -263,7 +290,41 @@ class OfficialGradients:
             found[path] = np.zeros(v.shape) if grad is None else np.asarray(grad, dtype=np.float64)
             if grad is None and "moving_" in path and not training:
                 missing.add(path)  # inference-mode fused batch norm: no gradient for its statistics
-        return Backward(float(loss), found, missing)
+        values = {name: np.asarray(out) for name, out in outputs.items()}
+        return Backward(float(loss), found, missing, values)
+
+    def vjp(self, name: str, inputs: Sequence[np.ndarray], upstream: np.ndarray, training: bool) -> Backward:
+        """One official layer's backward pass at the given inputs and output gradient (see ``TorchGradients``)."""
+        import tensorflow as tf
+
+        from reference.layers import keras_binary_crossentropy as keras_bce
+
+        dtype = self.official.dtype
+        variables = {p: v for p, v in self.official.variables().items() if array_layer(p) == name}
+        tensors = [tf.constant(np.asarray(a, dtype=dtype)) for a in inputs]
+        restore = self._restoring()
+        try:
+            with tf.GradientTape() as tape:
+                tape.watch(tensors + list(variables.values()))
+                if name == LOSS:
+                    out = keras_bce(*tensors)
+                else:
+                    out = self.official.call_layer(name, *tensors, training=training)
+            if name == LOSS:
+                (grad,) = tape.gradient(out, tensors[:1])
+                return Backward(0.0, {edge(LOSS, "pred"): np.asarray(grad, dtype=np.float64)})
+            wanted = tensors + list(variables.values())
+            grads = tape.gradient(out, wanted, output_gradients=tf.constant(np.asarray(upstream, dtype=dtype)))
+        finally:
+            restore()
+        found, missing = {}, set()
+        for source, tensor, grad in zip(LAYER_INPUTS[name], tensors, grads, strict=False):
+            found[edge(name, source)] = np.zeros(tensor.shape) if grad is None else np.asarray(grad, np.float64)
+        for (path, v), grad in zip(variables.items(), grads[len(tensors) :], strict=True):
+            found[path] = np.zeros(v.shape) if grad is None else np.asarray(grad, dtype=np.float64)
+            if grad is None and "moving_" in path and not training:
+                missing.add(path)
+        return Backward(0.0, found, missing)
 
     def train(
         self, x: np.ndarray, mask: np.ndarray, steps: int, optimizer: str, lr: float, training: bool
@@ -278,13 +339,22 @@ class OfficialGradients:
         model = self.official.model
         variables = self.official.variables()
         restore = self._restoring()
-        # tf_keras' Adam is Keras 2's (epsilon 1e-7, the bias correction folded into the learning rate)
-        opt = tf_keras.optimizers.Adam(lr) if optimizer == "adam" else tf_keras.optimizers.SGD(lr)
         image, target = tf.constant(np.asarray(x, dtype=dtype)), tf.constant(np.asarray(mask, dtype=dtype))
         trajectory = Trajectory([], [])
-        # keras_floatx: the constraints (non_neg) build their constants in Keras' floatx
+        # keras_floatx: the constraints (non_neg) and the optimiser build their constants in Keras' floatx
         try:
             with keras_floatx(dtype):
+                # tf_keras' Adam is Keras 2's (epsilon 1e-7, the bias correction folded into the learning rate);
+                # A float64 build's betas as float64 tensors, as Keras 2.2 made them (K.variable in floatx):
+                # tf_keras' own betas move its float64 steps by 6.6e-6 relative (its learning rate stays a
+                # float32 variable: 5e-8 relative, STEP64_ATOL_PER_LR)
+                if optimizer == "adam" and dtype == "float64":
+                    betas = [tf.constant(b, dtype) for b in (ADAM_BETA_1, ADAM_BETA_2)]
+                    opt = tf_keras.optimizers.Adam(lr, beta_1=betas[0], beta_2=betas[1])
+                elif optimizer == "adam":
+                    opt = tf_keras.optimizers.Adam(lr)  # Python-float betas: tf_keras' own float32 arithmetic
+                else:
+                    opt = tf_keras.optimizers.SGD(lr)
                 for _ in range(steps):
                     with tf.GradientTape() as tape:
                         loss = keras_bce(model(image, training=training), target)
@@ -338,33 +408,73 @@ def judge(
     return Entry(name, comparison, attribution)
 
 
+FLOAT64, LOCAL_F32, FLOAT32 = "float64", "local", "float32"
+GRAD_MODES = (FLOAT64, LOCAL_F32, FLOAT32)
+# float64 builds of one computation: rounding of ~1e-16 relative, amplified by the backward pass's depth and
+# by the chaotic |dev / sigma| a little; measured <= 1e-12 of scale (synthetic and trained detectors).
+FLOAT64_SCALE_ATOL = 1e-9
+FLOAT64_RTOL = 1e-9
+# float64 steps: tf_keras keeps the learning rate in a float32 variable, so each official float64 update is off by
+# up to 6e-8 of itself (lr 1e-3 is 1.00000005e-3 in float32); measured 5e-11 at lr 1e-3 after one Adam step.
+STEP64_ATOL_PER_LR = 1e-6
+
+
 @dataclass
 class GradientRow:
-    """One layer's backward pass (or the loss's): its input and weight gradients compared."""
+    """One layer's backward pass (or the loss's): its input and weight gradients compared, per mode.
+
+    ``float64``: both sides rebuilt in float64, each on its own forward and backward values (cumulative, as in
+    use): judged. ``local``: float32, each side's backward pass of this layer alone at the reference's own
+    inputs and output gradient, so its error is the layer's own (arbitrated by the reference's float64 build
+    at those inputs): judged. ``float32``: float32 cumulative, as a float32 training step sees it: reported with
+    each side's distance from float64; judged only when no float64 build is given.
+    """
 
     layer: str
-    entries: list[Entry]
+    modes: dict[str, list[Entry]] = field(default_factory=dict)
+    judged: tuple[str, ...] = (FLOAT64, LOCAL_F32)
 
     @property
     def passed(self) -> bool:
-        return all(e.comparison.passed for e in self.entries)
+        return all(e.comparison.passed for mode in self.judged for e in self.modes.get(mode, []))
+
+    def failing(self) -> tuple[str, str] | None:
+        """The first (mode, entry) over tolerance among the judged modes."""
+        for mode in self.judged:
+            for entry in self.modes.get(mode, []):
+                if not entry.comparison.passed:
+                    return mode, entry.name
+        return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "passed": self.passed, "entries": [e.to_dict() for e in self.entries]}
+        return {
+            "layer": self.layer,
+            "passed": self.passed,
+            "judged": list(self.judged),
+            **{mode: [e.to_dict() for e in entries] for mode, entries in self.modes.items()},
+        }
 
 
 @dataclass
 class StepResult:
-    """Every Keras array after one optimiser step."""
+    """Every Keras array after one optimiser step, per mode (``float64`` judged; ``float32`` reported)."""
 
     step: int
     reference_loss: float
     torch_loss: float
-    entries: list[Entry]
+    modes: dict[str, list[Entry]] = field(default_factory=dict)
+    judged: tuple[str, ...] = (FLOAT64,)
 
     @property
     def passed(self) -> bool:
-        return all(e.comparison.passed for e in self.entries)
+        return all(e.comparison.passed for mode in self.judged for e in self.modes.get(mode, []))
+
+    def failing(self) -> tuple[str, str] | None:
+        for mode in self.judged:
+            for entry in self.modes.get(mode, []):
+                if not entry.comparison.passed:
+                    return mode, entry.name
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -372,7 +482,8 @@ class StepResult:
             "passed": self.passed,
             "reference_loss": self.reference_loss,
             "torch_loss": self.torch_loss,
-            "arrays": [e.to_dict() for e in self.entries],
+            "judged": list(self.judged),
+            **{mode: [e.to_dict() for e in entries] for mode, entries in self.modes.items()},
         }
 
 
@@ -389,10 +500,6 @@ class GradientReport:
     optimizer: dict[str, Any] | None = None
     tolerance: dict[str, float] = field(default_factory=dict)
     not_compared: list[str] = field(default_factory=list)  # entries a side has no gradient for
-    # The compared side rebuilt in float64 against the exact side: the largest |difference| over an entry's
-    # largest exact magnitude, and where. Two float64 builds of one computation agree to ~1e-12 of scale even
-    # where float32 rounding makes the gradients chaotic: the proof that both compute the same backward pass.
-    float64_agreement: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -400,21 +507,31 @@ class GradientReport:
 
     @property
     def first_divergent_gradient(self) -> dict[str, str] | None:
-        """The first backward row over tolerance, walking back from the loss: its layer and first failing entry."""
+        """The first backward row over tolerance, walking back from the loss: its layer, mode and entry."""
         for row in self.rows:
-            for entry in row.entries:
-                if not entry.comparison.passed:
-                    return {"layer": row.layer, "entry": entry.name}
+            found = row.failing()
+            if found is not None:
+                return {"layer": row.layer, "mode": found[0], "entry": found[1]}
         return None
 
     @property
     def first_divergent_step(self) -> dict[str, Any] | None:
-        """The first optimiser step with an array over tolerance: its number, array and layer."""
+        """The first optimiser step with an array over tolerance: its number, mode, array and layer."""
         for step in self.steps:
-            for entry in step.entries:
-                if not entry.comparison.passed:
-                    return {"step": step.step, "array": entry.name, "layer": array_layer(entry.name)}
+            found = step.failing()
+            if found is not None:
+                return {"step": step.step, "mode": found[0], "array": found[1], "layer": array_layer(found[1])}
         return None
+
+    def worst(self, mode: str) -> dict[str, Any] | None:
+        """The largest |torch - reference| over its entry's scale in ``mode``, over every row."""
+        found = None
+        for row in self.rows:
+            for entry in row.modes.get(mode, []):
+                c = entry.comparison
+                if c.scale and c.max_abs is not None and (found is None or c.max_abs / c.scale > found["ratio"]):
+                    found = {"ratio": c.max_abs / c.scale, "layer": row.layer, "entry": entry.name}
+        return found
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -425,11 +542,35 @@ class GradientReport:
             "loss": {"reference": self.reference_loss, "torch": self.torch_loss, "exact": self.exact_loss},
             "tolerance": self.tolerance,
             "not_compared": self.not_compared,
-            "float64_agreement": self.float64_agreement,
+            "worst_relative_to_scale": {mode: self.worst(mode) for mode in GRAD_MODES},
             "optimizer": self.optimizer,
             "rows": [r.to_dict() for r in self.rows],
             "steps": [s.to_dict() for s in self.steps],
         }
+
+
+def _upstream(name: str, grads: dict[str, np.ndarray]) -> np.ndarray:
+    """The gradient of the loss with respect to ``name``'s output: the sum over the layers that take it in."""
+    if name == "pred":
+        return grads[edge(LOSS, "pred")]
+    consumers = [layer for layer, sources in LAYER_INPUTS.items() if name in sources]
+    return sum(grads[edge(layer, name)] for layer in consumers)
+
+
+def _entries(
+    names: Sequence[str],
+    expected: Backward,
+    actual: Backward,
+    exact: Backward | None,
+    skip: Sequence[str],
+    scale_atol: float,
+    rtol: float,
+) -> list[Entry]:
+    return [
+        judge(n, expected.grads[n], actual.grads[n], None if exact is None else exact.grads[n], scale_atol, rtol)
+        for n in names
+        if n in expected.grads and n in actual.grads and n not in skip
+    ]
 
 
 def compare_gradients(
@@ -448,9 +589,10 @@ def compare_gradients(
     rtol: float = GRAD_RTOL,
 ) -> GradientReport:
     """The backward pass of ``candidate`` against ``reference`` on ``x`` (N x H x W x 3 in [-1, 1]) and ``mask``
-    (N x H x W x 1 in [0, 1]), row by row in backward order; then ``steps`` optimiser steps, every array after
-    each. ``exact``: the float64 build that arbitrates (None: no arbitration); ``candidate_exact``: the compared
-    side in float64, measured against ``exact`` (``GradientReport.float64_agreement``).
+    (N x H x W x 1 in [0, 1]), row by row in backward order (``GradientRow``'s modes); then ``steps`` optimiser
+    steps, every array after each. ``exact`` and ``candidate_exact``: the float64 builds of the two sides; with
+    both, the float64 and local modes are judged and the float32 cumulative one is reported; without, the float32
+    cumulative mode is judged (as the reference's own float32 errors allow: ``judge``).
 
     Raises:
         ValueError: an unknown optimizer, a negative step count or learning rate.
@@ -462,55 +604,68 @@ def compare_gradients(
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     if not (np.isfinite(lr) and lr > 0):
         raise ValueError(f"learning rate must be a finite number > 0; got {lr}")
+    both64 = exact is not None and candidate_exact is not None
+    judged = (FLOAT64, LOCAL_F32) if both64 else (FLOAT32,)
     ref = reference.backward(x, mask, training)
     ours = candidate.backward(x, mask, training)
     best = None if exact is None else exact.backward(x, mask, training)
+    ours64 = candidate_exact.backward(x, mask, training) if both64 else None
     paths = [key for key in ref.grads if "/" in key]
     report = GradientReport(
         training,
         ref.loss,
         ours.loss,
         None if best is None else best.loss,
-        tolerance={"scale_atol": scale_atol, "rtol": rtol},
+        tolerance={"scale_atol": scale_atol, "rtol": rtol, "float64_scale_atol": FLOAT64_SCALE_ATOL},
+        not_compared=sorted(ref.missing | ours.missing | (set() if best is None else best.missing)),
     )
-    report.not_compared = sorted(ref.missing | ours.missing)
+    skip = report.not_compared
     for layer, names in row_entries(paths).items():
-        entries = [
-            judge(n, ref.grads[n], ours.grads[n], None if best is None else best.grads[n], scale_atol, rtol)
-            for n in names
-            if n in ref.grads and n in ours.grads and n not in report.not_compared
-        ]
-        report.rows.append(GradientRow(layer, entries))
-    if best is not None and candidate_exact is not None:
-        report.float64_agreement = float64_agreement(candidate_exact.backward(x, mask, training), best)
+        row = GradientRow(layer, judged=judged)
+        row.modes[FLOAT32] = _entries(names, ref, ours, best, skip, scale_atol, rtol)
+        if both64:
+            row.modes[FLOAT64] = _entries(names, best, ours64, None, skip, FLOAT64_SCALE_ATOL, FLOAT64_RTOL)
+            if layer == LOSS:
+                inputs, upstream = [ref.values["pred"], mask], None
+            else:
+                inputs = [ref.values[source] for source in LAYER_INPUTS[layer]]
+                upstream = _upstream(layer, ref.grads)
+            local_ref = reference.vjp(layer, inputs, upstream, training)
+            local_exact = exact.vjp(layer, inputs, upstream, training)
+            local_ours = candidate.vjp(layer, inputs, upstream, training)
+            row.modes[LOCAL_F32] = _entries(names, local_ref, local_ours, local_exact, skip, scale_atol, rtol)
+        report.rows.append(row)
     if steps:
         report.optimizer = {"name": optimizer, "lr": lr, "steps": steps}
         report.tolerance |= {"step_atol": STEP_ATOL_PER_LR * lr, "step_rtol": STEP_RTOL}
-        ref_run = reference.train(x, mask, steps, optimizer, lr, training)
-        our_run = candidate.train(x, mask, steps, optimizer, lr, training)
-        exact_run = None if exact is None else exact.train(x, mask, steps, optimizer, lr, training)
+        runs = {FLOAT32: (reference, candidate, exact)}
+        if both64:
+            runs[FLOAT64] = (exact, candidate_exact, None)
+        trajectories = {
+            mode: [None if side is None else side.train(x, mask, steps, optimizer, lr, training) for side in sides]
+            for mode, sides in runs.items()
+        }
+        step_judged = (FLOAT64,) if both64 else (FLOAT32,)
         for step in range(steps):
-            entries = []
-            for path, expected in ref_run.arrays[step].items():
-                best_value = None if exact_run is None else exact_run.arrays[step][path]
-                atol = STEP_ATOL_PER_LR * lr * (step + 1)
-                entries.append(judge(path, expected, our_run.arrays[step][path], best_value, 0.0, STEP_RTOL, atol))
-            report.steps.append(StepResult(step + 1, ref_run.losses[step], our_run.losses[step], entries))
+            ref_run, our_run, _ = trajectories[FLOAT32]
+            result = StepResult(step + 1, ref_run.losses[step], our_run.losses[step], judged=step_judged)
+            for mode, (expected_run, actual_run, exact_run) in trajectories.items():
+                atol = (STEP_ATOL_PER_LR if mode == FLOAT32 else STEP64_ATOL_PER_LR) * lr * (step + 1)
+                step_rtol = STEP_RTOL if mode == FLOAT32 else FLOAT64_RTOL
+                result.modes[mode] = [
+                    judge(
+                        path,
+                        expected,
+                        actual_run.arrays[step][path],
+                        None if exact_run is None else exact_run.arrays[step][path],
+                        0.0,
+                        step_rtol,
+                        atol,
+                    )
+                    for path, expected in expected_run.arrays[step].items()
+                ]
+            report.steps.append(result)
     return report
-
-
-def float64_agreement(candidate: Backward, exact: Backward) -> dict[str, Any]:
-    """The worst |candidate - exact| over the entry's largest exact magnitude, over every entry both have."""
-    worst, where = 0.0, None
-    for name, value in exact.grads.items():
-        if name in exact.missing or name not in candidate.grads or name in candidate.missing:
-            continue
-        scale = float(np.max(np.abs(value), initial=0.0))
-        if scale > 0:
-            ratio = float(np.max(np.abs(candidate.grads[name] - value))) / scale
-            if ratio >= worst:
-                worst, where = ratio, name
-    return {"max_relative_to_scale": worst, "entry": where}
 
 
 def gradient_sides(sides: Any) -> tuple[GradientSide, GradientSide, GradientSide, GradientSide]:
@@ -546,47 +701,59 @@ def _fmt(value: float | None) -> str:
 
 
 def render_gradients(report: GradientReport, label: str = "ref") -> str:
-    """The backward rows and the optimiser steps as a text table, with the verdict's line."""
+    """The backward rows (max |torch - reference| over the entry's scale, per mode) and the optimiser steps as a
+    text table, with the verdict's line."""
     lines = [
         f"gradients ({'training' if report.training else 'inference'}-mode bnorm), loss {label} "
         f"{report.reference_loss:.7g}, torch {report.torch_loss:.7g}"
         + ("" if report.exact_loss is None else f", float64 {report.exact_loss:.10g}"),
-        f"{'row':<16}{'gradient':<38}{'scale':>9}{'max':>9}{'max/scale':>10}{'torch-f64':>10}"
+        f"{'row':<16}{'gradient':<38}{'scale':>9}{'f64':>9}{'local':>9}{'f32':>9}{'torch-f64':>10}"
         f"{label + '-f64':>10}  status",
     ]
     for row in report.rows:
-        for entry in row.entries:
-            c, a = entry.comparison, entry.attribution
-            scale = c.scale or 0.0
-            ratio = None if not scale or c.max_abs is None else c.max_abs / scale
+        by_name: dict[str, dict[str, Entry]] = {}
+        for mode, entries in row.modes.items():
+            for entry in entries:
+                by_name.setdefault(entry.name, {})[mode] = entry
+        for name, modes in by_name.items():
+            cells, failed = [], []
+            head = modes.get(FLOAT32) or next(iter(modes.values()))
+            scale = head.comparison.scale or 0.0
+            for mode in GRAD_MODES:
+                entry = modes.get(mode)
+                c = None if entry is None else entry.comparison
+                ratio = None if c is None or c.max_abs is None or not c.scale else c.max_abs / c.scale
+                cells.append(f"{_fmt(ratio):>9}")
+                if c is not None and not c.passed and mode in row.judged:
+                    failed.append(mode)
+            a = head.attribution
             t64 = None if a is None or not scale else a.torch_max_abs / scale
             r64 = None if a is None or not scale else a.reference_max_abs / scale
-            status = "ok" if c.passed else "FAIL"
+            status = "FAIL " + ",".join(failed) if failed else "ok"
             lines.append(
-                f"{row.layer:<16}{entry.name:<38}{_fmt(scale):>9}{_fmt(c.max_abs):>9}{_fmt(ratio):>10}"
-                f"{_fmt(t64):>10}{_fmt(r64):>10}  {status}"
+                f"{row.layer:<16}{name:<38}{_fmt(scale):>9}{''.join(cells)}{_fmt(t64):>10}{_fmt(r64):>10}  {status}"
             )
     if report.not_compared:
         lines.append(f"not compared (no gradient on one side): {', '.join(report.not_compared)}")
-    if report.float64_agreement is not None:
-        agreement = report.float64_agreement
-        lines.append(
-            f"float64 builds: PyTorch against the {label} within {agreement['max_relative_to_scale']:.1e} of scale "
-            f"(worst: {agreement['entry']})"
-        )
     for step in report.steps:
-        worst = max(step.entries, key=lambda e: e.comparison.max_abs or 0.0)
-        failing = [e.name for e in step.entries if not e.comparison.passed]
+        parts = []
+        for mode, entries in step.modes.items():
+            worst = max(entries, key=lambda e: e.comparison.max_abs or 0.0)
+            failing = [e.name for e in entries if not e.comparison.passed]
+            verdict = ("FAIL: " + ", ".join(failing)) if failing and mode in step.judged else "ok"
+            verdict = verdict if mode in step.judged else "reported"
+            parts.append(f"{mode} worst {worst.name} {_fmt(worst.comparison.max_abs)} ({verdict})")
         lines.append(
-            f"step {step.step}: loss {label} {step.reference_loss:.7g}, torch {step.torch_loss:.7g}; worst array "
-            f"{worst.name} max {_fmt(worst.comparison.max_abs)}; "
-            + (f"FAIL: {', '.join(failing)}" if failing else f"all {len(step.entries)} arrays ok")
+            f"step {step.step}: loss {label} {step.reference_loss:.7g}, torch {step.torch_loss:.7g}; "
+            + "; ".join(parts)
         )
     first, step = report.first_divergent_gradient, report.first_divergent_step
     if report.passed:
         lines.append("gradients PASSED" + (f", {len(report.steps)} steps PASSED" if report.steps else ""))
     else:
-        where = [] if first is None else [f"first divergent gradient: {first['layer']} ({first['entry']})"]
-        where += [] if step is None else [f"first divergent step: {step['step']} ({step['array']})"]
+        where = (
+            [] if first is None else [f"first divergent gradient: {first['layer']} ({first['mode']}: {first['entry']})"]
+        )
+        where += [] if step is None else [f"first divergent step: {step['step']} ({step['mode']}: {step['array']})"]
         lines.append("gradients FAILED: " + "; ".join(where))
     return "\n".join(lines)
