@@ -240,9 +240,7 @@ class TrainingChoice:
     lr: float | None
 
     @classmethod
-    def check(
-        cls, gradients: bool, steps: int, optimizer: str, lr: float | None, mask: Any
-    ) -> TrainingChoice | None:
+    def check(cls, gradients: bool, steps: int, optimizer: str, lr: float | None, mask: Any) -> TrainingChoice | None:
         if not gradients and not steps:
             return None
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -255,9 +253,7 @@ class TrainingChoice:
             raise ParityInputError(f"--mask {mask}: no such file")
         return cls(steps, optimizer, lr)
 
-    def compare(
-        self, backward: tuple, image: InputImage, mask: Any, seed: int, train_mode: bool
-    ) -> GradientReport:
+    def compare(self, backward: tuple, image: InputImage, mask: Any, seed: int, train_mode: bool) -> GradientReport:
         reference, exact, compared, compared64 = backward
         x = scale_pixels(torch.from_numpy(image.pixels)).numpy()[None]
         target = read_mask(mask, image, seed)

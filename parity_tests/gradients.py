@@ -35,7 +35,14 @@ from torch import Tensor
 
 from converter.mapping import MAPPING
 from mantranet_torch import LAYERS, ManTraNet
-from mantranet_torch.training import KERAS_ADAM_BETAS, KerasAdam, KerasSGD, apply_constraints, freeze, keras_binary_crossentropy
+from mantranet_torch.training import (
+    KERAS_ADAM_BETAS,
+    KerasAdam,
+    KerasSGD,
+    apply_constraints,
+    freeze,
+    keras_binary_crossentropy,
+)
 
 from .compare import Comparison, compare_arrays, from_nhwc, to_nhwc
 from .runner import INPUT, LAYER_INPUTS, Attribution, torch_layers
@@ -131,7 +138,8 @@ def _torch_keras_arrays(model: ManTraNet) -> dict[str, Tensor]:
 def _as_keras(path: str, value: Tensor | None, like: Tensor) -> np.ndarray:
     transform = next(t for p, _, t in MAPPING if p == path)
     value = torch.zeros_like(like) if value is None else value
-    return np.ascontiguousarray(transform.to_keras(value.detach().cpu().double().numpy()))
+    # A copy: a float64 parameter's numpy() is the live tensor, which the next step moves
+    return np.array(transform.to_keras(value.detach().cpu().double().numpy()), order="C", copy=True)
 
 
 def _nchw(a: np.ndarray, dtype: torch.dtype) -> Tensor:
@@ -415,8 +423,12 @@ GRAD_MODES = (FLOAT64, LOCAL_F32, FLOAT32)
 FLOAT64_SCALE_ATOL = 1e-9
 FLOAT64_RTOL = 1e-9
 # float64 steps: tf_keras keeps the learning rate in a float32 variable, so each official float64 update is off by
-# up to 6e-8 of itself (lr 1e-3 is 1.00000005e-3 in float32); measured 5e-11 at lr 1e-3 after one Adam step.
+# up to 6e-8 of itself (lr 1e-3 is 1.00000005e-3 in float32), and its batch norm's momentum is float32 (7e-11 on
+# the moving averages). Measured with the trained detector on a 48 x 48 photograph crop, lr 1e-3: 8e-8, 2e-7 and
+# 2.4e-6 lr after steps 1-3; each step's changed weights reach the chaotic |dev / sigma| again, so the
+# difference grows about tenfold a step: the tolerance does too (1e-6 lr, then x10 per step).
 STEP64_ATOL_PER_LR = 1e-6
+STEP64_GROWTH = 10.0
 
 
 @dataclass
@@ -650,7 +662,10 @@ def compare_gradients(
             ref_run, our_run, _ = trajectories[FLOAT32]
             result = StepResult(step + 1, ref_run.losses[step], our_run.losses[step], judged=step_judged)
             for mode, (expected_run, actual_run, exact_run) in trajectories.items():
-                atol = (STEP_ATOL_PER_LR if mode == FLOAT32 else STEP64_ATOL_PER_LR) * lr * (step + 1)
+                if mode == FLOAT32:
+                    atol = STEP_ATOL_PER_LR * lr * (step + 1)
+                else:
+                    atol = STEP64_ATOL_PER_LR * lr * STEP64_GROWTH**step
                 step_rtol = STEP_RTOL if mode == FLOAT32 else FLOAT64_RTOL
                 result.modes[mode] = [
                     judge(
