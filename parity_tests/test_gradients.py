@@ -343,3 +343,31 @@ def test_the_original_code_with_a_wrong_backward_is_named_at_cLSTM(official) -> 
     drift = report.first_reference_drift
     assert drift is not None and drift["layer"] == "cLSTM" and drift["mode"] == LOCAL_F32, drift
     assert report.worst(FLOAT64)["ratio"] < 1e-11  # the float64 builds are untouched and agree
+
+
+def test_run_parity_with_gradients_and_steps_reports_them_in_the_json(official) -> None:
+    import json
+
+    from parity_tests.api import run_parity
+    from parity_tests.official_files import OFFICIAL_CODE
+
+    w = official[0]
+    pixels = np.random.default_rng(3).integers(0, 256, (*SHAPE[1:], 3), dtype=np.uint8)
+    run = run_parity(
+        w.path, [pixels], reference=f"official:{OFFICIAL_CODE}", modes=["local"], gradients=True, train_steps=1
+    )
+    report = json.loads(run.to_json())
+    assert run.passed and report["passed"] and report["first_divergent_gradient"] is None
+    gradients = report["images"][0]["gradients"]
+    assert [row["layer"] for row in gradients["rows"]][:3] == ["loss", "pred", "cLSTM"]
+    assert len(gradients["steps"]) == 1 and gradients["optimizer"] == {"name": "adam", "lr": 1e-3, "steps": 1}
+
+
+def test_gradients_need_the_original_code(weights: WeightStore) -> None:
+    from parity_tests.api import run_parity
+    from parity_tests.errors import ParityInputError
+
+    with pytest.raises(ParityInputError, match="give --reference official"):
+        run_parity(weights.get(RELEASE).path, [np.zeros((8, 8, 3), np.uint8)], gradients=True)
+    with pytest.raises(ParityInputError, match="--train-steps -1"):
+        run_parity(weights.get(RELEASE).path, [np.zeros((8, 8, 3), np.uint8)], train_steps=-1)
