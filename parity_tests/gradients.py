@@ -141,7 +141,7 @@ def _as_keras(path: str, value: Tensor | None, like: Tensor) -> np.ndarray:
 
 
 def _nchw(a: np.ndarray, dtype: torch.dtype) -> Tensor:
-    return from_nhwc(np.asarray(a), dtype)
+    return from_nhwc(np.array(a), dtype)  # a copy: TensorFlow hands out read-only arrays
 
 
 class TorchGradients:
@@ -451,7 +451,8 @@ FLOAT64_RTOL = 1e-9
 STEP64_ATOL_PER_LR = 1e-6
 STEP64_GROWTH = 10.0
 # bnorm's moving averages move by 0.01 (batch - moving), not by lr: tf_keras' float32 momentum (1 - 0.99 is
-# 0.0099999998) puts 2.2e-8 of that update on the official float64 build: judged against their own scale.
+# 0.0099999998) puts 2.2e-8 of that update on the official float64 build: judged against their own scale (the
+# variance more loosely: _step64_scale_atol).
 STEP64_STATISTICS_SCALE_ATOL = 1e-7
 
 
@@ -701,6 +702,17 @@ def compare_gradients(
     return report
 
 
+def _step64_scale_atol(path: str, x: np.ndarray, step: int) -> float:
+    """The float64 steps' tolerance for bnorm's statistics, as a fraction of their scale (0 for the others)."""
+    if "/moving_mean" in path:
+        return STEP64_STATISTICS_SCALE_ATOL
+    if "/moving_variance" in path:
+        # tf_keras' float64 batch norm (not its fused float32 kernel) moves the variance with the batch's
+        # population variance, without n / (n - 1): 1 / n of the new value at most, per step
+        return STEP64_STATISTICS_SCALE_ATOL + 2.0 * step / int(np.prod(np.shape(x)[:3]))
+    return 0.0
+
+
 def _compare_steps(
     report: GradientReport,
     reference: GradientSide,
@@ -747,7 +759,7 @@ def _compare_steps(
                     expected,
                     actual_run.arrays[step][path],
                     None if exact_run is None else exact_run.arrays[step][path],
-                    STEP64_STATISTICS_SCALE_ATOL if mode == FLOAT64 and "/moving_" in path else 0.0,
+                    _step64_scale_atol(path, x, step + 1) if mode == FLOAT64 else 0.0,
                     step_rtol,
                     atol,
                 )
