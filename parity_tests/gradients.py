@@ -808,7 +808,7 @@ def render_gradients(report: GradientReport, label: str = "ref") -> str:
         f"{report.reference_loss:.7g}, torch {report.torch_loss:.7g}"
         + ("" if report.exact_loss is None else f", float64 {report.exact_loss:.10g}"),
         f"{'row':<16}{'gradient':<38}{'scale':>9}{'f64':>9}{'local':>9}{'f32':>9}{'torch-f64':>10}"
-        f"{label + '-f64':>10}  status",
+        f"{label + '-f64':>14}  status",
     ]
     for row in report.rows:
         by_name: dict[str, dict[str, Entry]] = {}
@@ -831,7 +831,7 @@ def render_gradients(report: GradientReport, label: str = "ref") -> str:
             r64 = None if a is None or not scale else a.reference_max_abs / scale
             status = "FAIL " + ",".join(failed) if failed else "ok"
             lines.append(
-                f"{row.layer:<16}{name:<38}{_fmt(scale):>9}{''.join(cells)}{_fmt(t64):>10}{_fmt(r64):>10}  {status}"
+                f"{row.layer:<16}{name:<38}{_fmt(scale):>9}{''.join(cells)}{_fmt(t64):>10}{_fmt(r64):>14}  {status}"
             )
     if report.not_compared:
         lines.append(f"not compared (no gradient on one side): {', '.join(report.not_compared)}")
