@@ -4,6 +4,7 @@ from .config import RELEASES, ManTraNetConfig, release_config
 from .image import scale_pixels, to_model_input
 from .model import LAYERS, AnomalyDetector, Featex, ManTraNet
 from .precision import PRECISIONS, SlowPrecisionWarning, bf16_support
+from .transfer import Initialisation, init_from
 from .weights import WeightFileError, load
 
 __version__ = "0.2.0"
@@ -16,18 +17,21 @@ def pretrained(release: int = 4, **options: object) -> ManTraNet:
 
     return load_release(release, **options)
 
+
 __all__ = [
     "LAYERS",
     "PRECISIONS",
     "RELEASES",
     "AnomalyDetector",
     "Featex",
+    "Initialisation",
     "ManTraNet",
     "ManTraNetConfig",
     "SlowPrecisionWarning",
     "WeightFileError",
     "__version__",
     "bf16_support",
+    "init_from",
     "load",
     "pretrained",
     "release_config",
