@@ -363,6 +363,11 @@ class ConvLSTM2d(nn.Module):
             h = hard_sigmoid_keras2(z_o) * torch.tanh(c)
         return h
 
+    def reach(self, step: int, steps: int) -> int:
+        """How far the output sees into the input of ``step`` (0-based) of ``steps``: its input convolution,
+        then one state-to-state convolution per later step."""
+        return self.padding * (steps - step)
+
 
 class ConvGRU2d(nn.Module):
     """A convolutional GRU returning the last hidden state, with zero 'same' padding: the ConvGRU variant of
@@ -405,3 +410,9 @@ class ConvGRU2d(nn.Module):
             c = torch.tanh(x_c + F.conv2d(r * h, candidate_kernel, padding=self.padding))
             h = (1 - u) * h + u * c
         return h
+
+    def reach(self, step: int, steps: int) -> int:
+        """How far the output sees into the input of ``step`` (0-based) of ``steps``: its input convolution, and
+        past the first step the candidate's convolution of the reset-gated state (r reads that step's input);
+        then two chained state-to-state convolutions per later step (r's, then the candidate's of r h)."""
+        return self.padding * (1 + (step > 0) + 2 * (steps - 1 - step))
