@@ -360,3 +360,20 @@ def test_memory_model_bounds_the_measured_peak_of_the_variant() -> None:
     assert modelled == memory.tiled_bytes(ManTraNet(release_config(4)), 96, 104, 52)
     assert measured["peak"] <= modelled, measured
     assert measured["peak"] - measured["before"] >= 0.3 * (modelled - memory.PROCESS_OVERHEAD)
+
+
+def test_export_onnx_of_the_variant_names_its_layers_and_matches_float64(tmp_path) -> None:
+    pytest.importorskip("onnxruntime", reason="the optional extra 'onnx' is not installed")
+    pytest.importorskip("onnxscript", reason="the optional extra 'onnx' is not installed")
+    from converter.onnx_export import OnnxModel, export_onnx
+
+    export = export_onnx(save_gru(tmp_path), tmp_path / "gru.onnx", layers=True)  # its own probes against torch
+    session = OnnxModel(export.target)
+    assert session.config == GRU4 and "layer.cGRU" in export.outputs and "layer.cLSTM" not in export.outputs
+    x = np.random.default_rng(2).uniform(-1, 1, (1, 3, 17, 22)).astype(np.float32)
+    got = session.trace(x)
+    exact = oracle.Oracle(gru_arrays(GRU4, 0), GRU4).trace(x.transpose(0, 2, 3, 1))
+    assert list(got) == list(layer_names(GRU4))
+    for layer in ("cGRU", "pred"):  # float32 as the eager model (test_every_layer_against_float64)
+        err = np.abs(to_nhwc(torch.from_numpy(got[layer])) - exact[layer]).max()
+        assert err <= _atol("cLSTM" if layer == "cGRU" else layer), f"{layer}: {err:.3g}"
