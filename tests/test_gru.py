@@ -377,3 +377,16 @@ def test_export_onnx_of_the_variant_names_its_layers_and_matches_float64(tmp_pat
     for layer in ("cGRU", "pred"):  # float32 as the eager model (test_every_layer_against_float64)
         err = np.abs(to_nhwc(torch.from_numpy(got[layer])) - exact[layer]).max()
         assert err <= _atol("cLSTM" if layer == "cGRU" else layer), f"{layer}: {err:.3g}"
+
+
+def test_parity_refuses_a_gru_model_against_an_official_file(tmp_path) -> None:
+    # `mantranet parity` compares with an official-layout file, which holds a ConvLSTM: a ConvGRU model is another
+    # architecture, refused before any comparison (its layers are compared in parity_tests/test_gru_parity.py).
+    from parity_tests.api import run_parity
+    from parity_tests.errors import ParityInputError
+    from tests.helpers import official_file
+
+    h5 = tmp_path / "ManTraNet_Ptrain4.h5"
+    official_file(h5, 4)
+    with pytest.raises(ParityInputError, match=r"'recurrent': 'gru'\} is not that of .*compare weights of one release"):
+        run_parity(h5, torch_weights=[save_gru(tmp_path)], check_available_memory=False)
