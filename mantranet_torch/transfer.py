@@ -47,7 +47,7 @@ def init_from(model: ManTraNet, source: ManTraNet | Mapping[str, Tensor]) -> Ini
 
     Args:
         model: the model to initialise, e.g. ``ManTraNet(dataclasses.replace(release_config(4), recurrent="gru"))``.
-        source: e.g. ``mantranet_torch.pretrained(4)`` or its ``state_dict()``.
+        source: e.g. ``converter.pretrained(4)`` or its ``state_dict()``.
 
     Returns:
         The ``Initialisation``: the keys copied, left at their initialisation, and not used.
