@@ -250,7 +250,11 @@ def test_compare_reference_reports_both_and_their_difference(data, tmp_path) -> 
     for name in ("images/spliced_000.png", "images/authentic_000.png"):
         ours = np.load(map_path(tmp_path / "maps", name, None, "torch"))
         reference = np.load(map_path(tmp_path / "maps", name, None, "tensorflow"))
-        np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)  # the parity suite's end-to-end scale
+        # The TensorFlow reference's float32 window means are chaotic (README, "Evidence of fidelity"): on these
+        # native-resolution 48x48 crops of real photographs the two maps differ by up to 1.0e-4 at single pixels
+        # (measured; 1e-5 typical), as the official float32 code differs from its own float64 evaluation by up
+        # to 6.6e-5 on a 160x160 crop. 2e-4 leaves 2x headroom over the measured worst pixel.
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=2e-4)
 
 
 def test_bad_entries_are_named_skipped_and_counted(data, tmp_path) -> None:
