@@ -357,7 +357,10 @@ def test_memory_model_bounds_the_measured_peak_of_the_variant() -> None:
     out = subprocess.run([sys.executable, "-c", MEASURE_PEAK], capture_output=True, text=True, check=True)
     measured = json.loads(out.stdout)
     modelled = memory.tiled_bytes(gru_model(), 96, 104, 52)
-    assert modelled == memory.tiled_bytes(ManTraNet(release_config(4)), 96, 104, 52)
+    # per pixel as the ConvLSTM's; the wider halo (30 px, not 24) makes the detector's crops, and so the model, larger
+    lstm = ManTraNet(release_config(4))
+    assert memory.PixelCosts.of(gru_model()) == memory.PixelCosts.of(lstm)
+    assert modelled > memory.tiled_bytes(lstm, 96, 104, 52)
     assert measured["peak"] <= modelled, measured
     assert measured["peak"] - measured["before"] >= 0.3 * (modelled - memory.PROCESS_OVERHEAD)
 
