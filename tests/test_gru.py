@@ -304,7 +304,9 @@ def test_detect_and_tiled_predict_run_the_variant(tmp_path) -> None:
 # Windows 7/15/31 (63), four (five) 7x7 steps, pred. A step's input reaches 3 (the input convolution) + 3 (r's input
 # goes through the candidate's convolution of r h, from the second step on), each later step 6 more (r's
 # convolution of h, then the candidate's of r h); pred 3. Ptrain4: the 31 window at step 3, 15 + 6 + 6 + 3 = 30;
-# Ptrain0: the 63 window at step 4, 31 + 6 + 6 + 3 = 46. The ConvLSTM's: 24 and 40.
+# Ptrain0: the 63 window at step 4, 31 + 6 + 6 + 3 = 46. The ConvLSTM's: 24 and 40. (What the far pixels add is
+# small: a random 96 x 40 image tiled at 32 with the ConvLSTM's halo was off by 1.6e-5, with the exact one 4.1e-6;
+# this exact reach test is what pins the radius.)
 @pytest.mark.parametrize(("config", "expected"), [(GRU4, 30), (GRU0, 46)])
 def test_detector_radius_is_the_reach_of_one_pixel(config: ManTraNetConfig, expected: int) -> None:
     m, centre = gru_model(config, seed=6), 50  # the image reaches beyond the radius
