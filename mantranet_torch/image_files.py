@@ -36,9 +36,14 @@ class LoadedImage:
 
 
 def find_images(inputs: list[Path], skip: Path | None = None) -> list[tuple[Path, Path]]:
-    """(image, its path relative to the input it came from): files as given, directories walked for images.
+    """The images under ``inputs``: files as given, directories walked for image files in name order.
 
-    Files under ``skip`` (the output folder, when it lies inside an input folder) are not walked into.
+    Args:
+        inputs: files and folders.
+        skip: a folder not walked into (the output folder, when it lies inside an input folder).
+
+    Returns:
+        (image, its path relative to the input it came from) pairs.
     """
     found = []
     skip = skip.resolve() if skip is not None else None
@@ -64,7 +69,20 @@ def _pixel_limit_off() -> Iterator[None]:
 
 
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """The image at ``path`` as 8-bit RGB, converted as OpenCV's IMREAD_COLOR converts it."""
+    """The image at ``path`` as 8-bit RGB, converted as OpenCV's IMREAD_COLOR converts it.
+
+    Args:
+        path: an image file.
+        max_pixels: the largest width x height read (a decompression-bomb guard, checked before decoding).
+
+    Returns:
+        A ``LoadedImage``: uint8 H x W x 3 pixels, and a note for each conversion done (alpha dropped, 16 bits
+        scaled, EXIF orientation applied, ...).
+
+    Raises:
+        ImageReadError: the file is missing, not a regular file, larger than ``max_pixels`` or not decodable;
+            the message names it.
+    """
     problem = file_problem(path)
     if problem:
         raise ImageReadError(f"{path}: {problem}")
