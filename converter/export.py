@@ -28,7 +28,20 @@ class Export:
 
 
 def export_keras(weights: str | Path, target: str | Path, layout: str = WEIGHTS_ONLY, force: bool = False) -> Export:
-    """Write ``weights`` (our .safetensors or .pt) as an official-layout HDF5 file, atomically."""
+    """Write ``weights`` as an official-layout HDF5 file, atomically: back to the original Keras code.
+
+    Args:
+        weights: our ``.safetensors`` or ``.pt`` file.
+        target: the ``.h5`` (or ``.hdf5``) file.
+        layout: ``WEIGHTS_ONLY`` (``save_weights``'s layout) or ``FULL_MODEL`` (``model.save``'s).
+        force: replace an existing ``target``.
+
+    Returns:
+        An ``Export``: the path, config, layout, array count and provenance.
+
+    Raises:
+        ConversionError: a bad layout or suffix, an existing output, or weights that cannot be read or written.
+    """
     weights, target = Path(weights), Path(target)
     if layout not in LAYOUTS:
         raise ConversionError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")

@@ -115,11 +115,24 @@ def export_onnx(
     force: bool = False,
     variant: int | None = None,
 ) -> OnnxExport:
-    """Export ``weights`` (any file ``converter.load_weights`` reads) to ``target`` as ONNX, checked, atomically.
+    """Export ``weights`` to ``target`` as ONNX for any image size, checked, atomically.
 
-    The check runs ONNX Runtime on the ``PROBE_SIZES`` inputs and compares the map with the PyTorch model's;
-    over ``PROBE_ATOL`` it raises ConversionError and writes nothing. ``layers``: add the 20 other named layers
-    as outputs. ``variant``: the release of an .h5 file whose hash and name do not tell.
+    The check runs ONNX Runtime on the ``PROBE_SIZES`` inputs and compares the map with the PyTorch model's; over
+    ``PROBE_ATOL`` nothing is written.
+
+    Args:
+        weights: any file ``converter.load_weights`` reads.
+        target: the ``.onnx`` file.
+        opset: the ONNX opset, at least ``MIN_OPSET``.
+        layers: add the 20 other named layers as outputs (for ``mantranet parity --torch-weights``).
+        force: replace an existing ``target``.
+        variant: the release of an ``.h5`` file whose hash and name do not tell.
+
+    Returns:
+        An ``OnnxExport``: the path, config, opset, outputs, size and the probes of the check.
+
+    Raises:
+        ConversionError: a bad opset, an existing output, a missing ``onnx`` extra, or a failed check.
     """
     target = Path(target)
     if opset < MIN_OPSET:

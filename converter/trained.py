@@ -59,10 +59,27 @@ def fetch(
     timeout_s: float = TIMEOUT_S,
     deadline_s: float | None = DEADLINE_S,
 ) -> FetchResult:
-    """Download official release ``release`` into ``folder`` (default: the user cache), verify its git blob SHA-1,
-    and (``convert``) convert it to ``fmt`` beside it with a manifest. Files already there and right are reused.
+    """Download official release ``release``, verify it, and convert it beside itself with a manifest; files
+    already there and right are reused.
 
-    Raises ``DownloadError`` (network, HTTP, content) or ``ConversionError``.
+    Args:
+        release: the official release, 0-4.
+        folder: where the files go (default: the user cache, ``converter.cache.weights_dir()``).
+        url: where to download from (default: the official URL of the release table).
+        convert: also convert it (to ``fmt``, with a manifest).
+        fmt: ``safetensors`` or ``pt``.
+        allow_unknown: keep a download whose git blob SHA-1 is not the release's.
+        force: replace a file in the way, and convert again.
+        progress: called with (bytes done, bytes in all or None) as the download goes.
+        timeout_s: the longest wait for any network event.
+        deadline_s: the longest the whole download may take (None: no limit).
+
+    Returns:
+        A ``FetchResult``: the paths left (``h5``, ``weights``, ``manifest``), what was downloaded or converted.
+
+    Raises:
+        DownloadError: the network, the server, or the content is wrong; the message names the URL.
+        ConversionError: the file cannot be converted, or a file cannot be written.
     """
     official = official_release(release)
     folder = Path(folder) if folder is not None else weights_dir()
@@ -102,12 +119,25 @@ def pretrained(
     timeout_s: float = TIMEOUT_S,
     deadline_s: float | None = DEADLINE_S,
 ) -> ManTraNet:
-    """Official release ``release`` (0-4) as a trained model in eval mode.
+    """Official release ``release`` as a trained model in eval mode.
 
-    From the cache (``folder``, default ``converter.cache.weights_dir()``) when its conversion is there; else the
-    official file there is verified and converted; else it is downloaded (from ``url``, default the official
-    URL), verified by its git blob SHA-1, converted, and cached with its manifest. Raises ``PretrainedError``
-    with a one-line message naming the URL and where to put the official file by hand.
+    From the cache (``folder``) when its conversion is there; else the official file there is verified and
+    converted; else it is downloaded, verified by its git blob SHA-1, converted, and cached with its manifest.
+
+    Args:
+        release: the official release, 0-4.
+        map_location: where the weights go.
+        folder: the cache folder (default ``converter.cache.weights_dir()``).
+        url: where to download from (default: the official URL).
+        progress: called with (bytes done, bytes in all or None) during a download.
+        timeout_s: the longest wait for any network event.
+        deadline_s: the longest the whole download may take (None: no limit).
+
+    Returns:
+        The trained ``ManTraNet``.
+
+    Raises:
+        PretrainedError: it cannot be had; one line naming the URL and where to put the official file by hand.
     """
     official = official_release(release)
     folder = Path(folder) if folder is not None else weights_dir()
@@ -140,8 +170,15 @@ def local_status(path: Path, git_blob_sha1: str) -> str:
 
 
 def list_weights(folder: str | Path | None = None) -> dict:
-    """The release table with what ``folder`` (default: the user cache) holds of each entry: the official file's
-    status (``local_status``) and the formats it was converted to. What ``mantranet weights list`` prints."""
+    """The release table with what ``folder`` holds of each entry. What ``mantranet weights list`` prints.
+
+    Args:
+        folder: the weights folder (default: the user cache).
+
+    Returns:
+        ``{"folder", "official": [...], "earlier_pytorch_port": [...]}``: each entry's file, git blob SHA-1, URL,
+        the local file's status (``local_status``) and the formats it was converted to.
+    """
     folder = Path(folder) if folder is not None else weights_dir()
 
     def entry(file: str, git_blob_sha1: str, **fields: object) -> dict:

@@ -58,9 +58,20 @@ class Dataset:
 
 
 def load_dataset(path: str | Path, layout: str | None = None, mask_rule: MaskRule | None = None) -> Dataset:
-    """A manifest (.csv, .jsonl) or a folder in one of ``LAYOUTS`` (named, or recognised by its sub-folders).
+    """A dataset of images, masks and labels from a manifest or a benchmark folder.
 
-    ``mask_rule`` overrides the layout's own rule (manifests default to grey > 127)."""
+    Args:
+        path: a manifest (``.csv``, ``.jsonl``) or a folder in one of ``LAYOUTS``.
+        layout: the folder's layout (default: recognised by its sub-folders).
+        mask_rule: which mask pixels are forged, overriding the layout's own rule (manifests default to
+            grey > 127).
+
+    Returns:
+        The ``Dataset``: its entries, and the entries it could not use with the reason (``problems``).
+
+    Raises:
+        DatasetError: no such manifest or folder, an unknown layout, no images, or two images of one name.
+    """
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")

@@ -33,6 +33,7 @@ from .tolerances import MODES
 INDEX, JSON_NAME = "index.html", "report.json"
 FINAL_LAYER = LAYERS[-1]
 
+
 class ReportError(Exception):
     """The report folder cannot be written where asked; the message names it."""
 
@@ -281,7 +282,10 @@ def _page(run: ParityRun, files: dict[str, bytes]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in run.versions.items())
     modes = " and ".join(run.modes)
     title = f"ManTraNet parity: {Path(str(reference['path'])).name}"
-    return html_page(title, "mantranet parity", f"""<h1>ManTraNet parity report</h1>
+    return html_page(
+        title,
+        "mantranet parity",
+        f"""<h1>ManTraNet parity report</h1>
 <p class="{status}"><b>{_e(verdict(run))}</b></p>
 <p>Reference (TensorFlow): <code>{_e(reference["path"])}</code>, {_e(reference["release"])}
  (identified by {_e(reference["identified_by"])}).<br>
@@ -291,4 +295,5 @@ Machine-readable: <a href="{JSON_NAME}">{JSON_NAME}</a>.</p>
 {f"<ul>{notes}</ul>" if notes else ""}
 <h2>All images: the worst over the images, per layer</h2>
 <div class="scroll">{_summary_table(run)}</div>
-{sections}""")
+{sections}""",
+    )

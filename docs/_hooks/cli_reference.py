@@ -41,7 +41,7 @@ def cli_reference() -> str:
             os.environ["COLUMNS"] = previous
 
 
-def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (mkdocs' hook signature)
+def on_page_markdown(markdown: str, page, config, files) -> str:  # mkdocs passes all four
     if page.file.src_uri != PAGE:
         return markdown
     if MARKER not in markdown:
