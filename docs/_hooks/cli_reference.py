@@ -8,7 +8,7 @@ import os
 
 MARKER = "<!-- cli-reference -->"
 PAGE = "reference/cli.md"
-WIDTH = "100"  # argparse wraps help at $COLUMNS: a fixed width gives the same page on every machine
+WIDTH = "80"  # argparse wraps help at $COLUMNS: a fixed width (one that fits the page) gives the same page everywhere
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
