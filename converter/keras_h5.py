@@ -118,7 +118,9 @@ def read_keras_h5(path: str | Path, check: LayoutCheck | None = None) -> KerasWe
     ``check`` sees every dataset (shape and dtype from the file's metadata) before any data is read, and
     raises ConversionError for arrays that do not belong: a huge declared shape is never allocated.
     Links are resolved inside the file only: external links, external raw storage and virtual datasets
-    (data from other files) are refused, soft-link loops reported.
+    (data from other files) are refused, soft-link loops reported. Arrays that share storage are refused
+    before any data is read: two names for one array (a soft link), or layout addresses that point into
+    another array's bytes.
     """
     path = Path(path)
     problem = file_problem(path)
@@ -184,6 +186,49 @@ def _dataset_problem(item: h5py.Dataset) -> str | None:
     return None
 
 
+def _storage_extents(item: h5py.Dataset) -> list[tuple[int, int]]:
+    """(first byte, byte after the last) of each piece of ``item``'s data in the file, from its layout metadata.
+
+    Compact data lives in the object header and reads nothing from elsewhere: no extents.
+    """
+    dsid = item.id
+    layout = dsid.get_create_plist().get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = dsid.get_offset()  # None: never written, so nothing is read from the file
+        return [] if offset is None else [(offset, offset + max(dsid.get_storage_size(), item.nbytes))]
+    if layout != h5py.h5d.CHUNKED:
+        return []
+    extents: list[tuple[int, int]] = []
+    if hasattr(dsid, "chunk_iter"):  # one walk of the chunk index (HDF5 1.12.3 and later)
+        dsid.chunk_iter(lambda info: extents.append((info.byte_offset, info.byte_offset + info.size)))
+    else:
+        for index in range(dsid.get_num_chunks()):
+            info = dsid.get_chunk_info(index)
+            extents.append((info.byte_offset, info.byte_offset + info.size))
+    return extents
+
+
+def _check_storage(datasets: Mapping[str, h5py.Dataset]) -> None:
+    """Refuse arrays whose data share bytes of the file (a crafted layout address makes one array read
+    another's values): each array must read bytes of its own. Runs on metadata alone, before any data is read.
+    """
+    pieces = sorted(
+        (start, end, key) for key, item in datasets.items() for start, end in _storage_extents(item) if end > start
+    )
+    reach, owner = -1, ""
+    for start, end, key in pieces:
+        if start < reach:
+            where = f"bytes {start:,}..{min(end, reach) - 1:,} of the file"
+            if owner == key:
+                raise ConversionError(f"array {key}: two of its chunks share {where}; the file is damaged or crafted")
+            raise ConversionError(
+                f"arrays {owner} and {key} share {where}: one would read the other's values; the file is "
+                "damaged or crafted"
+            )
+        if end > reach:
+            reach, owner = end, key
+
+
 def _read_open_file(path: Path, f: h5py.File, check: LayoutCheck | None) -> KerasWeights:
     """``read_keras_h5`` on an open file; ConversionErrors without the path (the caller adds it)."""
     if _string_attr(f.attrs, "layer_names") is not None:
@@ -203,6 +248,7 @@ def _read_open_file(path: Path, f: h5py.File, check: LayoutCheck | None) -> Kera
         repeated = next(name for i, name in enumerate(layer_names) if name in layer_names[:i])
         raise ConversionError(f"layer '{repeated}' is listed twice in layer_names")
     datasets: dict[str, h5py.Dataset] = {}
+    names: dict[h5py.h5d.DatasetID, str] = {}
     for layer in layer_names:
         group = _resolve(f, root, layer, f"layer '{layer}'")
         if group is None:
@@ -224,9 +270,16 @@ def _read_open_file(path: Path, f: h5py.File, check: LayoutCheck | None) -> Kera
             problem = _dataset_problem(item)
             if problem:
                 raise ConversionError(f"array {key}: {problem}")
+            same = names.setdefault(item.id, key)  # ObjectIDs compare by the object in the file
+            if same != key:
+                raise ConversionError(
+                    f"arrays {same} and {key} are one array (a soft link names it twice); a weight file "
+                    "holds each weight in an array of its own"
+                )
             datasets[key] = item
     if check is not None:
         check(datasets)
+    _check_storage(datasets)
     arrays: dict[str, np.ndarray] = {}
     cast: dict[str, list[str]] = {}
     for key, item in datasets.items():
