@@ -15,7 +15,7 @@ import numpy as np
 
 from converter.atomic import write_bytes_atomic
 from converter.releases import bytes_digest, file_digests, release_by_hash
-from mantranet_torch.files import file_problem
+from mantranet_torch.files import file_problem, os_reason
 
 from .datasets import Dataset, Entry
 from .engines import local_setup, run_local, run_ray
@@ -199,12 +199,17 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
     skipped: dict[str, str] = dict(dataset.problems)
     wanted: list[tuple[Entry, Task]] = []
     for entry in dataset.entries:
+        # a folder, FIFO or missing file is named as such (a FIFO is never opened: reading it would block)
+        problems = [(p, file_problem(p)) for p in (entry.image, entry.mask) if p is not None]
+        at, problem = next(((p, why) for p, why in problems if why), (None, None))
+        if problem:
+            skipped[entry.name] = f"{at}: {problem}"
+            continue
         try:
             content = bytes_digest(entry.image.read_bytes())
             mask_content = bytes_digest(entry.mask.read_bytes()) if entry.mask else None
         except OSError as e:
-            missing = entry.image if file_problem(entry.image) else entry.mask
-            skipped[entry.name] = f"{missing}: {file_problem(missing) or e.strerror or e}"
+            skipped[entry.name] = f"{e.filename or entry.image}: {os_reason(e)}"
             continue
         for perturbation in rows:
             for backend in backends:
