@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from converter.export import export_keras
@@ -31,4 +32,6 @@ def run(args: argparse.Namespace) -> int:
     order = "first Featex layers last, as the official loader expects" if export.frozen_order else "natural order"
     print(f"{args.weights}: config {export.config.to_dict()}{origin}")
     print(f"wrote {export.target}: {export.layout} layout, {export.arrays} arrays, Featex weights in {order}")
+    for warning in export.warnings:
+        print(f"mantranet export-keras: warning: {export.target}: {warning}", file=sys.stderr)
     return 0

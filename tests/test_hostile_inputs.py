@@ -841,3 +841,38 @@ def test_a_soft_link_that_makes_two_weights_one_array_is_refused(h5, tmp_path, c
     assert main(["convert", str(path), "-o", str(tmp_path / "out")]) == 1
     line = one_line_error(capsys, "convert", path)
     assert "arrays Featex/b3c2/kernel:0 and Featex/b3c3/kernel:0 are one array (a soft link names it twice)" in line
+
+
+# ---- 11. export-keras: one verdict with the loaders, and a warning for what an .h5 cannot record ----
+
+
+def test_export_keras_and_detect_give_one_verdict_on_int64_biases(ours, image, tmp_path, capsys) -> None:
+    tensors, config, _ = mantranet_torch.weights.read_model_weights(ours)
+    tensors["detector.pred.bias"] = torch.zeros(1, dtype=torch.int64)
+    path = tmp_path / "int.safetensors"
+    path.write_bytes(encode_safetensors(tensors, config, {"source": "test"}))
+    verdicts = []
+    for argv, command in (
+        (["detect", str(image), "-w", str(path), "-o", str(tmp_path / "maps")], "detect"),
+        (["export-keras", str(path), "-o", str(tmp_path / "o.h5")], "export-keras"),
+    ):
+        assert main(argv) == 1, argv
+        verdicts.append(one_line_error(capsys, command, path).removeprefix(f"mantranet {command}: error: "))
+    assert verdicts == [f"{path}: detector.pred.bias has dtype torch.int64, expected floating point"] * 2
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_export_keras_warns_of_a_config_the_original_code_cannot_build(ours, tmp_path, capsys) -> None:
+    tensors, _, _ = mantranet_torch.weights.read_model_weights(ours)
+    custom = mantranet_torch.ManTraNetConfig(16, None, (7, 15, 101))
+    path = tmp_path / "w101.safetensors"
+    path.write_bytes(encode_safetensors(tensors, custom, {"source": "test"}))
+    capsys.readouterr()
+    assert main(["export-keras", str(path), "-o", str(tmp_path / "o.h5")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"mantranet export-keras: warning: {tmp_path / 'o.h5'}: ")
+    assert "cannot express this config (16 first-block filters, transform linear, windows 7, 15, 101)" in err
+    assert "it builds Ptrain4's (16 first-block filters, transform linear, windows 7, 15, 31)" in err
+    written = read_keras_h5(tmp_path / "o.h5").arrays  # the arrays themselves are exact
+    np.testing.assert_array_equal(written["pred/pred/bias:0"], tensors["detector.pred.bias"].numpy())
+    assert export_keras(ours, tmp_path / "release.h5").warnings == []  # a release's config: nothing to say
