@@ -53,8 +53,11 @@ def config_warning(config: ManTraNetConfig) -> str | None:
     )
 
 
-def export_keras(weights: str | Path, target: str | Path, layout: str = WEIGHTS_ONLY, force: bool = False) -> Export:
-    """Write ``weights`` (our .safetensors or .pt) as an official-layout HDF5 file, atomically.
+def export_keras(
+    weights: str | Path, target: str | Path, layout: str = WEIGHTS_ONLY, force: bool = False, variant: int | None = None
+) -> Export:
+    """Write ``weights`` (our .safetensors or .pt) as an official-layout HDF5 file, atomically. ``variant``: the
+    release whose architecture the file has, when its metadata carries no config (it takes precedence).
 
     Raises:
         WeightFileError: a file every loader refuses (non-float or non-finite values, say): one verdict.
@@ -67,7 +70,9 @@ def export_keras(weights: str | Path, target: str | Path, layout: str = WEIGHTS_
     if target.suffix.lower() not in H5_SUFFIXES:
         raise ConversionError(f"{target}: a Keras weight file must end in .h5 or .hdf5")
     refuse_existing([target], force)
-    tensors, config, metadata = read_model_weights(weights)
+    if variant is not None and variant not in RELEASES:
+        raise ConversionError(f"variant {variant}: no such release; releases are {sorted(RELEASES)}")
+    tensors, config, metadata = read_model_weights(weights, RELEASES[variant] if variant is not None else None)
     check_weight_values(tensors, str(weights))  # the loaders' check: a file detect refuses is not exported
     provenance = read_provenance(weights, metadata)  # before anything is written
     try:

@@ -45,6 +45,7 @@ class KerasWeights:
 # Array checks on the file's metadata, before any data is read: {"<layer>/<weight name>": dataset}.
 LayoutCheck = Callable[[Mapping[str, h5py.Dataset]], None]
 MAX_LAYERS, MAX_ARRAYS = 1000, 10_000  # ManTraNet has 10 and 35: a crafted list of millions is refused unread
+TRUNCATED = re.compile(r"truncated file: eof = (?P<have>\d+),.*stored_eof = (?P<want>\d+)")  # HDF5's words
 MAX_LINK_HOPS = 16  # soft links followed for one name before it counts as a loop (HDF5's own limit)
 FLOAT_ITEMSIZES = (2, 4, 8)  # float16, float32, float64: what NumPy reads exactly and casts to float32
 STORED_TYPE = "float32"
@@ -129,6 +130,12 @@ def read_keras_h5(path: str | Path, check: LayoutCheck | None = None) -> KerasWe
     try:
         f = h5py.File(path, "r", locking=False)  # reading needs no lock; some filesystems have none
     except H5PY_ERRORS as e:
+        cut = TRUNCATED.search(str(e))
+        if cut:  # HDF5 records the file's length in its superblock: the rest was never written or copied
+            have, want = int(cut["have"]), int(cut["want"])
+            raise ConversionError(
+                f"{path}: truncated: {have:,} of {want:,} bytes (a download or copy cut short); fetch or copy it again"
+            ) from None
         raise ConversionError(f"{path}: not an HDF5 file ({_h5_reason(e)})") from None
     try:
         with f:

@@ -876,3 +876,35 @@ def test_export_keras_warns_of_a_config_the_original_code_cannot_build(ours, tmp
     written = read_keras_h5(tmp_path / "o.h5").arrays  # the arrays themselves are exact
     np.testing.assert_array_equal(written["pred/pred/bias:0"], tensors["detector.pred.bias"].numpy())
     assert export_keras(ours, tmp_path / "release.h5").warnings == []  # a release's config: nothing to say
+
+
+# ---- 12. messages that say what to do ----
+
+
+def test_a_file_without_a_config_says_which_option_to_pass_and_the_option_works(ours, image, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    tensors, _, _ = mantranet_torch.weights.read_model_weights(ours)
+    bare = tmp_path / "bare.safetensors"
+    save_file(tensors, bare)  # no metadata: written by another tool
+    maps = tmp_path / "maps"
+    assert main(["detect", str(image), "-w", str(bare), "-o", str(maps)]) == 1
+    line = one_line_error(capsys, "detect", bare)
+    assert "carries no ManTraNet config in its metadata" in line and "--variant N on the command line" in line
+    assert main(["detect", str(image), "-w", str(bare), "-o", str(maps), "--variant", "4", "--save-npy"]) == 0
+    assert main(["detect", str(image), "-w", str(ours), "-o", str(tmp_path / "ref"), "--save-npy"]) == 0
+    np.testing.assert_array_equal(np.load(maps / "a.npy"), np.load(tmp_path / "ref" / "a.npy"))  # same weights
+    assert main(["export-keras", str(bare), "-o", str(tmp_path / "o.h5"), "--variant", "4"]) == 0
+    assert main(["export-keras", str(ours), "-o", str(tmp_path / "ref.h5")]) == 0
+    exported, reference = read_keras_h5(tmp_path / "o.h5").arrays, read_keras_h5(tmp_path / "ref.h5").arrays
+    assert exported.keys() == reference.keys() and all(np.array_equal(exported[k], reference[k]) for k in exported)
+
+
+def test_a_truncated_hdf5_file_says_how_much_is_there(h5, tmp_path, capsys) -> None:
+    path = tmp_path / h5.name
+    path.write_bytes(h5.read_bytes()[:4096])
+    assert main(["convert", str(path)]) == 1
+    assert one_line_error(capsys, "convert", path) == (
+        f"mantranet convert: error: {path}: truncated: 4,096 of {h5.stat().st_size:,} bytes (a download or copy "
+        "cut short); fetch or copy it again"
+    )
