@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mantranet_torch.images import SampleError, samples_to_8bit
+from mantranet_torch.image_files import SampleError, samples_to_8bit
 
 GREY = "grey"  # ITU-R 601 luma, as Pillow's convert("L") computes it
 CHANNELS = {GREY: None, "red": 0, "green": 1, "blue": 2}
@@ -69,7 +69,7 @@ def decode_mask(data: bytes, name: str, rule: MaskRule) -> np.ndarray:
 def _grey(image: Image.Image) -> np.ndarray:
     if image.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr"):
         return np.asarray(image.convert("L"))
-    values = np.asarray(image)  # wider greyscale: by the rule images are read by (images.SAMPLE_RULE)
+    values = np.asarray(image)  # wider greyscale: by the rule images are read by (image_files.SAMPLE_RULE)
     if values.ndim != 2:
         return np.asarray(image.convert("L"))
     return samples_to_8bit(values)[0]

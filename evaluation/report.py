@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from converter.atomic import write_files_atomic
+from mantranet_torch.files import write_files_atomic
 from parity_tests.plots import BACKGROUND, GRID, INK, colourize, font, png_bytes
 
 from .run import Evaluation

@@ -18,10 +18,10 @@ from pathlib import Path
 from PIL import Image
 
 from converter import synthetic_keras_weights, write_official_h5
-from converter.atomic import make_folder, publish, staged_path, write_bytes_atomic
 from converter.cache import weights_dir
 from converter.releases import official_release
 from mantranet_torch import RELEASES
+from mantranet_torch.files import make_folder, publish, staged_path, write_bytes_atomic
 from parity_tests.builtin_images import copy_move
 
 DEMO_RELEASE = 4  # the release the official demo uses

@@ -17,9 +17,11 @@ from torch import Tensor, nn
 from .config import FIXED_FIRST_LAYER_FILTERS
 
 BN_EPSILON = 1e-3  # Keras BatchNormalization default epsilon
+BN_MOMENTUM = 0.99  # Keras BatchNormalization default momentum (the moving averages keep 99% per step)
 L2_EPSILON = 1e-12  # tf.nn.l2_normalize clamps the *squared* norm at this value
 STD_FLOOR = 1e-6  # GlobalStd2D adds min_std_val / 10 = 1e-5 / 10 to the stored min_std
-BAYAR_EPSILON = 1e-7  # keras.backend.epsilon(), used by the Bayar constraint
+KERAS_EPSILON = 1e-7  # keras.backend.epsilon(): the Bayar and unit_norm constraints, and Keras' Adam
+BAYAR_EPSILON = KERAS_EPSILON
 HARD_SIGMOID_SLOPE = 0.2  # Keras 2 hard sigmoid: clip(0.2 x + 0.5, 0, 1); Keras 3 and torch use 1/6
 HARD_SIGMOID_OFFSET = 0.5
 
@@ -190,17 +192,46 @@ class CombinedConv2d(nn.Module):
         return F.relu_(symmetric_conv2d(x, self.kernel))
 
 
-class InferenceBatchNorm(nn.Module):
-    """Keras ``BatchNormalization(center=False, scale=False)`` at inference: ``(x - mean) / sqrt(var + 1e-3)``."""
+class KerasBatchNorm(nn.Module):
+    """Keras ``BatchNormalization(center=False, scale=False)`` (bnorm), in both of its modes.
 
-    def __init__(self, channels: int) -> None:
+    Inference (``model.eval()``, or this module's ``eval()`` to train with frozen statistics):
+    ``(x - moving_mean) / sqrt(moving_variance + 1e-3)``. Training (``model.train()``): the batch's
+    statistics over N, H and W (the population variance normalises, as TensorFlow's fused kernel does), and the
+    moving averages move as tf_keras moves them: ``moving = moving * 0.99 + batch * 0.01``, the variance
+    Bessel-corrected (``n / (n - 1)``, n = N * H * W). Standalone Keras 2.2 on TensorFlow 1.8 moved them
+    differently (zero-debiased averages, which forget the stored statistics at the first step); see the
+    training guide.
+    """
+
+    def __init__(self, channels: int, momentum: float = BN_MOMENTUM) -> None:
         super().__init__()
+        self.momentum = momentum
         self.register_buffer("moving_mean", torch.zeros(channels))
         self.register_buffer("moving_variance", torch.ones(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        inv_std = torch.rsqrt(self.moving_variance + BN_EPSILON)
-        return (x - self.moving_mean[:, None, None]) * inv_std[:, None, None]
+        if not self.training:
+            inv_std = torch.rsqrt(self.moving_variance + BN_EPSILON)
+            return (x - self.moving_mean[:, None, None]) * inv_std[:, None, None]
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        with torch.no_grad():
+            count = x.numel() // x.shape[1]
+            unbiased = var * (count / max(count - 1, 1))
+            self.moving_mean.mul_(self.momentum).add_(mean.to(self.moving_mean), alpha=1 - self.momentum)
+            self.moving_variance.mul_(self.momentum).add_(unbiased.to(self.moving_variance), alpha=1 - self.momentum)
+        return (x - mean[:, None, None]) * torch.rsqrt(var + BN_EPSILON)[:, None, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.moving_mean.numel()}, momentum={self.momentum}, epsilon={BN_EPSILON}"
+
+
+class InferenceBatchNorm(KerasBatchNorm):
+    """Deprecated (removed in 0.3.0): ``KerasBatchNorm`` built in eval mode, the only mode bnorm had before."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.eval()
 
 
 @dataclass

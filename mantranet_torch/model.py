@@ -15,19 +15,19 @@ import torch
 from torch import Tensor, nn
 
 from .config import ManTraNetConfig, release_config
-from .image import ImageLike, to_model_input
 from .layers import (
     CombinedConv2d,
     ConvLSTM2d,
     GlobalStd,
     ImageStatistics,
-    InferenceBatchNorm,
+    KerasBatchNorm,
     SymmetricConv2d,
     WindowDeviations,
     bayar_constraint,
     l2_normalize_tf,
 )
 from .memory import GB, automatic_tile, tile_for_memory
+from .model_input import ImageLike, to_model_input
 from .precision import float32_precision, resolve_precision
 from .tiling import Progress, extract_features, last_output, predict_tiled
 
@@ -82,21 +82,31 @@ class AnomalyDetector(nn.Module):
     def __init__(self, config: ManTraNetConfig) -> None:
         super().__init__()
         self.outlier_trans = nn.Conv2d(FEATURE_CHANNELS, DETECTOR_CHANNELS, 1, bias=False)
-        self.bnorm = InferenceBatchNorm(DETECTOR_CHANNELS)
+        self.bnorm = KerasBatchNorm(DETECTOR_CHANNELS)
         self.glb_std = GlobalStd(DETECTOR_CHANNELS)
         self.nested_avg = WindowDeviations(config.window_sizes)
         self.clstm = ConvLSTM2d(DETECTOR_CHANNELS, LSTM_HIDDEN, LSTM_KERNEL)
         self.pred = nn.Conv2d(LSTM_HIDDEN, 1, PRED_KERNEL, padding=PRED_KERNEL // 2)
 
-    def stages(self, features: Tensor, stats: ImageStatistics | None = None) -> Iterator[tuple[str, Tensor]]:
-        """``stats``: the bnorm output's per-image statistics, when they come from elsewhere (tiling)."""
+    def stages(
+        self, features: Tensor, stats: ImageStatistics | None = None, logits: bool = False
+    ) -> Iterator[tuple[str, Tensor]]:
+        """Each named output from the features on.
+
+        Args:
+            features: the feature extractor's output (N, 256, H, W).
+            stats: the bnorm output's per-image statistics, when they come from elsewhere (tiling).
+            logits: end with ``("pred_logits", z)``, the map before its sigmoid, instead of ``("pred", sigmoid(z))``.
+        """
         x = self.outlier_trans(features)
         yield "outlierTrans", x
         x = self.bnorm(x)
         yield "bnorm", x
-        yield from self.stages_after_bnorm(x, stats)
+        yield from self.stages_after_bnorm(x, stats, logits)
 
-    def stages_after_bnorm(self, x: Tensor, stats: ImageStatistics | None = None) -> Iterator[tuple[str, Tensor]]:
+    def stages_after_bnorm(
+        self, x: Tensor, stats: ImageStatistics | None = None, logits: bool = False
+    ) -> Iterator[tuple[str, Tensor]]:
         """glbStd .. pred from the bnorm output ``x``, which may be a crop of the image ``stats`` describe."""
         stats = stats or ImageStatistics.of(x)
         sigma = self.glb_std(x, stats)
@@ -107,16 +117,23 @@ class AnomalyDetector(nn.Module):
         yield "divStd", dev
         h = self.clstm(dev)
         yield "cLSTM", h
-        yield "pred", torch.sigmoid(self.pred(h))
+        z = self.pred(h)
+        yield ("pred_logits", z) if logits else ("pred", torch.sigmoid(z))
 
     def forward(self, features: Tensor, stats: ImageStatistics | None = None) -> Tensor:
         return last_output(self.stages(features, stats))
+
+    def logits(self, features: Tensor) -> Tensor:
+        """The map before its sigmoid: what a loss should take (``binary_cross_entropy_with_logits``)."""
+        return last_output(self.stages(features, logits=True))
 
 
 class ManTraNet(nn.Module):
     """ManTraNet: ``model(x)`` maps N x 3 x H x W inputs scaled to [-1, 1] to N x 1 x H x W likelihoods.
 
-    Every statistic is per image, so a batch gives the same maps as its images one by one.
+    Every statistic is per image, so a batch gives the same maps as its images one by one. A new model is in
+    eval mode, as a Keras model runs outside ``fit``; ``model.train()`` puts bnorm on batch statistics (which
+    mix the images of a batch, as Keras' training does): see ``mantranet_torch.training``.
     """
 
     def __init__(self, config: ManTraNetConfig | None = None) -> None:
@@ -125,6 +142,7 @@ class ManTraNet(nn.Module):
         self.featex = Featex(self.config)
         self.detector = AnomalyDetector(self.config)
         self.reset_parameters()
+        self.eval()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -143,18 +161,30 @@ class ManTraNet(nn.Module):
     def from_release(cls, index: int) -> ManTraNet:
         """An UNTRAINED model shaped as the official ``ManTraNet_Ptrain{index}.h5``: random weights, no download.
 
-        For the trained release use ``mantranet_torch.pretrained(index)``; for a weight file,
+        For the trained release use ``converter.pretrained(index)``; for a weight file,
         ``converter.load_weights(path)``.
         """
         return cls(release_config(index))
 
-    def stages(self, x: Tensor) -> Iterator[tuple[str, Tensor]]:
-        """Each named layer's output in network order, keyed by its Keras name (see ``LAYERS``)."""
+    def stages(self, x: Tensor, logits: bool = False) -> Iterator[tuple[str, Tensor]]:
+        """Each named layer's output in network order, keyed by its Keras name (see ``LAYERS``).
+
+        logits: end with ``"pred_logits"`` (the map before its sigmoid) instead of ``"pred"``.
+        """
         features = None
         for name, out in self.featex.stages(x):
             features = out
             yield name, out
-        yield from self.detector.stages(features)
+        yield from self.detector.stages(features, logits=logits)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """N x 1 x H x W pre-sigmoid maps (``torch.sigmoid(model.logits(x))`` is ``model(x)``): train on these.
+
+        A loss that applies its own sigmoid (``BCEWithLogitsLoss``) must be given these, never ``model(x)``.
+        """
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an N x 3 x H x W tensor, got shape {tuple(x.shape)}")
+        return self.detector.logits(self.featex(x))
 
     def trace(self, x: Tensor) -> dict[str, Tensor]:
         """All named outputs at once (memory grows with the image: use on small inputs)."""

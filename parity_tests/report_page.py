@@ -18,8 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from converter.atomic import new_path_mode
 from mantranet_torch import LAYERS
+from mantranet_torch.files import new_path_mode
 
 from .compare import Comparison
 from .plots import SERIES_COLOURS, Series, error_plot, heat_map, png_bytes

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from converter import convert_h5, synthetic_keras_weights, write_official_h5
+from converter import convert_h5, keras_to_torch, synthetic_keras_weights, write_official_h5
 from mantranet_torch import RELEASES, ManTraNet
 from mantranet_torch.weights import model_from_state_dict
 from parity_tests.shared_data import SAMPLES, SHARED  # noqa: F401 (the tests' one place for ../shared)
@@ -65,3 +67,26 @@ def point_layout_into(path: Path, victim: str, target: str, shift: int = 0) -> N
     address = target_layout.group(1) if chunked else (target_at + shift).to_bytes(8, "little")
     data[victim_layout.start(1) : victim_layout.end(1)] = address
     path.write_bytes(bytes(data))
+
+
+@functools.cache
+def synthetic_model(release: int, seed: int | None = None) -> ManTraNet:
+    """Release ``release``'s model in eval mode with seeded synthetic weights (seed: the release's index unless
+    given), built once per session: callers only run it."""
+    config = RELEASES[release]
+    model = ManTraNet(config)
+    model.load_state_dict(
+        keras_to_torch(synthetic_keras_weights(config, release if seed is None else seed), config, "synthetic")
+    )
+    return model.eval()
+
+
+@functools.cache
+def downscaled_photo() -> np.ndarray:
+    """A real photograph (the shared original I45_2zzbvc.jpg, a sixth of its size), or 200 x 200 pixels of seeded
+    noise when the shared samples are absent. Callers get the same array: they copy before changing it."""
+    path = SAMPLES / "original" / "I45_2zzbvc.jpg"
+    if not path.exists():
+        return np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    photo = Image.open(path).convert("RGB")
+    return np.array(photo.resize((photo.width // 6, photo.height // 6), Image.BILINEAR))

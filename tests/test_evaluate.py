@@ -28,10 +28,10 @@ from sklearn.metrics import (
 
 from converter import convert_h5
 from evaluation import METRICS, Config, Execution, Options, Perturbation, evaluate, load_dataset, map_path
-from evaluation.forgeries import make_forgeries
 from mantranet_cli.main import main
 from mantranet_torch.weights import encode_safetensors
 from tests.helpers import SAMPLES, official_file
+from training.synthetic import make_forgeries
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 48  # pixels: small images keep the suite fast; the metrics do not care about size

@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 
 import mantranet_torch
-from converter import ConversionError, atomic, convert_h5, file_record, read_keras_h5, save_conversion, trained
+from converter import ConversionError, convert_h5, file_record, read_keras_h5, save_conversion, trained
 from converter.export import export_keras
 from converter.legacy import load_earlier_port, read_checkpoint
 from mantranet_cli.main import main
-from mantranet_torch import WeightFileError
+from mantranet_torch import WeightFileError, files
 from mantranet_torch.weights import PROVENANCE_KEY, encode_safetensors
 from tests.helpers import official_file
 
@@ -525,7 +525,7 @@ def test_a_run_killed_between_the_moves_leaves_no_mismatched_pair(two_conversion
     first, second = two_conversions
     target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
     save_conversion(first, target, manifest)
-    real_publish, moves = atomic.publish, []
+    real_publish, moves = files.publish, []
 
     def killed_after_the_first_move(staged, to, force):
         if moves:
@@ -533,7 +533,7 @@ def test_a_run_killed_between_the_moves_leaves_no_mismatched_pair(two_conversion
         moves.append(to)
         real_publish(staged, to, force)
 
-    monkeypatch.setattr(atomic, "publish", killed_after_the_first_move)
+    monkeypatch.setattr(files, "publish", killed_after_the_first_move)
     with pytest.raises(KeyboardInterrupt):
         save_conversion(second, target, manifest, force=True)
     monkeypatch.undo()
@@ -561,12 +561,12 @@ def test_concurrent_writers_of_one_output_take_turns(two_conversions, tmp_path) 
     first, second = two_conversions
     target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
     finished = threading.Event()
-    with atomic.folder_lock(tmp_path):  # another run is writing
+    with files.folder_lock(tmp_path):  # another run is writing
         writer = threading.Thread(target=lambda: (save_conversion(first, target, manifest, force=True), finished.set()))
         writer.start()
         assert not finished.wait(0.5) and not target.exists()  # it waits for the lock
         busy = rf"{tmp_path}: another process has been writing in this folder"
-        with pytest.raises(ConversionError, match=busy), atomic.folder_lock(tmp_path, wait_s=0.1):
+        with pytest.raises(ConversionError, match=busy), files.folder_lock(tmp_path, wait_s=0.1):
             pass
     writer.join(timeout=60)
     assert finished.is_set() and pair_matches(target)
@@ -729,7 +729,7 @@ VALUES = (10 + np.arange(36 * 38) % 233).reshape(36, 38)  # 10..242, the issue's
 
 
 def read_back(path: Path) -> tuple[np.ndarray, list[str]]:
-    loaded = mantranet_torch.images.read_image(path)
+    loaded = mantranet_torch.image_files.read_image(path)
     return loaded.pixels, loaded.notes
 
 
@@ -784,7 +784,7 @@ def test_a_48_bit_png_of_8_bit_values_is_not_black(tmp_path) -> None:
 def test_samples_with_no_8_bit_reading_are_named(tmp_path, capsys, ours, values, message) -> None:
     path = tmp_path / "odd.tif"
     Image.fromarray(values).save(path)
-    with pytest.raises(mantranet_torch.images.ImageReadError, match=rf"^{path}: {message}"):
+    with pytest.raises(mantranet_torch.image_files.ImageReadError, match=rf"^{path}: {message}"):
         read_back(path)
     assert main(["detect", str(path), "-w", str(ours), "-o", str(tmp_path / "maps")]) == 1
     err = capsys.readouterr().err
