@@ -183,13 +183,14 @@ def _low_bytes(path: Path) -> np.ndarray | None:
     swap = {";16B": ";16L", ";16L": ";16B"}
     with _pixel_limit_off(), Image.open(path) as image:
         tiles = []
-        for tile in image.tile:
-            args = tile.args if isinstance(tile.args, tuple) else (tile.args,)
-            rawmode = str(args[0])
+        for tile in image.tile:  # (codec, extents, offset, args): a named tuple in recent Pillow, a tuple before
+            codec, extents, offset, args = tile[:4]
+            rawmode = str(args[0] if isinstance(args, tuple) else args)
             if rawmode[-4:] not in swap:
                 return None
-            new = (rawmode[:-4] + swap[rawmode[-4:]], *args[1:])
-            tiles.append(tile._replace(args=new if isinstance(tile.args, tuple) else new[0]))
+            rawmode = rawmode[:-4] + swap[rawmode[-4:]]
+            args = (rawmode, *args[1:]) if isinstance(args, tuple) else rawmode
+            tiles.append(tile._replace(args=args) if hasattr(tile, "_replace") else (codec, extents, offset, args))
         image.tile = tiles
         image.load()
         return np.array(image)
