@@ -79,6 +79,7 @@ class Evaluation:
     seconds: float
     curves: dict = field(default_factory=dict)  # (perturbation, backend) -> pooled ScoreDistribution
     previews: dict = field(default_factory=dict)  # (name, perturbation, backend) -> 8-bit (map, mask) previews
+    images: dict = field(default_factory=dict)  # name -> its image file, for the report's pictures
 
     def row(self, perturbation: str | None = None, backend: str = TORCH) -> Row:
         return next(r for r in self.rows if r.perturbation == perturbation and r.backend == backend)
@@ -388,6 +389,7 @@ def aggregate_evaluation(planned: Plan, engine: dict, seconds: float) -> Evaluat
         if task.key in records and task.perturbation is None and task.backend == TORCH:
             arrays = records[task.key].arrays
             evaluation.previews[(task.name, None, TORCH)] = (arrays["preview_map"], arrays.get("preview_mask"))
+            evaluation.images[task.name] = task.image
     return evaluation
 
 
