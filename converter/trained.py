@@ -42,6 +42,7 @@ class FetchResult:
     weights: Path | None = None  # the converted file (None with convert=False)
     manifest: Path | None = None  # its provenance manifest
     converted: bool = False  # False when an up-to-date conversion was already there
+    not_hdf5: str | None = None  # an unverified download kept by allow_unknown that is no HDF5 file: its first bytes
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
@@ -89,13 +90,30 @@ def fetch(
         progress=progress, timeout_s=timeout_s, deadline_s=deadline_s,
     )  # fmt: skip
     result = FetchResult(release, target, got.digests.git_blob_sha1, got.verified, got.downloaded, got.resumed_from)
+    if not got.verified:  # kept as allow_unknown asks: say at once when it is no weight file at all
+        result = FetchResult(**{**result.__dict__, "not_hdf5": _not_hdf5(target)})
     if not convert:
         return result
+    if result.not_hdf5 is not None:
+        raise DownloadError(
+            f"{target}: downloaded and kept (allow_unknown, --allow-unknown), but it is not an HDF5 file (it starts "
+            f"with {result.not_hdf5}), so not a weight file: check the URL, and delete the file"
+        )
     weights, manifest = output_paths(target, folder, fmt)
     if not force and conversion_of(weights, manifest) == got.digests.git_blob_sha1:
         return FetchResult(**{**result.__dict__, "weights": weights, "manifest": manifest})
     save_conversion(convert_h5(target), weights, manifest, force=True)  # an outdated conversion is replaced
     return FetchResult(**{**result.__dict__, "weights": weights, "manifest": manifest, "converted": True})
+
+
+def _not_hdf5(path: Path) -> str | None:
+    """None for an HDF5 file; else its first bytes, as a hint of what it is (an HTML page, say)."""
+    import h5py
+
+    if h5py.is_hdf5(str(path)):
+        return None
+    with path.open("rb") as f:
+        return repr(f.read(16))
 
 
 def conversion_of(weights: Path, manifest: Path) -> str | None:

@@ -279,8 +279,9 @@ def read_model_weights(
     config = config or metadata_config(path, metadata)
     if config is None:
         raise WeightFileError(
-            f"{path}: carries no ManTraNet config in its metadata (files written by `mantranet convert` do); "
-            "in Python, pass config="
+            f"{path}: carries no ManTraNet config in its metadata (files written by `mantranet convert` do): name "
+            "the release whose architecture it has (--variant N on the command line, config=RELEASES[N] in "
+            "Python), or convert its official .h5 again with `mantranet convert`"
         )
     return tensors, config, metadata
 

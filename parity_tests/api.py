@@ -305,7 +305,9 @@ class ImageComparison:
             cumulative_from_reference=True,
         )
         seconds = time.perf_counter() - started
-        result = ImageParity(image.name, image.source, height, width, image.notes, attributed, report, seconds)
+        result = ImageParity(
+            image.name, image.source, height, width, image.notes, attributed, report, seconds, pixels=image.pixels
+        )
         event(DONE)
         return result
 
