@@ -14,7 +14,7 @@ from mantranet_torch.weights import H5_SUFFIXES, PROVENANCE_KEY, check_weight_va
 from .convert import write_official_h5
 from .errors import ConversionError
 from .keras_h5 import LAYOUTS, WEIGHTS_ONLY
-from .mapping import torch_to_keras, uses_frozen_order
+from .mapping import check_official_layout, torch_to_keras, uses_frozen_order
 
 
 @dataclass
@@ -83,6 +83,7 @@ def export_keras(
     if variant is not None and variant not in RELEASES:
         raise ConversionError(f"variant {variant}: no such release; releases are {sorted(RELEASES)}")
     tensors, config, metadata = read_model_weights(weights, RELEASES[variant] if variant is not None else None)
+    check_official_layout(config, str(weights))
     check_weight_values(tensors, str(weights))  # the loaders' check: a file detect refuses is not exported
     provenance = read_provenance(weights, metadata)  # before anything is written
     try:
