@@ -11,7 +11,6 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +40,7 @@ GRU4 = dataclasses.replace(release_config(4), recurrent="gru")
 GRU0 = dataclasses.replace(release_config(0), recurrent="gru")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny inputs on two shared cores (see parity_tests/conftest.py)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny inputs on two shared cores (tests/conftest.py)
 
 
 @functools.cache
