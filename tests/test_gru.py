@@ -24,7 +24,16 @@ from converter import ConversionError, keras_to_torch, load_weights, save_conver
 from converter.export import export_keras
 from converter.mapping import mapping
 from mantranet_cli.main import main
-from mantranet_torch import ManTraNet, ManTraNetConfig, init_from, layers, memory, release_config, tiling
+from mantranet_torch import (
+    ManTraNet,
+    ManTraNetConfig,
+    WeightFileError,
+    init_from,
+    layers,
+    memory,
+    release_config,
+    tiling,
+)
 from mantranet_torch.cost import multiply_adds_per_pixel
 from mantranet_torch.layers import ImageStatistics
 from mantranet_torch.model import LAYERS, layer_names
@@ -403,3 +412,20 @@ def test_parity_refuses_a_gru_model_against_an_official_file(tmp_path) -> None:
     official_file(h5, 4)
     with pytest.raises(ParityInputError, match=r"'recurrent': 'gru'\} is not that of .*compare weights of one release"):
         run_parity(h5, torch_weights=[save_gru(tmp_path)], check_available_memory=False)
+
+
+def test_a_variant_loaded_as_the_other_says_so_first(tmp_path) -> None:
+    weights = save_gru(tmp_path)
+    with pytest.raises(WeightFileError) as caught:
+        load_weights(weights, variant=4)  # release 4's config: the ConvLSTM
+    assert str(caught.value).startswith(
+        f"{weights}: does not fit ManTraNet {release_config(4).to_dict()}: its recurrent layer is detector.cgru "
+        "(recurrent='gru'), the config's detector.clstm (recurrent='lstm'); missing key detector.clstm.kernel"
+    )
+    lstm_state = lstm_release().state_dict()
+    with pytest.raises(WeightFileError, match=r"its recurrent layer is detector.clstm \(recurrent='lstm'\)"):
+        mantranet_torch.weights.model_from_state_dict(lstm_state, GRU4, "release")
+    del lstm_state["featex.b1c1.regular_kernel"]  # a state dict of the right variant: no such note
+    with pytest.raises(WeightFileError) as caught:
+        mantranet_torch.weights.model_from_state_dict(lstm_state, release_config(4), "release")
+    assert "recurrent layer" not in str(caught.value) and "missing key featex.b1c1.regular_kernel" in str(caught.value)
