@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("mantranet_torch", "converter", "reference", "parity_tests", "evaluation", "mantranet_cli")
+SHIPPED = ("mantranet_torch", "converter", "reference", "parity_tests", "evaluation", "training", "mantranet_cli")
 OURS = (*SHIPPED, "tests", "benchmarks", "hubconf")
 TENSORFLOW = ("tensorflow", "keras", "tf_keras")
 
@@ -83,19 +83,6 @@ def test_the_shipped_packages_import_nothing_the_wheel_does_not_ship() -> None:
     assert violations(SHIPPED, set(), ("tests", "benchmarks", "hubconf")) == []
 
 
-def loaded_after_importing(names: list[str]) -> set[str]:
-    """The top-level modules in ``sys.modules`` after a fresh interpreter imports ``names`` (deprecation warnings
-    of the alias modules silenced)."""
-    code = (
-        "import importlib, json, sys, warnings\n"
-        "warnings.simplefilter('ignore', DeprecationWarning)\n"
-        f"for name in {names!r}:\n"
-        "    importlib.import_module(name)\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
-    )
-    return set(json.loads(python(code).strip().splitlines()[-1]))
-
-
 def python(code: str) -> str:
     """What a fresh interpreter prints running ``code`` from this checkout."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -107,44 +94,68 @@ def python(code: str) -> str:
 
 
 def library_modules(*packages: str) -> list[str]:
-    return [module_name(p) for package in packages for p in modules(package) if not p.name.startswith("test_")]
+    return [
+        module_name(p) for package in packages for p in modules(package) if not p.name.startswith(("test_", "conftest"))
+    ]
 
 
-def test_importing_every_model_module_loads_nothing_else_of_ours() -> None:
-    loaded = loaded_after_importing(library_modules("mantranet_torch"))
-    assert "mantranet_torch" in loaded and loaded & set(OURS) == {"mantranet_torch"}
-
-
-def test_importing_every_converter_module_loads_no_tensorflow() -> None:
-    loaded = loaded_after_importing(library_modules("converter"))
-    assert "converter" in loaded and "h5py" in loaded  # it did import them
-    assert loaded & {*TENSORFLOW, *OURS} == {"converter", "mantranet_torch"}
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_importing_every_library_module_leaves_the_command_line_interface_unloaded() -> None:
-    names = library_modules("mantranet_torch", "converter", "reference", "parity_tests", "evaluation")
-    loaded = loaded_after_importing([n for n in names if not n.endswith("conftest")])
-    assert {"tensorflow", "reference", "evaluation"} <= loaded  # the top floors were imported, TensorFlow with them
-    assert "mantranet_cli" not in loaded and "tests" not in loaded
-
-
-@pytest.mark.parametrize(
-    ("old", "new"),
-    [
-        ("converter.atomic", "mantranet_torch.files"),
-        ("mantranet_torch.image", "mantranet_torch.model_input"),
-        ("mantranet_torch.images", "mantranet_torch.image_files"),
-    ],
-)
-def test_a_renamed_module_is_still_importable_under_its_old_name_with_a_warning(old: str, new: str) -> None:
+@pytest.fixture(scope="module")
+def loaded() -> dict[str, set[str]]:
+    """The top-level modules in ``sys.modules`` of one fresh interpreter after it imports every module of the
+    ground floor, then of the converter, then of every library package: one snapshot per step (each step's
+    imports add to the last's, so a module loaded by a lower floor shows in its own snapshot first)."""
+    steps = {
+        "model": library_modules("mantranet_torch"),
+        "converter": library_modules("converter"),
+        "libraries": library_modules("reference", "parity_tests", "evaluation", "training"),
+    }
     code = (
-        "import importlib, sys, warnings\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        f"    old = importlib.import_module({old!r})\n"
-        f"new = importlib.import_module({new!r})\n"
-        "print(old is new, [str(w.message) for w in caught if w.category is DeprecationWarning])\n"
+        "import importlib, json, sys, warnings\n"
+        "warnings.simplefilter('ignore', DeprecationWarning)  # the renamed modules' aliases are imported too\n"
+        "snapshots = {}\n"
+        f"for step, names in {steps!r}.items():\n"
+        "    for name in names:\n"
+        "        importlib.import_module(name)\n"
+        "    snapshots[step] = sorted({m.split('.')[0] for m in sys.modules})\n"
+        "print(json.dumps(snapshots))\n"
     )
-    out = python(code)
-    assert out.startswith("True ") and f"{old} is deprecated: import {new}" in out
+    return {step: set(names) for step, names in json.loads(python(code).strip().splitlines()[-1]).items()}
+
+
+def test_importing_every_model_module_loads_nothing_else_of_ours(loaded) -> None:
+    assert "mantranet_torch" in loaded["model"] and loaded["model"] & set(OURS) == {"mantranet_torch"}
+
+
+def test_importing_every_converter_module_loads_no_tensorflow(loaded) -> None:
+    assert "h5py" in loaded["converter"]  # it did import them
+    assert loaded["converter"] & {*TENSORFLOW, *OURS} == {"converter", "mantranet_torch"}
+
+
+def test_importing_every_library_module_leaves_the_command_line_interface_unloaded(loaded) -> None:
+    assert {"tensorflow", "reference", "evaluation"} <= loaded["libraries"]  # the top floors, TensorFlow with them
+    assert "mantranet_cli" not in loaded["libraries"] and "tests" not in loaded["libraries"]
+
+
+RENAMED = {
+    "converter.atomic": "mantranet_torch.files",
+    "mantranet_torch.image": "mantranet_torch.model_input",
+    "mantranet_torch.images": "mantranet_torch.image_files",
+}
+
+
+def test_a_renamed_module_is_still_importable_under_its_old_name_with_a_warning() -> None:
+    code = (
+        "import importlib, json, warnings\n"
+        "found = {}\n"
+        f"for old, new in {RENAMED!r}.items():\n"
+        "    with warnings.catch_warnings(record=True) as caught:\n"
+        "        warnings.simplefilter('always')\n"
+        "        alias = importlib.import_module(old)\n"
+        "    messages = [str(w.message) for w in caught if w.category is DeprecationWarning]\n"
+        "    found[old] = [alias is importlib.import_module(new), messages]\n"
+        "print(json.dumps(found))\n"
+    )
+    found = json.loads(python(code).strip().splitlines()[-1])
+    for old, new in RENAMED.items():
+        same, messages = found[old]
+        assert same and any(f"{old} is deprecated: import {new}" in m for m in messages), (old, messages)
