@@ -371,3 +371,15 @@ def test_gradients_need_the_original_code(weights: WeightStore) -> None:
         run_parity(weights.get(RELEASE).path, [np.zeros((8, 8, 3), np.uint8)], gradients=True)
     with pytest.raises(ParityInputError, match="--train-steps -1"):
         run_parity(weights.get(RELEASE).path, [np.zeros((8, 8, 3), np.uint8)], train_steps=-1)
+
+
+def test_the_html_report_shows_the_gradient_rows(official, tmp_path) -> None:
+    from parity_tests.api import run_parity
+    from parity_tests.official_files import OFFICIAL_CODE
+    from parity_tests.report_page import write_report
+
+    pixels = np.random.default_rng(4).integers(0, 256, (*SHAPE[1:], 3), dtype=np.uint8)
+    run = run_parity(official[0].path, [pixels], reference=f"official:{OFFICIAL_CODE}", modes=["local"], gradients=True)
+    write_report(run, tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Gradients and optimiser steps" in page and "d divStd -&gt; cLSTM" in page and "gradients PASSED" in page
