@@ -362,6 +362,10 @@ def verdict(run: ParityRun) -> str:
     if run.passed:
         compared = f"all {len(LAYERS)} layers" if not unmapped else f"all {len(LAYERS) - len(unmapped)} compared layers"
         line = f"PASSED: {compared} within tolerance on {count} ({modes} mode{'s' * (len(run.modes) > 1)})"
+        backward = [image.gradients for image in run.images if image.gradients is not None]
+        if backward:
+            steps = len(backward[0].steps)
+            line += "; gradients" + (f" and {steps} optimiser step{'s' * (steps > 1)}" if steps else "") + " too"
         return line + (f"; unmapped, not compared: {', '.join(unmapped)}" if unmapped else "")
     backward = run.first_divergent_gradient or run.first_divergent_step
     if run.first_divergent_layer is None and backward is not None:
