@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import warnings
 from collections.abc import Iterator
@@ -29,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from mantranet_torch import LAYERS, ManTraNet, ManTraNetConfig
+from mantranet_torch.files import refuse_existing, write_bytes_atomic
+from mantranet_torch.model import layer_names
 from mantranet_torch.weights import CONFIG_KEY, PROVENANCE_KEY
 
-from .atomic import refuse_existing, write_bytes_atomic
 from .convert import TOOL_NAME, tool_version
 from .errors import ConversionError
 from .file_record import identify
@@ -43,6 +45,7 @@ LAYER_PREFIX = "layer."
 LAYERS_KEY = "mantranet.layer_outputs"
 DEFAULT_OPSET = 18  # the dynamo exporter's own opset: other opsets go through ONNX's version converter
 MIN_OPSET = 18
+ORT_TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
 INSTALL_HINT = "pip install 'mantranet-torch[onnx]' (onnx, onnxscript and onnxruntime)"
 # Probe sizes (batch, height, width): 1 x 1 (every padding wider than the image), odd and thin sizes, a batch.
 PROBE_SIZES: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 5, 7), (2, 33, 97), (1, 64, 48))
@@ -54,6 +57,10 @@ EXAMPLE_SHAPE = (2, 3, 24, 20)  # an example batch of 2: PyTorch specialises a d
 
 
 def _require(module: str):
+    # ONNX Runtime (1.2x and later) keeps a telemetry device id and database under ~/.cache/Microsoft unless
+    # this is set before it loads: an export is no occasion to write into the user's home. A value the user
+    # set is kept; an onnxruntime the caller imported earlier has read it already.
+    os.environ.setdefault(ORT_TELEMETRY_ENV, "1")
     try:
         return __import__(module)
     except ImportError:
@@ -88,11 +95,14 @@ class _Outputs(nn.Module):
         if not self.layers:
             return (self.model(image),)
         taps = dict(self.model.stages(image))
-        return (taps["pred"], *(taps[name] for name in LAYERS if name != "pred"))
+        return (taps["pred"], *(taps[name] for name in layer_names(self.model.config) if name != "pred"))
 
 
-def output_names(layers: bool) -> list[str]:
-    return [OUTPUT_NAME, *(LAYER_PREFIX + name for name in LAYERS if name != "pred")] if layers else [OUTPUT_NAME]
+def output_names(layers: bool, config: ManTraNetConfig | None = None) -> list[str]:
+    """The graph's output names; ``config`` (default the official ConvLSTM's) names its recurrent layer."""
+    if not layers:
+        return [OUTPUT_NAME]
+    return [OUTPUT_NAME, *(LAYER_PREFIX + name for name in layer_names(config or ManTraNetConfig()) if name != "pred")]
 
 
 def model_and_provenance(weights: str | Path, variant: int | None = None) -> tuple[ManTraNet, dict]:
@@ -115,11 +125,24 @@ def export_onnx(
     force: bool = False,
     variant: int | None = None,
 ) -> OnnxExport:
-    """Export ``weights`` (any file ``converter.load_weights`` reads) to ``target`` as ONNX, checked, atomically.
+    """Export ``weights`` to ``target`` as ONNX for any image size, checked, atomically.
 
-    The check runs ONNX Runtime on the ``PROBE_SIZES`` inputs and compares the map with the PyTorch model's;
-    over ``PROBE_ATOL`` it raises ConversionError and writes nothing. ``layers``: add the 20 other named layers
-    as outputs. ``variant``: the release of an .h5 file whose hash and name do not tell.
+    The check runs ONNX Runtime on the ``PROBE_SIZES`` inputs and compares the map with the PyTorch model's; over
+    ``PROBE_ATOL`` nothing is written.
+
+    Args:
+        weights: any file ``converter.load_weights`` reads.
+        target: the ``.onnx`` file.
+        opset: the ONNX opset, at least ``MIN_OPSET``.
+        layers: add the 20 other named layers as outputs (for ``mantranet parity --torch-weights``).
+        force: replace an existing ``target``.
+        variant: the release of an ``.h5`` file whose hash and name do not tell.
+
+    Returns:
+        An ``OnnxExport``: the path, config, opset, outputs, size and the probes of the check.
+
+    Raises:
+        ConversionError: a bad opset, an existing output, a missing ``onnx`` extra, or a failed check.
     """
     target = Path(target)
     if opset < MIN_OPSET:
@@ -129,7 +152,7 @@ def export_onnx(
     _require("onnxscript")
     _require("onnxruntime")
     model, provenance = model_and_provenance(weights, variant)
-    names = output_names(layers)
+    names = output_names(layers, model.config)
     proto = export_graph(model, layers, opset)
     metadata = {
         CONFIG_KEY: json.dumps(model.config.to_dict(), sort_keys=True),
@@ -166,7 +189,7 @@ def export_graph(model: ManTraNet, layers: bool = False, opset: int = DEFAULT_OP
             dynamo=True,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=output_names(layers),
+            output_names=output_names(layers, model.config),
             dynamic_shapes={INPUT_NAME: {0: batch, 2: height, 3: width}},
             external_data=False,
             verbose=False,
@@ -266,7 +289,8 @@ class OnnxModel:
         return self._run(x, [OUTPUT_NAME])[0]
 
     def trace(self, x: np.ndarray | Tensor) -> dict[str, np.ndarray]:
-        """The 21 named layers' outputs, keyed by their Keras names in network order (``mantranet_torch.LAYERS``).
+        """The 21 named layers' outputs, keyed by their Keras names in network order (``layer_names(config)``:
+        ``mantranet_torch.LAYERS``, or with cGRU for the ConvGRU variant).
 
         Needs a file exported with ``layers=True`` (``mantranet export-onnx --layers``).
         """
@@ -275,4 +299,5 @@ class OnnxModel:
                 f"{self.where}: holds the map only; export it with --layers (layers=True) for its named layers"
             )
         values = dict(zip(self.outputs, self._run(x, self.outputs), strict=True))
-        return {name: values[OUTPUT_NAME if name == "pred" else LAYER_PREFIX + name] for name in LAYERS}
+        names = layer_names(self.config or ManTraNetConfig())
+        return {name: values[OUTPUT_NAME if name == "pred" else LAYER_PREFIX + name] for name in names}

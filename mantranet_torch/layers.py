@@ -17,9 +17,11 @@ from torch import Tensor, nn
 from .config import FIXED_FIRST_LAYER_FILTERS
 
 BN_EPSILON = 1e-3  # Keras BatchNormalization default epsilon
+BN_MOMENTUM = 0.99  # Keras BatchNormalization default momentum (the moving averages keep 99% per step)
 L2_EPSILON = 1e-12  # tf.nn.l2_normalize clamps the *squared* norm at this value
 STD_FLOOR = 1e-6  # GlobalStd2D adds min_std_val / 10 = 1e-5 / 10 to the stored min_std
-BAYAR_EPSILON = 1e-7  # keras.backend.epsilon(), used by the Bayar constraint
+KERAS_EPSILON = 1e-7  # keras.backend.epsilon(): the Bayar and unit_norm constraints, and Keras' Adam
+BAYAR_EPSILON = KERAS_EPSILON
 HARD_SIGMOID_SLOPE = 0.2  # Keras 2 hard sigmoid: clip(0.2 x + 0.5, 0, 1); Keras 3 and torch use 1/6
 HARD_SIGMOID_OFFSET = 0.5
 
@@ -234,17 +236,46 @@ class CombinedConv2d(nn.Module):
         return symmetric_conv2d(x, self.kernel, relu=True)
 
 
-class InferenceBatchNorm(nn.Module):
-    """Keras ``BatchNormalization(center=False, scale=False)`` at inference: ``(x - mean) / sqrt(var + 1e-3)``."""
+class KerasBatchNorm(nn.Module):
+    """Keras ``BatchNormalization(center=False, scale=False)`` (bnorm), in both of its modes.
 
-    def __init__(self, channels: int) -> None:
+    Inference (``model.eval()``, or this module's ``eval()`` to train with frozen statistics):
+    ``(x - moving_mean) / sqrt(moving_variance + 1e-3)``. Training (``model.train()``): the batch's
+    statistics over N, H and W (the population variance normalises, as TensorFlow's fused kernel does), and the
+    moving averages move as tf_keras moves them: ``moving = moving * 0.99 + batch * 0.01``, the variance
+    Bessel-corrected (``n / (n - 1)``, n = N * H * W). Standalone Keras 2.2 on TensorFlow 1.8 moved them
+    differently (zero-debiased averages, which forget the stored statistics at the first step); see the
+    training guide.
+    """
+
+    def __init__(self, channels: int, momentum: float = BN_MOMENTUM) -> None:
         super().__init__()
+        self.momentum = momentum
         self.register_buffer("moving_mean", torch.zeros(channels))
         self.register_buffer("moving_variance", torch.ones(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        inv_std = torch.rsqrt(self.moving_variance + BN_EPSILON)
-        return (x - self.moving_mean[:, None, None]) * inv_std[:, None, None]
+        if not self.training:
+            inv_std = torch.rsqrt(self.moving_variance + BN_EPSILON)
+            return (x - self.moving_mean[:, None, None]) * inv_std[:, None, None]
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        with torch.no_grad():
+            count = x.numel() // x.shape[1]
+            unbiased = var * (count / max(count - 1, 1))
+            self.moving_mean.mul_(self.momentum).add_(mean.to(self.moving_mean), alpha=1 - self.momentum)
+            self.moving_variance.mul_(self.momentum).add_(unbiased.to(self.moving_variance), alpha=1 - self.momentum)
+        return (x - mean[:, None, None]) * torch.rsqrt(var + BN_EPSILON)[:, None, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.moving_mean.numel()}, momentum={self.momentum}, epsilon={BN_EPSILON}"
+
+
+class InferenceBatchNorm(KerasBatchNorm):
+    """Deprecated (removed in 0.3.0): ``KerasBatchNorm`` built in eval mode, the only mode bnorm had before."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.eval()
 
 
 @dataclass
@@ -422,3 +453,57 @@ class ConvLSTM2d(nn.Module):
                 z, h, self.recurrent_kernel, None, pads, _ONES, _ONES, 1, "add", None, None, [], None
             )
         return F.conv2d(h, self.recurrent_kernel, padding=self.padding).add_(z)
+
+    def reach(self, step: int, steps: int) -> int:
+        """How far the output sees into the input of ``step`` (0-based) of ``steps``: its input convolution,
+        then one state-to-state convolution per later step."""
+        return self.padding * (steps - step)
+
+
+class ConvGRU2d(nn.Module):
+    """A convolutional GRU returning the last hidden state, with zero 'same' padding: the ConvGRU variant of
+    the detector (no official file holds one; the ConvLSTM of the releases is ``ConvLSTM2d``).
+
+    Laid out as Keras lays out its GRU (``reset_after=False``): gates in Keras' order z (update), r (reset),
+    h (candidate) along the output channels of ``kernel`` (input-to-state, (3 * hidden, C, k, k), with
+    ``bias``) and ``recurrent_kernel`` (state-to-state, (3 * hidden, hidden, k, k)). With u the update gate:
+
+        u = hard_sigmoid(W_u * x + b_u + U_u * h)        r = hard_sigmoid(W_r * x + b_r + U_r * h)
+        c = tanh(W_c * x + b_c + U_c * (r h))            h' = (1 - u) h + u c
+
+    the hard sigmoid being Keras 2's and the state starting at zero. u weighs the candidate (Chung et al.,
+    2014); Keras' own GRU writes h' = z h + (1 - z) c, its z weighing the old state. Input (N, T, C, H, W),
+    output (N, hidden, H, W).
+    """
+
+    def __init__(self, in_channels: int, hidden: int, kernel_size: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.padding = kernel_size // 2
+        self.kernel = nn.Parameter(torch.empty(3 * hidden, in_channels, kernel_size, kernel_size))
+        self.recurrent_kernel = nn.Parameter(torch.empty(3 * hidden, hidden, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(3 * hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t = x.shape[:2]
+        # The input-to-state convolution does not depend on the state: run all steps as one batch.
+        z_input = F.conv2d(x.flatten(0, 1), self.kernel, self.bias, padding=self.padding).unflatten(0, (n, t))
+        gates_kernel, candidate_kernel = self.recurrent_kernel.split((2 * self.hidden, self.hidden))
+        h = None
+        for step in range(t):
+            x_u, x_r, x_c = z_input[:, step].split(self.hidden, dim=1)
+            if h is None:  # the state starts at zero: its convolutions vanish and (1 - u) h is zero
+                h = hard_sigmoid_keras2(x_u) * torch.tanh(x_c)
+                continue
+            h_u, h_r = F.conv2d(h, gates_kernel, padding=self.padding).split(self.hidden, dim=1)
+            u = hard_sigmoid_keras2(x_u + h_u)
+            r = hard_sigmoid_keras2(x_r + h_r)
+            c = torch.tanh(x_c + F.conv2d(r * h, candidate_kernel, padding=self.padding))
+            h = (1 - u) * h + u * c
+        return h
+
+    def reach(self, step: int, steps: int) -> int:
+        """How far the output sees into the input of ``step`` (0-based) of ``steps``: its input convolution, and
+        past the first step the candidate's convolution of the reset-gated state (r reads that step's input);
+        then two chained state-to-state convolutions per later step (r's, then the candidate's of r h)."""
+        return self.padding * (1 + (step > 0) + 2 * (steps - 1 - step))

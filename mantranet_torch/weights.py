@@ -279,8 +279,9 @@ def read_model_weights(
     config = config or metadata_config(path, metadata)
     if config is None:
         raise WeightFileError(
-            f"{path}: carries no ManTraNet config in its metadata (files written by `mantranet convert` do); "
-            "in Python, pass config="
+            f"{path}: carries no ManTraNet config in its metadata (files written by `mantranet convert` do): name "
+            "the release whose architecture it has (--variant N on the command line, config=RELEASES[N] in "
+            "Python), or convert its official .h5 again with `mantranet convert`"
         )
     return tensors, config, metadata
 
@@ -298,7 +299,20 @@ def metadata_config(path: str | Path, metadata: dict[str, str]) -> ManTraNetConf
 def load(
     path: str | Path, config: ManTraNetConfig | None = None, map_location: str | torch.device = "cpu"
 ) -> ManTraNet:
-    """The model in eval mode, its architecture read from the file (or ``config``, which takes precedence)."""
+    """A weight file of this project (``.safetensors`` or ``.pt``) as a model; needs nothing but torch and
+    safetensors (``converter.load_weights`` reads every other kind too).
+
+    Args:
+        path: the weight file.
+        config: the architecture, taking precedence over the one the file records.
+        map_location: where the weights go.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        WeightFileError: the file cannot be read as ManTraNet weights; the message names it and why.
+    """
     tensors, config, _ = read_model_weights(path, config)
     return model_from_state_dict(tensors, config, str(path)).to(map_location)
 

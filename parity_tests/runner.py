@@ -40,6 +40,8 @@ LAYER_INPUTS: dict[str, tuple[str, ...]] = {
     "cLSTM": ("divStd",),
     "pred": ("cLSTM",),
 }
+# The ConvGRU variant's recurrent layer (``layer_names(config)``), for one-layer comparisons (``judge_layer``).
+VARIANT_LAYER_INPUTS: dict[str, tuple[str, ...]] = {"cGRU": ("divStd",)}
 NEITHER = "neither"  # attribution when both frameworks are within tolerance of the exact value
 
 Progress = Callable[[str, str], None]  # (mode, layer), called as each layer is done
@@ -104,7 +106,7 @@ def torch_layers(model: ManTraNet) -> dict[str, Callable[..., Tensor]]:
     layers["nestedAvgFeatex"] = detector.nested_avg
     # The two one-line steps of AnomalyDetector.stages, restated; a change there shows in cumulative mode.
     layers["divStd"] = lambda dev, sigma: torch.abs(dev / sigma[:, None])
-    layers["cLSTM"] = detector.clstm
+    layers[detector.recurrent_name] = detector.recurrent  # cLSTM, or the ConvGRU variant's cGRU
     layers["pred"] = lambda h: torch.sigmoid(detector.pred(h))
     return layers
 
@@ -273,18 +275,34 @@ def compare_layers(
     progress: Progress | None = None,
     cumulative_from_reference: bool = False,
 ) -> ParityReport:
-    """Compare ``model`` with ``reference`` on ``x`` (N x H x W x 3, float32 in [-1, 1]) layer by layer.
+    """Compare ``model`` with ``reference`` on one input batch, layer by layer: the engine of ``run_parity``.
 
-    ``model``: our ``ManTraNet`` (run as it is: float32, eval mode) or any ``Side``; layers a side lacks are
-    reported as unmapped. With ``oracle`` (the float64 ``Oracle``, or the official code in float64: anything with
-    ``stages`` and ``layer``), every layer is also evaluated in float64 (from the reference's inputs in local mode)
-    and each side's error against it is reported. ``oracle_layers`` limits that to some layers in
-    local mode (the float64 feature extractor is slow on large images: the detector alone is cheap);
-    cumulative attribution needs the whole float64 chain, so it runs only when no limit is given, unless
-    ``cumulative_from_reference``: then the float64 chain starts from the reference's own inputs to the first
-    of ``oracle_layers`` and runs on to the end. That arbitrates the detector's drift in cumulative mode on
-    large images (the official float32 window means drift as images grow) against the exact value of the
-    reference's features; the compared side's inherited feature error is what its cumulative tolerance covers.
+    ``model`` is run as it is (float32, eval mode); layers a side lacks are reported as unmapped. With ``oracle``
+    every layer is also evaluated in float64 (from the reference's inputs in local mode) and each side's error
+    against it is reported. ``oracle_layers`` limits that to some layers in local mode (the float64 feature
+    extractor is slow on large images: the detector alone is cheap); cumulative attribution needs the whole
+    float64 chain, so it runs only when no limit is given, unless ``cumulative_from_reference``: then the float64
+    chain starts from the reference's own inputs to the first of ``oracle_layers`` and runs on to the end. That
+    arbitrates the detector's drift in cumulative mode on large images (the official float32 window means drift
+    as images grow) against the exact value of the reference's features; the compared side's inherited feature
+    error is what its cumulative tolerance covers.
+
+    Args:
+        reference: anything with ``trace(x)`` giving the 21 named layers (NHWC) and ``arrays``.
+        model: our ``ManTraNet`` or any ``Side`` (``stages`` and ``layer`` in Keras names and layouts).
+        x: N x H x W x 3, float32 in [-1, 1].
+        oracle: the float64 ``Oracle``, or the official code in float64: anything with ``stages`` and ``layer``.
+        oracle_layers: the layers evaluated in float64 (None: all).
+        modes: ``cumulative`` and/or ``local``.
+        policy: the tolerance per layer.
+        progress: called with (mode, layer) as each layer is compared.
+        cumulative_from_reference: start the float64 chain from the reference's features (see above).
+
+    Returns:
+        The ``ParityReport``: per layer and mode, the errors, the tolerance verdict and the float64 attribution.
+
+    Raises:
+        ValueError: unknown modes, or a reference trace that lacks layers.
     """
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
@@ -397,7 +415,8 @@ def judge_layer(
     with torch.inference_mode():
         actual = to_nhwc(torch_fn(*(from_nhwc(np.asarray(a, dtype=np.float32)) for a in inputs)))
     exact = None if oracle is None else oracle.layer(name, *inputs)
-    atol = policy.atol(name, LOCAL, dict(zip(LAYER_INPUTS[name], inputs, strict=True)))
+    sources = LAYER_INPUTS.get(name) or VARIANT_LAYER_INPUTS[name]
+    atol = policy.atol(name, LOCAL, dict(zip(sources, inputs, strict=True)))
     return _judge(name, expected, actual, exact, policy.get(name, LOCAL), atol)
 
 
