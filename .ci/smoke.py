@@ -85,12 +85,32 @@ def main() -> None:
         all(np.array_equal(back[k], arrays[k].astype(np.float32)) for k in arrays), "export-keras gives the arrays back"
     )
 
+    synth_from_the_wheel()
     pretrained_from_loopback(h5)
 
     started = time.perf_counter()
     out = step("selftest")
     print("\n".join("    " + line for line in out.splitlines()))
     check(out.strip().endswith("PASSED"), f"selftest, quick profile ({time.perf_counter() - started:.0f} s)")
+
+
+def synth_from_the_wheel() -> None:
+    """``mantranet synth`` writes a dataset with the train extra installed, else says which extra it needs."""
+    photos = HERE / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (72, 90, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+    try:
+        import cv2  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError:
+        step("synth", "photos", "-o", "synth", "--n", "5", "--size", "48", expect=1)
+        check(not (HERE / "synth").exists(), "synth without the train extra: one line, nothing written")
+        return
+    step("synth", "photos", "-o", "synth", "--n", "5", "--size", "48")
+    rows = (HERE / "synth" / "manifest.csv").read_text().splitlines()
+    check(len(rows) == 6 and rows[0] == "image,mask,label", "synth wrote a manifest of 5 images")
 
 
 def pretrained_from_loopback(h5: Path) -> None:

@@ -92,7 +92,7 @@ def main() -> None:
     if not photos:
         sys.exit(f"no photographs at {SAMPLES}")
     from evaluation.engines import cpu_count
-    from evaluation.forgeries import make_forgeries
+    from training.synthetic import make_forgeries
 
     cores = cpu_count()
     folder = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))

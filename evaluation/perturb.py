@@ -58,7 +58,7 @@ class Perturbation:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The perturbed uint8 RGB image and its mask (resized with it; None stays None)."""
         for index, step in enumerate(self.steps):
-            pixels, mask = _apply(step, pixels, mask, _rng(seed, content, index))
+            pixels, mask = apply_step(step, pixels, mask, _rng(seed, content, index))
         return pixels, mask
 
 
@@ -83,9 +83,10 @@ def _rng(seed: int, content: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, int(content[:16], 16), index])
 
 
-def _apply(
+def apply_step(
     step: Step, pixels: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """One step on a uint8 RGB image (and its mask where geometry changes); noise is drawn from ``rng``."""
     image = Image.fromarray(pixels)
     if step.kind == "jpeg":  # Pillow's libjpeg, 4:2:0 chroma subsampling as most cameras and sites use
         buffer = io.BytesIO()
@@ -109,4 +110,4 @@ def resize_long_side(
     """``--resize``: the image scaled so that its longer side is ``long_side`` (bilinear), the mask with it."""
     height, width = pixels.shape[:2]
     factor = long_side / max(height, width)
-    return _apply(Step("resize", factor), pixels, mask, np.random.default_rng(0))
+    return apply_step(Step("resize", factor), pixels, mask, np.random.default_rng(0))

@@ -20,6 +20,7 @@ from . import (
     export_onnx_cmd,
     parity_cmd,
     selftest_cmd,
+    synth_cmd,
     weights_cmd,
 )
 from .errors import CommandError
@@ -34,6 +35,7 @@ COMMANDS = (
     selftest_cmd,
     detect_cmd,
     evaluate_cmd,
+    synth_cmd,
 )
 EXPECTED_ERRORS = (CommandError, ConversionError, WeightFileError)
 

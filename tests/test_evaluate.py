@@ -28,7 +28,7 @@ from sklearn.metrics import (
 
 from converter import convert_h5
 from evaluation import METRICS, Config, Execution, Options, Perturbation, evaluate, load_dataset, map_path
-from evaluation.forgeries import make_forgeries
+from training.synthetic import make_forgeries
 from mantranet_cli.main import main
 from mantranet_torch.weights import encode_safetensors
 from tests.helpers import SAMPLES, official_file
