@@ -1,0 +1,301 @@
+"""``mantranet train`` and ``training.engine.train``: the loss and constraints against independent computations,
+a run killed with SIGKILL and resumed ending bit-identical, non-finite steps, bad input, and the outputs.
+
+Every run here is tiny (crops of 16 px, 2 images, 2-6 steps, windows 3 and 5): the model's 256-channel layers
+make even these take a second a step on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import converter.atomic
+from converter import load_weights
+from mantranet_cli.main import main
+from mantranet_torch import ManTraNet, ManTraNetConfig
+from mantranet_torch.training import KerasAdam, apply_constraints
+from mantranet_torch.weights import encode_safetensors, read_weights
+from training import TrainConfig, TrainError, train
+from training import engine as engine_module
+from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from training.data import EpochSampler, collate, open_training_data
+from training.engine import Schedule, forward_logits, training_loss
+
+REPO = Path(__file__).resolve().parents[1]
+CROP, BATCH = 16, 2
+SMALL = ManTraNetConfig(window_sizes=(3, 5))  # the smallest windows the architecture takes: fast detector
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Four 24 x 28 noise images with a square forged region each, a manifest of them, and seeded weights."""
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    lines = ["image,mask,label"]
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (24, 28, 3), dtype=np.uint8)).save(root / f"p{i}.png")
+        mask = np.zeros((24, 28), np.uint8)
+        mask[4 + i : 14 + i, 6:18] = 255
+        Image.fromarray(mask).save(root / f"m{i}.png")
+        lines.append(f"p{i}.png,m{i}.png,1")
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    model = ManTraNet(SMALL)
+    (root / "small.safetensors").write_bytes(encode_safetensors(model.state_dict(), model.config, {}))
+    return {"root": root, "manifest": root / "train.csv", "weights": root / "small.safetensors"}
+
+
+def config(data: dict, output: Path, **options) -> TrainConfig:
+    base = dict(output=output, data=data["manifest"], init=str(data["weights"]), steps=2, batch=BATCH, crop=CROP,
+                checkpoint_every=1, threads=1)  # fmt: skip
+    return TrainConfig(**{**base, **options})
+
+
+def bce_float64(z: np.ndarray, y: np.ndarray, pos_weight: float = 1.0) -> float:
+    """-[w y log s(z) + (1 - y) log(1 - s(z))], in the overflow-free form, float64."""
+    log_sig = -np.logaddexp(0.0, -z)
+    log_one_minus = -np.logaddexp(0.0, z)
+    return float(np.mean(-(pos_weight * y * log_sig + (1 - y) * log_one_minus)))
+
+
+def test_loss_is_cross_entropy_on_logits_plus_dice() -> None:
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 4, (2, 1, 5, 5))
+    y = (rng.random((2, 1, 5, 5)) > 0.6).astype(np.float64)
+    zt, yt = torch.tensor(z, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    # float32 against float64: 1e-6 relative is a few float32 ulps of a loss near 1
+    assert training_loss(zt, yt).item() == pytest.approx(bce_float64(z, y), rel=1e-6)
+    assert training_loss(zt, yt, pos_weight=3.0).item() == pytest.approx(bce_float64(z, y, 3.0), rel=1e-6)
+    p = 1 / (1 + np.exp(-z))
+    dice = 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+    got = training_loss(zt, yt, dice=0.5).item()
+    assert got == pytest.approx(bce_float64(z, y) + 0.5 * dice, rel=1e-6)
+    # logits far beyond a sigmoid's float32 range still give the exact loss (a sigmoid first would give inf/0)
+    far = torch.tensor([[[[40.0, -40.0]]]])
+    assert training_loss(far, torch.tensor([[[[0.0, 1.0]]]])).item() == pytest.approx(40.0, rel=1e-6)
+
+
+def test_schedule_warmup_cosine_plateau() -> None:
+    cosine = Schedule("cosine", 1.0, steps=10, warmup=2)
+    assert [cosine.lr(s) for s in (0, 1)] == [pytest.approx(1 / 3), pytest.approx(2 / 3)]
+    assert cosine.lr(2) == 1.0 and cosine.lr(10) == pytest.approx(0.0, abs=1e-12)
+    assert cosine.lr(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    plateau = Schedule("plateau", 1.0, steps=10, patience=2)
+    for value in (0.5, 0.4, 0.45):  # best 0.5, then two validations without improvement: halved
+        plateau.observe(value, higher_is_better=True)
+    assert plateau.lr(5) == 0.5
+
+
+def test_one_step_is_the_hand_written_keras_step_and_keeps_the_constraints(data, tmp_path) -> None:
+    """The engine's first step against the step written out by hand: the same crops, BCE on logits, Keras' Adam
+    with the same lr, then the constraints. Bit-identical: the same float32 operations in the same order."""
+    run = train(config(data, tmp_path / "run", steps=1, schedule="constant", lr=1e-3))
+    trained, _ = read_weights(run.model)
+    model = load_weights(data["weights"])
+    model.train()
+    dataset = open_training_data(data["manifest"], crop=CROP, seed=0)
+    batch = collate([dataset[key] for key in list(EpochSampler(dataset, BATCH, seed=0))[:BATCH]])
+    optimizer = KerasAdam(list(model.parameters()), lr=1e-3)
+    logits = model.logits(batch["image"])
+    z = logits.detach().double().numpy()
+    assert run.history[-1]["loss"] == pytest.approx(bce_float64(z, batch["mask"].double().numpy()), rel=1e-6)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["mask"]).backward()
+    optimizer.step()
+    apply_constraints(model)
+    for key, value in model.state_dict().items():  # the same operations in the same order: the same bits
+        assert torch.equal(trained[key], value), key
+    bayar = trained["featex.b1c1.bayar_kernel"]
+    centre = bayar[:, :, 2, 2]
+    assert torch.all(centre == -1)
+    # the other 24 taps sum to 1 / (1 + 1e-7) after the constraint: float32 sums of 24 terms, within 1e-6
+    assert torch.allclose(bayar.sum(dim=(2, 3)) - centre, torch.ones_like(centre), atol=1e-6)
+    norms = trained["detector.outlier_trans.weight"].double().square().sum(dim=1).sqrt()
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    assert torch.all(trained["detector.glb_std.min_std"] >= 0)
+
+
+def cli(*argv: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mantranet_cli", "train", *argv], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_sigkill_and_resume_ends_bit_identical(data, tmp_path) -> None:
+    steps = 5
+    straight = train(config(data, tmp_path / "straight", steps=steps, checkpoint_every=1))
+    argv = ["--data", str(data["manifest"]), "--init", str(data["weights"]), "-o", str(tmp_path / "killed"),
+            "--steps", str(steps), "--batch", str(BATCH), "--crop", str(CROP), "--checkpoint-every", "1",
+            "--threads", "1"]  # fmt: skip
+    process = cli(*argv)
+    checkpoint = tmp_path / "killed" / CHECKPOINT_NAME
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if checkpoint.is_file() and load_checkpoint(checkpoint)["step"] >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    killed_at = load_checkpoint(checkpoint)["step"]
+    assert 2 <= killed_at < steps
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    resumed = cli(*argv, "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resumed at step {killed_at}" in out
+    a, _ = read_weights(straight.model)
+    b, _ = read_weights(tmp_path / "killed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit for bit: weights, and bnorm's moving statistics
+
+
+def poison(monkeypatch, calls: set[int]) -> None:
+    """Make the loss of the given calls (1-based, one call per step here) NaN."""
+    real, count = engine_module.training_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        count["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if count["n"] in calls else loss
+
+    monkeypatch.setattr(engine_module, "training_loss", poisoned)
+
+
+def test_a_non_finite_step_is_skipped_and_changes_nothing(data, tmp_path, monkeypatch) -> None:
+    one = train(config(data, tmp_path / "one", steps=1))
+    poison(monkeypatch, {2})
+    two = train(config(data, tmp_path / "two", steps=2, schedule="constant"))
+    assert two.skipped_steps == [2]
+    assert [r["skipped"] for r in two.history if "loss" in r] == [False, True]
+    a, _ = read_weights(one.model)
+    b, _ = read_weights(two.model)
+    for key in a:  # weights and bnorm's moving statistics as after step 1
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_naming_the_last_good_checkpoint(data, tmp_path, monkeypatch) -> None:
+    poison(monkeypatch, {2, 3})
+    with pytest.raises(TrainError, match=r"step 3: .*not finite in 2 steps in a row.*last good checkpoint .*step 2"):
+        train(config(data, tmp_path / "stop", steps=4, max_bad_steps=2))
+    saved = load_checkpoint(tmp_path / "stop" / CHECKPOINT_NAME)
+    assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["train", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("empty", r"empty\.csv: the dataset lists no images"),
+        ("missing", r"does not exist|no such file|missing"),
+        ("crop", r"crop .*larg|smaller than the crop"),
+        ("optimizer", r"--optimizer 'lion': choose one of adam, adamw, sgd"),
+        ("steps", r"--steps 0: must be a positive integer"),
+        ("lr", r"--lr nan: must be a positive, finite number"),
+        ("init", r"--init .*nothing\.h5: no such file"),
+        ("resume", r"no checkpoint to resume from"),
+    ],
+)
+def test_bad_input_one_line_and_nonzero(data, tmp_path, capsys, case, expected) -> None:
+    manifest, extra = data["manifest"], []
+    if case == "empty":
+        (tmp_path / "empty.csv").write_text("image,mask,label\n")
+        manifest = tmp_path / "empty.csv"
+    if case == "missing":
+        (tmp_path / "missing.csv").write_text("image,mask,label\ngone.png,gone_mask.png,1\n")
+        manifest = tmp_path / "missing.csv"
+    options = {"crop": "64" if case == "crop" else str(CROP), "steps": "0" if case == "steps" else "1"}
+    init = str(tmp_path / "nothing.h5") if case == "init" else str(data["weights"])
+    extra += {"optimizer": ["--optimizer", "lion"], "lr": ["--lr", "nan"], "resume": ["--resume"]}.get(case, [])
+    code, out, err = run_cli(capsys, "--data", str(manifest), "--init", init, "-o", str(tmp_path / "run"),
+                             "--steps", options["steps"], "--crop", options["crop"], "--batch", "2", *extra)  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("mantranet train: error: ")
+    assert re.search(expected, lines[0]), lines[0]
+
+
+def test_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch) -> None:
+    real_fsync = os.fsync
+    writes = {"n": 0}
+
+    def fsync(fd: int) -> None:
+        writes["n"] += 1
+        if writes["n"] > 2:  # the step-0 and step-1 checkpoints are written, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(converter.atomic.os, "fsync", fsync)
+    code, out, err = run_cli(capsys, "--data", str(data["manifest"]), "--init", str(data["weights"]), "-o",
+                             str(tmp_path / "run"), "--steps", "3", "--crop", str(CROP), "--batch", "2",
+                             "--checkpoint-every", "1")  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "No space left on device" in lines[0], err
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["step"] == 1
+    assert not list((tmp_path / "run").glob(".*.part"))
+
+
+def test_outputs_load_everywhere_with_their_manifest(data, tmp_path) -> None:
+    val = data["manifest"]
+    run = train(config(data, tmp_path / "run", steps=2, val=val, checkpoint_every=2, freeze="featex"))
+    model = load_weights(run.model)  # the loader detect, evaluate, parity and the exporters share
+    import json
+
+    manifest = json.loads((tmp_path / "run" / "model.safetensors.json").read_text())
+    assert manifest["source"]["name"] == "small.safetensors"
+    assert manifest["training"]["steps"] == 2 and manifest["training"]["data"]["kind"] == "dataset"
+    assert manifest["training"]["final_metrics"] == run.after and run.after["images"] == 4
+    # the frozen extractor did not move; the detector did
+    parent = load_weights(data["weights"])
+    for name, value in parent.featex.state_dict().items():
+        assert torch.equal(model.featex.state_dict()[name], value), name
+    assert not torch.equal(model.detector.pred.weight, parent.detector.pred.weight)
+    for name in ("curves.png", "examples.png", "report.html", "metrics.jsonl", "best.safetensors"):
+        assert (tmp_path / "run" / name).is_file(), name
+    # validation's pixel AUC is scikit-learn's on the model's own maps
+    from sklearn.metrics import roc_auc_score
+
+    aucs = []
+    for i in range(4):
+        pixels = np.array(Image.open(data["root"] / f"p{i}.png"))
+        truth = np.array(Image.open(data["root"] / f"m{i}.png")) > 127
+        aucs.append(roc_auc_score(truth.ravel(), model.predict(pixels).ravel()))
+    assert run.after["pixel_auc"] == pytest.approx(np.mean(aucs), abs=1e-12)
+
+
+def test_checkpointed_activations_and_bf16_compute_the_same_step(data) -> None:
+    torch.manual_seed(3)
+    model = ManTraNet(SMALL).train()
+    x = torch.rand(2, 3, CROP, CROP) * 2 - 1
+    y = (torch.rand(2, 1, CROP, CROP) > 0.7).float()
+    grads = []
+    for checkpointed in (False, True):
+        model.zero_grad()
+        training_loss(forward_logits(model, x, "fp32", checkpointed), y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:  # recomputation runs the same kernels on the same inputs: equal bits
+        assert torch.equal(grads[0][name], grads[1][name]), name
+    with torch.no_grad():
+        exact = forward_logits(model.eval(), x, "fp32")
+        low = forward_logits(model, x, "bf16")
+    assert low.dtype == torch.float32  # the detector, its statistics included, stays float32
+    # bfloat16 keeps 8 bits of mantissa in the extractor: the logits move by a few percent of their spread
+    assert (low - exact).abs().max() < 0.1 * exact.std() + 1e-3
