@@ -425,7 +425,8 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainingRun:
         set_rng_states(saved["rng"])
     resumed_from = step if saved is not None else None
     skips = Skips.of(data)
-    higher = config.best_metric != "loss"
+    best_metric = config.best_metric if val_set is not None else "loss"  # without --val: the training loss
+    higher = best_metric != "loss"
     writer = _tensorboard(output, config) if group.main else None
     if best is not None:
         best["path"] = Path(best["path"])
@@ -532,12 +533,12 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainingRun:
                     last_validation = result
                     log({"step": step, "val": result.metrics})
                     emit({"event": "validation", "step": step, "metrics": result.metrics})
-                value = (result.metrics.get(config.best_metric) if result is not None and higher else last_loss)
+                value = result.metrics.get(best_metric) if result is not None and higher else last_loss
                 if value is not None and math.isfinite(value):
                     schedule.observe(value, higher)
                     if group.main and (best is None or (value > best["value"] if higher else value < best["value"])):
-                        best = {"metric": config.best_metric, "value": value, "step": step, "path": output / BEST_NAME}
-                        _write_weights(output / BEST_NAME, model, provenance(step, {config.best_metric: value}))
+                        best = {"metric": best_metric, "value": value, "step": step, "path": output / BEST_NAME}
+                        _write_weights(output / BEST_NAME, model, provenance(step, {best_metric: value}))
             if group.main and (step % config.checkpoint_every == 0 or step == config.steps):
                 save_checkpoint(ckpt_path, state())
                 emit({"event": "checkpoint", "step": step, "path": str(ckpt_path)})
