@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
         from training.config import TrainError
         from training.engine import train
     except ImportError as e:
-        raise CommandError(f"train needs the train and eval extras: pip install 'mantranet-torch[train,eval]' ({e})")
+        raise CommandError(
+            f"train needs the train and eval extras: pip install 'mantranet-torch[train,eval]' ({e})"
+        ) from None
     config = _config(args)
     bar = StepBar()
     try:
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         if metrics:
             print(f"validation {label}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "images"))
     if result.best:
-        print(f"best {result.best['metric']} {result.best['value']:.4f} at step {result.best['step']}: {result.best['path']}")
+        best = result.best
+        print(f"best {best['metric']} {best['value']:.4f} at step {best['step']}: {best['path']}")
     print(f"wrote {result.model} (and its manifest), report {result.output / 'report.html'}")
     for line in result.data_skips.get("files", []):
         print(f"mantranet train: skipped {line['name']}: {line['why']}", file=sys.stderr)

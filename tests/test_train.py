@@ -225,8 +225,8 @@ def test_bad_input_one_line_and_nonzero(data, tmp_path, capsys, case, expected) 
     options = {"crop": "64" if case == "crop" else str(CROP), "steps": "0" if case == "steps" else "1"}
     init = str(tmp_path / "nothing.h5") if case == "init" else str(data["weights"])
     extra += {"optimizer": ["--optimizer", "lion"], "lr": ["--lr", "nan"], "resume": ["--resume"]}.get(case, [])
-    code, out, err = run_cli(capsys, "--data", str(manifest), "--init", init, "-o", str(tmp_path / "run"),
-                             "--steps", options["steps"], "--crop", options["crop"], "--batch", "2", *extra)  # fmt: skip
+    code, _, err = run_cli(capsys, "--data", str(manifest), "--init", init, "-o", str(tmp_path / "run"),
+                           "--steps", options["steps"], "--crop", options["crop"], "--batch", "2", *extra)  # fmt: skip
     lines = err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("mantranet train: error: ")
@@ -245,7 +245,7 @@ def test_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(data, tmp_
         real_fsync(fd)
 
     monkeypatch.setattr(converter.atomic.os, "fsync", fsync)
-    code, out, err = run_cli(capsys, "--data", str(data["manifest"]), "--init", str(data["weights"]), "-o",
+    code, _, err = run_cli(capsys, "--data", str(data["manifest"]), "--init", str(data["weights"]), "-o",
                              str(tmp_path / "run"), "--steps", "3", "--crop", str(CROP), "--batch", "2",
                              "--checkpoint-every", "1")  # fmt: skip
     lines = err.strip().splitlines()

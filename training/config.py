@@ -127,8 +127,19 @@ class TrainConfig:
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise TrainError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        for name in ("steps", "batch", "crop", "checkpoint_every", "accumulate", "max_bad_steps", "workers", "patience"):
+                raise TrainError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(allowed)}"
+                )
+        for name in (
+            "steps",
+            "batch",
+            "crop",
+            "checkpoint_every",
+            "accumulate",
+            "max_bad_steps",
+            "workers",
+            "patience",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainError(f"--{name.replace('_', '-')} {value!r}: must be a positive integer")

@@ -41,6 +41,7 @@ from converter.atomic import check_writable_folder, write_files_atomic
 from converter.errors import ConversionError
 from mantranet_torch import ManTraNet, ManTraNetConfig, release_config
 from mantranet_torch.layers import l2_normalize_tf
+from mantranet_torch.memory import available_memory
 from mantranet_torch.model import FEATEX_LAYERS
 from mantranet_torch.precision import float32_precision, resolve_precision
 from mantranet_torch.tiling import autocast
@@ -51,6 +52,7 @@ from . import memory as train_memory
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from .config import ADAMW_WEIGHT_DECAY, SGD_MOMENTUM, TrainConfig, TrainError
 from .data import EpochSampler, Skips, collate, open_training_data
+from .distributed import sync_batch_norm
 from .synthetic import DataError
 from .validate import Validation, load_validation_set, validate
 
@@ -140,10 +142,8 @@ def forward_logits(model: ManTraNet, x: Tensor, precision: str = "fp32", checkpo
         h = x
         for name in FEATEX_LAYERS[:-1]:
             layer = getattr(featex, name)
-            if checkpointed and torch.is_grad_enabled():
-                h = checkpoint(layer, h, use_reentrant=False)
-            else:
-                h = layer(h)
+            recompute = checkpointed and torch.is_grad_enabled()
+            h = checkpoint(layer, h, use_reentrant=False) if recompute else layer(h)
         features = l2_normalize_tf(h, dim=1)
     return model.detector.logits(features.to(x.dtype))
 
@@ -291,14 +291,24 @@ class Group:
 
     @classmethod
     def from_env(cls, device: torch.device) -> Group:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
+        """The group ``torchrun`` (RANK, WORLD_SIZE) or Ray Train (an initialised process group) started."""
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+                return cls()
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return cls(dist.get_rank(), dist.get_world_size())
+
+    def broadcast(self, value: float | None) -> float | None:
+        """The first process's ``value`` in every process (validation runs on the first only)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def average(self, tensors: list[Tensor]) -> None:
         """Average ``tensors`` in place over the group (one flat all-reduce)."""
@@ -406,6 +416,8 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainingRun:
     val_set = load_validation_set(config.val) if config.val is not None else None
     model, parent = build_model(config)
     model.to(device)
+    if group.world > 1 and config.bn == "batch":
+        sync_batch_norm(model)  # the batch's statistics over every process's share, as one process would have them
     frozen = freeze(model, config.freeze)
     trainable = [p for p in model.parameters() if p.requires_grad]
     config.checkpoint_activations = train_memory.fit(config, model, device, frozen)
@@ -444,7 +456,8 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainingRun:
             "source": parent, "training": {"data": dataset_record(config, data), "steps": steps_done,
                                            "options": config.to_dict(), "final_metrics": final,
                                            "skipped_steps": skipped},
-            "config": model.config.to_dict(), "tool": {"name": "mantranet-torch", "version": mantranet_torch.__version__},
+            "config": model.config.to_dict(),
+            "tool": {"name": "mantranet-torch", "version": mantranet_torch.__version__},
         }  # fmt: skip
 
     def log(record: dict) -> None:
@@ -489,13 +502,24 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainingRun:
                 g["lr"] = lr
             buffers = {k: v.clone() for k, v in model.named_buffers()}
             total = torch.zeros((), device=device)
-            for _ in range(config.accumulate):
-                batch = next(batches)
-                skips.update(batch["meta"])
-                logits = forward_logits(model, batch["image"], precision, config.checkpoint_activations)
-                loss = training_loss(logits, batch["mask"], config.pos_weight, config.dice) / config.accumulate
-                loss.backward()
-                total += loss.detach()
+            try:
+                for _ in range(config.accumulate):
+                    batch = next(batches)
+                    skips.update(batch["meta"])
+                    logits = forward_logits(model, batch["image"], precision, config.checkpoint_activations)
+                    loss = training_loss(logits, batch["mask"], config.pos_weight, config.dice) / config.accumulate
+                    loss.backward()
+                    total += loss.detach()
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "memory" not in str(e).lower():
+                    raise
+                del e
+                optimizer.zero_grad(set_to_none=True)
+                hint = train_memory.out_of_memory_hint(config, model, available_memory(device))
+                raise TrainError(
+                    f"out of memory in step {step + 1} ({config.batch} crops of {config.crop} px); what fits the "
+                    f"memory available now: {hint}; the last good checkpoint is {ckpt_path}"
+                ) from None
             grads = [p.grad for p in trainable if p.grad is not None]
             group.average([total, *grads])
             finite = bool(torch.isfinite(total)) and all(bool(torch.isfinite(g).all()) for g in grads)
@@ -534,6 +558,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainingRun:
                     log({"step": step, "val": result.metrics})
                     emit({"event": "validation", "step": step, "metrics": result.metrics})
                 value = result.metrics.get(best_metric) if result is not None and higher else last_loss
+                value = group.broadcast(value) if higher else value
                 if value is not None and math.isfinite(value):
                     schedule.observe(value, higher)
                     if group.main and (best is None or (value > best["value"] if higher else value < best["value"])):

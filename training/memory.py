@@ -21,7 +21,7 @@ def fit(config: TrainConfig, model: ManTraNet, device: torch.device, frozen: lis
         return asked
     trained = any(p.requires_grad for p in model.featex.parameters())
     budget = int(config.max_memory * GB)
-    for checkpointed in ((True,) if asked else (False, True)):
+    for checkpointed in (True,) if asked else (False, True):
         need = training_bytes(model, config.crop, config.batch, config.precision, checkpointed, trained)
         if need <= budget:
             return checkpointed

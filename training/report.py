@@ -129,7 +129,8 @@ def write_report(output: Path, history: list[dict], validation: Validation | Non
         f"<p>{len(losses)} steps; last loss {_fmt(losses[-1] if losses else None)}</p>"
         "<img src='curves.png' alt='loss and validation curves'>"
         "<h2>Validation</h2><table border=1 cellpadding=4><tr><th>step</th>"
-        + "".join(f"<th>{m}</th>" for m in CURVE_METRICS) + f"</tr>{rows}</table>"
+        + "".join(f"<th>{m}</th>" for m in CURVE_METRICS)
+        + f"</tr>{rows}</table>"
         "<h2>Examples</h2><img src='examples.png' alt='example maps'>"
         f"<script type='application/json' id='history'>{html.escape(json.dumps(vals))}</script>"
     )
