@@ -376,3 +376,28 @@ def test_training_memory_model_against_measured_peaks(checkpointed) -> None:
                           capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
     measured, modelled = (int(v) for v in done.stdout.split())
     assert measured <= TRAINING_SLACK * modelled <= 1.6 * measured, (measured, modelled)
+
+
+def test_max_memory_names_a_crop_and_batch_that_fit() -> None:
+    from mantranet_torch.memory import GB, training_bytes
+    from training.memory import fit
+
+    model = ManTraNet(SMALL)
+    cfg = TrainConfig(output=Path("unused"), data=Path("unused"), crop=512, batch=8, max_memory=1.0)
+    with pytest.raises(TrainError, match=r"--max-memory 1: a step of 8 crops of 512 px needs about [\d.]+ GB") as e:
+        fit(cfg, model, torch.device("cpu"), [])
+    crop, batch = (
+        int(v) for v in re.search(r"--crop (\d+) --batch (\d+) --checkpoint-activations", str(e.value)).groups()
+    )
+    assert (
+        training_bytes(model, crop, batch, checkpointed=True)
+        <= GB
+        < training_bytes(model, crop + 8, 1, checkpointed=True)
+    )
+    # a budget the step fits without recomputation leaves it off; one it fits only with it turns it on
+    small = TrainConfig(output=Path("u"), data=Path("u"), crop=64, batch=2, max_memory=4.0)
+    assert fit(small, model, torch.device("cpu"), []) is False
+    plain = training_bytes(model, 256, 4, checkpointed=False)
+    checkpointed = training_bytes(model, 256, 4, checkpointed=True)
+    tight = TrainConfig(output=Path("u"), data=Path("u"), crop=256, batch=4, max_memory=(plain + checkpointed) / 2 / GB)
+    assert fit(tight, model, torch.device("cpu"), []) is True
