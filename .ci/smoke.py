@@ -141,7 +141,7 @@ def pretrained_from_loopback(h5: Path) -> None:
     release_table.RELEASES_JSON = substitute
     release_table._table.cache_clear()
     try:
-        model = mantranet_torch.pretrained(RELEASE)
+        model = converter.pretrained(RELEASE)
     finally:
         server.shutdown()
         server.server_close()
@@ -150,7 +150,7 @@ def pretrained_from_loopback(h5: Path) -> None:
     check(same and not model.training, "pretrained() from a loopback server: the fixture's weights, eval mode")
     cached = sorted(p.name for p in (HOME / "weights").iterdir())
     check(cached == [f"ManTraNet_Ptrain{RELEASE}{s}" for s in (".h5", ".safetensors", ".safetensors.json")], "cached")
-    again = mantranet_torch.pretrained(RELEASE)  # the server is gone: from the cache
+    again = converter.pretrained(RELEASE)  # the server is gone: from the cache
     check(
         all(torch.equal(v, expected[k]) for k, v in again.state_dict().items()), "pretrained() offline, from the cache"
     )

@@ -53,7 +53,7 @@ def bare_loop(weights: Path, images: list[Path], threads: int) -> tuple[float, f
     import torch
 
     from converter import load_weights
-    from mantranet_torch.images import read_image
+    from mantranet_torch.image_files import read_image
 
     torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -16,9 +16,9 @@ import torch
 import mantranet_torch
 from mantranet_torch import RELEASES, ManTraNetConfig
 from mantranet_torch.config import FIXED_FIRST_LAYER_FILTERS
+from mantranet_torch.files import refuse_existing, write_files_atomic
 from mantranet_torch.weights import encode_pt, encode_safetensors, manifest_path, model_from_state_dict
 
-from .atomic import refuse_existing, write_files_atomic
 from .cache import weights_dir
 from .errors import ConversionError
 from .keras_h5 import WEIGHTS_ONLY, KerasWeights, read_keras_h5, write_keras_h5

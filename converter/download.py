@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from mantranet_torch.files import file_problem, os_reason
+from mantranet_torch.files import file_problem, make_parent, os_reason, publish
 
-from .atomic import make_parent, publish
 from .errors import ConversionError
 from .releases import Digests, file_digests
 

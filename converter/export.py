@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mantranet_torch import ManTraNetConfig
+from mantranet_torch.files import folder_lock, make_parent, publish, refuse_existing, remove_stale_parts, staged_path
 from mantranet_torch.weights import H5_SUFFIXES, PROVENANCE_KEY, read_model_weights
 
-from .atomic import folder_lock, make_parent, publish, refuse_existing, remove_stale_parts, staged_path
 from .convert import write_official_h5
 from .errors import ConversionError
 from .keras_h5 import LAYOUTS, WEIGHTS_ONLY

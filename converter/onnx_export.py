@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from mantranet_torch import LAYERS, ManTraNet, ManTraNetConfig
+from mantranet_torch.files import refuse_existing, write_bytes_atomic
 from mantranet_torch.weights import CONFIG_KEY, PROVENANCE_KEY
 
-from .atomic import refuse_existing, write_bytes_atomic
 from .convert import TOOL_NAME, tool_version
 from .errors import ConversionError
 from .file_record import identify

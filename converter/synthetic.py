@@ -7,10 +7,14 @@ the order of real ones (min_std mostly zero, as in the earlier port's trained ch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from mantranet_torch import ManTraNetConfig
+from mantranet_torch import RELEASES, ManTraNetConfig
+from mantranet_torch.files import publish, staged_path
 
+from .convert import write_official_h5
 from .mapping import keras_shapes
 
 
@@ -44,3 +48,23 @@ def _bayar(kernel: np.ndarray) -> np.ndarray:
     kernel /= kernel.sum(axis=(0, 1), keepdims=True)
     kernel[kh // 2, kw // 2] = -1.0
     return kernel
+
+
+def write_standin(path: str | Path, release: int = 4, seed: int = 0) -> Path:
+    """A stand-in for an official file where it cannot be downloaded: release ``release``'s architecture with
+    seeded weights (``synthetic_keras_weights``), in the official layout, written atomically (replacing ``path``).
+    Conversion, parity and detection run on it for real; its forgery map means nothing.
+
+    Args:
+        path: the ``.h5`` file to write (its folder must exist).
+        release: the official release whose architecture it has (0-4).
+        seed: the weights' seed.
+
+    Returns:
+        ``path``. Identify it with ``variant=release``: its content is no official file's.
+    """
+    path, config = Path(path), RELEASES[release]
+    with staged_path(path) as tmp:
+        write_official_h5(tmp, synthetic_keras_weights(config, seed), config)
+        publish(tmp, path, force=True)
+    return path

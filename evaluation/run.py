@@ -12,8 +12,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from converter.atomic import write_bytes_atomic
 from converter.releases import bytes_digest, file_digests, release_by_hash
+from mantranet_torch.files import write_bytes_atomic
 
 from .datasets import Dataset, Entry
 from .engines import local_setup, run_local, run_ray
@@ -78,6 +78,7 @@ class Evaluation:
     seconds: float
     curves: dict = field(default_factory=dict)  # (perturbation, backend) -> pooled ScoreDistribution
     previews: dict = field(default_factory=dict)  # (name, perturbation, backend) -> 8-bit (map, mask) previews
+    images: dict = field(default_factory=dict)  # name -> its image file, for the report's pictures
 
     def row(self, perturbation: str | None = None, backend: str = TORCH) -> Row:
         return next(r for r in self.rows if r.perturbation == perturbation and r.backend == backend)
@@ -171,12 +172,57 @@ def map_path(root: Path, name: str, perturbation: str | None, backend: str) -> P
 
 
 def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None) -> Evaluation:
-    """Score the model on ``dataset``; records already in ``config.store`` are reused, new ones stored at once."""
+    """Score the model on ``dataset``; records already in ``config.store`` are reused, new ones stored at once.
+
+    Three steps, each callable alone: ``plan_evaluation`` (what to compute, what the store already has),
+    ``run_plan`` (the computations, on the local or the Ray engine) and ``aggregate_evaluation`` (the rows).
+
+    Args:
+        dataset: the images, masks and labels (``datasets.load_dataset``).
+        config: the weights, the result store, the options, the perturbations and the engine.
+        progress: called with (records done, records in all) as records are resumed or computed.
+
+    Returns:
+        The ``Evaluation``: one row per perturbation (and per backend with ``compare_reference``), per-image records.
+
+    Raises:
+        ValueError: an unknown image score or engine.
+        ConversionError: the weight file cannot be read (before any image is computed).
+    """
+    started = time.perf_counter()
+    planned = plan_evaluation(dataset, config)
+    engine = run_plan(planned, progress)
+    return aggregate_evaluation(planned, engine, time.perf_counter() - started)
+
+
+@dataclass
+class Plan:
+    """What an evaluation computes: every (image, perturbation, backend) record wanted, the ones the store already
+    holds, and the computations left (one per distinct record key)."""
+
+    dataset: Dataset
+    config: Config
+    weights: dict
+    perturbations: list[str | None]
+    backends: list[str]
+    wanted: list[tuple[Entry, Task]]
+    skipped: dict[str, str]
+    records: dict[str, Record]
+    todo: dict[str, list[Task]]  # key -> the tasks it answers (one image listed twice: one computation)
+    resumed: int = 0
+    computed: int = 0
+
+
+def plan_evaluation(dataset: Dataset, config: Config) -> Plan:
+    """The records ``config`` asks of ``dataset``, and which of them ``config.store`` already holds.
+
+    Raises:
+        ValueError: an unknown image score or engine.
+    """
     if config.image_score not in IMAGE_SCORES:
         raise ValueError(f"image score {config.image_score!r}: choose one of {', '.join(IMAGE_SCORES)}")
     if config.engine not in ENGINES:
         raise ValueError(f"engine {config.engine!r}: choose one of {', '.join(ENGINES)}")
-    started = time.perf_counter()
     if config.options.precision == "auto":  # resolved here, once: the key must name what the maps were computed in
         from mantranet_torch.precision import resolve_precision
 
@@ -191,8 +237,7 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
         "git_blob_sha1": digests.git_blob_sha1,
         "release": release.file if release else None,
     }
-    store = ResultStore(config.store)
-    rows = [None, *(str(p) for p in config.perturbations)]
+    perturbations = [None, *(str(p) for p in config.perturbations)]
     backends = [TORCH, TENSORFLOW] if config.compare_reference else [TORCH]
     skipped: dict[str, str] = dict(dataset.problems)
     wanted: list[tuple[Entry, Task]] = []
@@ -204,7 +249,7 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
             missing = entry.image if not entry.image.is_file() else entry.mask
             skipped[entry.name] = f"{missing}: {'no such file' if isinstance(e, FileNotFoundError) else e}"
             continue
-        for perturbation in rows:
+        for perturbation in perturbations:
             for backend in backends:
                 key = record_key(
                     image=content,
@@ -223,36 +268,47 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
                 )  # fmt: skip
                 wanted.append((entry, task))
 
-    records: dict[str, Record] = {}
-    todo: dict[str, list[Task]] = {}  # key -> the tasks it answers (one image listed twice: one computation)
-    resumed = 0
+    store = ResultStore(config.store)
+    planned = Plan(dataset, config, weights, perturbations, backends, wanted, skipped, {}, {})
     for _, task in wanted:
-        record = records.get(task.key) or store.get(task.key)
+        record = planned.records.get(task.key) or store.get(task.key)
         have_map = (
             config.save_maps is None or map_path(config.save_maps, task.name, task.perturbation, task.backend).exists()
         )
-        if record is not None and have_map and task.key not in todo:
-            records[task.key] = _light(record)
-            resumed += 1
+        if record is not None and have_map and task.key not in planned.todo:
+            planned.records[task.key] = _light(record)
+            planned.resumed += 1
         else:
-            todo.setdefault(task.key, []).append(task)
-    total = len(wanted)
-    done = resumed
+            planned.todo.setdefault(task.key, []).append(task)
+    return planned
+
+
+def run_plan(planned: Plan, progress: Progress | None = None) -> dict:
+    """Compute ``planned``'s records left to do, each stored as it arrives (and its map saved with ``save_maps``);
+    an image that fails is recorded in ``planned.skipped``.
+
+    Returns:
+        The engine's description for the report (engine, workers, threads).
+
+    Raises:
+        ConversionError: the weight file cannot be loaded (before any image is computed).
+    """
+    config, todo = planned.config, planned.todo
+    store = ResultStore(config.store)
+    total, done = len(planned.wanted), planned.resumed
     if progress:
         progress(done, total)
 
-    computed = 0
-
     def on_outcome(outcome: Outcome) -> None:
-        nonlocal done, computed
+        nonlocal done
         tasks = todo[outcome.task.key]
         if outcome.error is not None:
             for task in tasks:
-                skipped.setdefault(task.name, outcome.error)
+                planned.skipped.setdefault(task.name, outcome.error)
         else:
             store.put(outcome.task.key, outcome.record)
-            computed += 1
-            records[outcome.task.key] = _light(outcome.record)
+            planned.computed += 1
+            planned.records[outcome.task.key] = _light(outcome.record)
             if config.save_maps is not None and outcome.likelihood is not None:
                 for task in tasks:
                     target = map_path(config.save_maps, task.name, task.perturbation, task.backend)
@@ -280,28 +336,36 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
             evaluator = Evaluator(setup)  # loads the model here: a bad weight file fails before any work
             engine |= {"workers": workers, "threads_per_worker": setup.execution.threads}
             run_local(first, setup, workers, on_outcome, evaluator if workers == 1 else None)
+    return engine
 
+
+def aggregate_evaluation(planned: Plan, engine: dict, seconds: float) -> Evaluation:
+    """The ``Evaluation`` of a plan that has run: per-image records in dataset order, one row per perturbation
+    and backend (``aggregate``), the pooled curves and the previews of the report."""
+    config, records, skipped, wanted = planned.config, planned.records, planned.skipped, planned.wanted
+    store = ResultStore(config.store)
     # a record is the image's content: its name and label in this dataset are the entry's
     ordered = [{**records[t.key].fields, "name": t.name, "label": t.label} for _, t in wanted if t.key in records]
+    dataset = planned.dataset
     evaluation = Evaluation(
         dataset=dataset.describe(),
-        weights=weights,
+        weights=planned.weights,
         options=_options(config),
         rows=[],
         records=ordered,
         skipped=sorted(skipped.items()),
         counts={
             "entries": len(dataset.entries) + len(dataset.problems),
-            "records": total,
-            "computed": computed,  # computations: an image listed twice is computed once
-            "resumed": resumed,
+            "records": len(wanted),
+            "computed": planned.computed,  # computations: an image listed twice is computed once
+            "resumed": planned.resumed,
             "skipped": len(skipped),
         },
         engine=engine,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
     )
-    for perturbation in rows:
-        for backend in backends:
+    for perturbation in planned.perturbations:
+        for backend in planned.backends:
             keys = [
                 t.key
                 for e, t in wanted
@@ -319,6 +383,7 @@ def evaluate(dataset: Dataset, config: Config, progress: Progress | None = None)
         if task.key in records and task.perturbation is None and task.backend == TORCH:
             arrays = records[task.key].arrays
             evaluation.previews[(task.name, None, TORCH)] = (arrays["preview_map"], arrays.get("preview_mask"))
+            evaluation.images[task.name] = task.image
     return evaluation
 
 
@@ -397,4 +462,15 @@ def write_outputs(evaluation: Evaluation, json_path: Path | None, csv_path: Path
         write_bytes_atomic(csv_path, evaluation.csv_bytes(), force=True)
 
 
-__all__ = ["Config", "Evaluation", "Row", "evaluate", "map_path", "write_outputs"]
+__all__ = [
+    "Config",
+    "Evaluation",
+    "Plan",
+    "Row",
+    "aggregate_evaluation",
+    "evaluate",
+    "map_path",
+    "plan_evaluation",
+    "run_plan",
+    "write_outputs",
+]

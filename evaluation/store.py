@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.atomic import write_bytes_atomic
+from mantranet_torch.files import write_bytes_atomic
 
 STORE_FORMAT = 2  # 2: exact score distributions (float32 values and counts) for the pooled ROC
 

@@ -150,7 +150,7 @@ class Evaluator:
         except MaskError as e:
             return Outcome(task, error=str(e))
         except Exception as e:  # an image the reader rejects, a damaged file, out of memory on one image
-            from mantranet_torch.images import ImageReadError
+            from mantranet_torch.image_files import ImageReadError
 
             if isinstance(e, (ImageReadError, ValueError, MemoryError)) or "memory" in str(e).lower():
                 return Outcome(task, error=str(e) or type(e).__name__)
@@ -218,12 +218,12 @@ def _preview(values: np.ndarray) -> np.ndarray:
 
 
 def _read_pixels(task: Task, max_pixels: int) -> tuple[np.ndarray, list[str]]:
-    from mantranet_torch.images import read_image
+    from mantranet_torch.image_files import read_image
 
     if task.image_data is None:
         image = read_image(Path(task.image), max_pixels)
         return image.pixels, image.notes
-    from mantranet_torch.images import ImageReadError
+    from mantranet_torch.image_files import ImageReadError
 
     fd, tmp = tempfile.mkstemp(prefix="mantranet-eval-", suffix=Path(task.image).suffix)
     try:
@@ -247,7 +247,7 @@ def _reference_model(weights_file, variant: int | None):
     """The TensorFlow reference for the same weights (imported only when asked for)."""
     from converter.mapping import torch_to_keras
     from mantranet_torch.weights import H5_SUFFIXES, read_model_weights
-    from parity_tests.api import import_reference, native_stderr_silenced
+    from parity_tests.environment import import_reference, native_stderr_silenced
 
     reference = import_reference()
     with weights_file() as path, native_stderr_silenced():  # TensorFlow's C++ start-up lines

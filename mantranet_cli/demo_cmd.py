@@ -17,11 +17,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from converter import synthetic_keras_weights, write_official_h5
-from converter.atomic import make_folder, publish, staged_path, write_bytes_atomic
 from converter.cache import weights_dir
 from converter.releases import official_release
-from mantranet_torch import RELEASES
+from converter.synthetic import write_standin
+from mantranet_torch.files import make_folder, write_bytes_atomic
 from parity_tests.builtin_images import copy_move
 
 DEMO_RELEASE = 4  # the release the official demo uses
@@ -54,11 +53,7 @@ def run(args: argparse.Namespace) -> int:
     h5 = weights_dir() / release.file
     variant: list[str] = []
     if not h5.exists() and step("weights", "fetch", str(DEMO_RELEASE), "--no-convert") != 0:
-        h5 = out / f"standin-Ptrain{DEMO_RELEASE}.h5"
-        config = RELEASES[DEMO_RELEASE]
-        with staged_path(h5) as tmp:  # the demo's own folder: replaced whole on every run
-            write_official_h5(tmp, synthetic_keras_weights(config, STANDIN_SEED), config)
-            publish(tmp, h5, force=True)
+        h5 = write_standin(out / f"standin-Ptrain{DEMO_RELEASE}.h5", DEMO_RELEASE, STANDIN_SEED)  # replaced whole
         variant = ["--variant", str(DEMO_RELEASE)]
         print(
             f"\nThe official {release.file} is not in {weights_dir()} and could not be downloaded: the demo goes on "

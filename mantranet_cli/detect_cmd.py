@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from converter import load_weights
-from converter.atomic import check_writable_folder, write_bytes_atomic
 from mantranet_torch.detection import Detection, detect_found
-from mantranet_torch.images import DEFAULT_MAX_PIXELS, find_images
+from mantranet_torch.files import check_writable_folder, write_bytes_atomic
+from mantranet_torch.image_files import DEFAULT_MAX_PIXELS, find_images
 from mantranet_torch.maps import encode_mask, encode_npy, encode_overlay
 from mantranet_torch.precision import PRECISIONS, SlowPrecisionWarning, bf16_support, resolve_precision
 from mantranet_torch.tiling import MIN_TILE

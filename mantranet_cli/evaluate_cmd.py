@@ -7,9 +7,8 @@ import math
 import sys
 from pathlib import Path
 
-from converter.atomic import check_writable_folder
-from mantranet_torch.files import file_problem
-from mantranet_torch.images import DEFAULT_MAX_PIXELS
+from mantranet_torch.files import check_writable_folder, file_problem
+from mantranet_torch.image_files import DEFAULT_MAX_PIXELS
 from mantranet_torch.precision import PRECISIONS
 from mantranet_torch.tiling import MIN_TILE
 

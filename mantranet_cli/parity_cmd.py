@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TextIO
 
 from converter import ConversionError
-from converter.atomic import check_writable_folder, write_bytes_atomic
 from mantranet_torch import LAYERS
+from mantranet_torch.files import check_writable_folder, write_bytes_atomic
 from parity_tests.api import DONE, IMAGE, LAYER, START, TRACED, ParityEvent, run_parity, suggest_map
 from parity_tests.errors import ParityInputError
 from parity_tests.inputs import Crop

@@ -1,20 +1,25 @@
-"""ManTraNet in PyTorch: the model, its five official releases, and inference."""
+"""ManTraNet in PyTorch: the model, its five official releases, and inference.
+
+The ground floor: it imports nothing else of this project. The trained releases come from the floor above, which
+reads weight files: ``converter.pretrained(release)`` (or ``torch.hub.load(..., "mantranet")``).
+"""
 
 from .config import RELEASES, ManTraNetConfig, release_config
-from .image import scale_pixels, to_model_input
 from .model import LAYERS, AnomalyDetector, Featex, ManTraNet
+from .model_input import scale_pixels, to_model_input
 from .precision import PRECISIONS, SlowPrecisionWarning, bf16_support
 from .weights import WeightFileError, load
 
 __version__ = "0.2.0"
 
 
-def pretrained(release: int = 4, **options: object) -> ManTraNet:
-    """Official release ``release`` (0-4) as a trained model in eval mode: downloaded, verified, converted and
-    cached per user on first use (see ``converter.pretrained``, which takes the same arguments)."""
-    from converter.trained import pretrained as load_release  # at call time: this package imports none of ours
+def __getattr__(name: str) -> object:
+    if name == "pretrained":  # was here before 0.2.0's release; importing the converter from here ran upward
+        raise AttributeError(
+            "mantranet_torch.pretrained moved to converter.pretrained: `from converter import pretrained`"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    return load_release(release, **options)
 
 __all__ = [
     "LAYERS",
@@ -29,7 +34,6 @@ __all__ = [
     "__version__",
     "bf16_support",
     "load",
-    "pretrained",
     "release_config",
     "scale_pixels",
     "to_model_input",

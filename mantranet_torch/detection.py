@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from .images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, read_image
+from .image_files import DEFAULT_MAX_PIXELS, ImageReadError, find_images, read_image
 
 TileProgress = Callable[[Path, int, int], None]  # (image, tiles done, tiles in all, both passes counted)
 

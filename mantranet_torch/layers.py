@@ -227,7 +227,7 @@ class KerasBatchNorm(nn.Module):
 
 
 class InferenceBatchNorm(KerasBatchNorm):
-    """Deprecated (removed in 0.4): ``KerasBatchNorm`` built in eval mode, the only mode it had before 0.3."""
+    """Deprecated (removed in 0.3.0): ``KerasBatchNorm`` built in eval mode, the only mode bnorm had before."""
 
     def __init__(self, channels: int) -> None:
         super().__init__(channels)

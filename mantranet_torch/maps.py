@@ -32,9 +32,22 @@ def heat_colours(likelihood: np.ndarray) -> np.ndarray:
     return (np.clip(1.5 - np.abs(4.0 * p - centres), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def encode_overlay(rgb: np.ndarray, likelihood: np.ndarray) -> bytes:
+def overlay(rgb: np.ndarray, likelihood: np.ndarray) -> np.ndarray:
+    """The map's heat colours over the image, at ``OVERLAY_OPACITY``.
+
+    Args:
+        rgb: the image the model saw, uint8 H x W x 3.
+        likelihood: its forgery map, H x W in [0, 1].
+
+    Returns:
+        The blend, uint8 H x W x 3.
+    """
     blend = (1.0 - OVERLAY_OPACITY) * rgb.astype(np.float32) + OVERLAY_OPACITY * heat_colours(likelihood)
-    return _png(Image.fromarray((blend + 0.5).astype(np.uint8)))
+    return (blend + 0.5).astype(np.uint8)
+
+
+def encode_overlay(rgb: np.ndarray, likelihood: np.ndarray) -> bytes:
+    return _png(Image.fromarray(overlay(rgb, likelihood)))
 
 
 def _png(image: Image.Image) -> bytes:

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from .config import ManTraNetConfig, release_config
-from .image import ImageLike, to_model_input
 from .layers import (
     CombinedConv2d,
     ConvLSTM2d,
@@ -28,6 +27,7 @@ from .layers import (
     l2_normalize_tf,
 )
 from .memory import GB, automatic_tile, tile_for_memory
+from .model_input import ImageLike, to_model_input
 from .precision import float32_precision, resolve_precision
 from .tiling import Progress, extract_features, last_output, predict_tiled
 
@@ -161,7 +161,7 @@ class ManTraNet(nn.Module):
     def from_release(cls, index: int) -> ManTraNet:
         """An UNTRAINED model shaped as the official ``ManTraNet_Ptrain{index}.h5``: random weights, no download.
 
-        For the trained release use ``mantranet_torch.pretrained(index)``; for a weight file,
+        For the trained release use ``converter.pretrained(index)``; for a weight file,
         ``converter.load_weights(path)``.
         """
         return cls(release_config(index))

@@ -5,24 +5,23 @@
     run.passed, run.first_divergent_layer     # the verdict
     run.to_json()                             # the JSON report, as ``mantranet parity --json`` writes it
 
-It reads and checks every input first (weights, images, crop, memory), builds the reference and the PyTorch side,
-then compares every named layer image by image (``runner.compare_layers``) with the float64 attribution policy
-below, and returns a ``report.ParityRun``. Bad input raises ``ParityInputError`` (the command exits 2 on it); a
-run that finds layers over tolerance returns normally with ``passed`` False.
+It reads and checks every input first (weights, images, crop, memory), builds both sides from one reading of the
+weight file (``sides.build_sides``), then compares every named layer image by image (``ImageComparison``, over
+``runner.compare_layers``) with the float64 attribution policy below, and returns a ``report.ParityRun``. Bad input
+raises ``ParityInputError`` (the command exits 2 on it); a run that finds layers over tolerance returns normally
+with ``passed`` False.
 
-TensorFlow is imported by ``run_parity`` only, so importing this module costs nothing.
+TensorFlow is imported by ``run_parity`` only, so importing this module costs nothing. The process-wide settings
+(threads, TensorFlow's notices) are ``environment.py``'s; building the sides is ``sides.py``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import os
 import shlex
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,19 +31,25 @@ import torch
 from PIL import Image
 from torch import nn
 
-from converter import ConversionError, convert_h5
-from converter.atomic import write_bytes_atomic
-from converter.convert import tool_version
+from converter import ConversionError
 from mantranet_torch import LAYERS, WeightFileError, scale_pixels
+from mantranet_torch.files import write_bytes_atomic
 from mantranet_torch.model import DETECTOR_LAYERS
 
-from .candidate import RANGES, CandidateSide, LayerMap, Suggestion, load_candidate, suggest_layer_map
+from .candidate import RANGES, LayerMap, Suggestion, suggest_layer_map
+from .environment import (
+    import_reference,
+    native_stderr_silenced,  # noqa: F401  (imported from here before 0.2.0; moved)
+    torch_thread_count,
+    torch_threads,
+    versions,
+)
 from .errors import ParityInputError
 from .inputs import Crop, ImageInput, InputImage, check_memory, host_memory, read_inputs
 from .report import Attributed, ImageParity, ParityRun
 from .runner import Reference, Side, compare_layers
 from .shrink import shrink as shrink_image
-from .sides import TorchSide, torch_side
+from .sides import OFFICIAL, OURS, ReferenceChoice, Sides, build_sides, candidate_module
 from .tolerances import DEFAULT_ATOL, DEFAULT_RTOL, LOCAL, MODES, POLICY, TolerancePolicy
 
 # Beyond this many pixels only the detector is evaluated in float64, from the reference's features: the float64
@@ -99,164 +104,6 @@ def attribution_for(pixels: int, modes: Sequence[str]) -> tuple[list[str] | None
     return list(DETECTOR_LAYERS), Attributed(list(DETECTOR_LAYERS), list(modes), reason)
 
 
-def torch_threads() -> int:
-    """PyTorch's threads while TensorFlow shares the machine: half the cores (the two alternate layer by layer and
-    TensorFlow's pool keeps spinning between its ops; measured in the README)."""
-    return max(1, (os.cpu_count() or 2) // 2)
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def native_stderr_silenced() -> Iterator[None]:
-    """File descriptor 2 sent to /dev/null: TensorFlow's C++ start-up notices bypass Python and its log level."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2 (an embedding host): nothing to silence
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def import_reference() -> Any:
-    """The ``reference`` package (TensorFlow), or a one-line install hint. TensorFlow's C++ warnings (float64
-    graphs it does not optimise, for one) are off unless the user set ``TF_CPP_MIN_LOG_LEVEL``."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        with native_stderr_silenced():
-            import reference
-    except ImportError as e:
-        raise ParityInputError(
-            f"the TensorFlow reference needs TensorFlow ({e}); "
-            "install it with: pip install 'mantranet-torch[reference]'"
-        ) from None
-    return reference
-
-
-def versions() -> dict[str, str]:
-    """The versions that computed a report (TensorFlow's and Keras' once they are imported)."""
-    found = {"mantranet-torch": tool_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for name in ("tensorflow", "keras", "tf_keras"):
-        module = sys.modules.get(name)
-        if module is not None:
-            found[name] = getattr(module, "__version__", "unknown")
-    return found
-
-
-class _TracingReference:
-    """The reference as ``compare_layers`` sees it, reporting when its trace is done."""
-
-    def __init__(self, reference: Reference, done: Callable[[], None]) -> None:
-        self.reference, self.done = reference, done
-        self.arrays = reference.arrays
-
-    def trace(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.reference.trace(x)
-        self.done()
-        return out
-
-
-OURS, OFFICIAL = "ours", "official"
-
-
-@dataclass(frozen=True)
-class ReferenceChoice:
-    """``--reference``: ``ours`` (the project's TensorFlow re-implementation), ``official`` (the official
-    ``modelCore.py`` that ``mantranet weights fetch --code`` downloaded) or ``official:DIR`` (the user's copy)."""
-
-    kind: str
-    code: Path | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> ReferenceChoice:
-        if text == OURS:
-            return cls(OURS)
-        if text == OFFICIAL:
-            return cls(OFFICIAL)
-        if text.startswith(OFFICIAL + ":") and len(text) > len(OFFICIAL) + 1:
-            return cls(OFFICIAL, Path(text[len(OFFICIAL) + 1 :]))
-        raise ParityInputError(f"--reference {text}: expected 'ours', 'official' or 'official:DIR'")
-
-
-def build_reference(choice: ReferenceChoice, weights: Path, variant: int | None) -> tuple[Reference, Any, dict]:
-    """The reference, the exact (float64) answer the attribution measures both sides against, and their
-    description for the report. Ours: the TensorFlow re-implementation and the float64 NumPy ``Oracle``. Official:
-    the official code under tf_keras, in float32 and in float64."""
-    from .oracle import Oracle
-
-    package = import_reference()
-    if choice.kind == OURS:
-        ref = package.load(weights, variant)
-        return ref, Oracle(ref.arrays, ref.config), {"kind": OURS, "exact": "float64 NumPy evaluation (oracle.py)"}
-    with native_stderr_silenced():
-        from reference import official
-    try:
-        code = official.find_official_code(choice.code)
-        ref = official.OfficialModel(code, weights, variant)
-        exact = official.OfficialModel(code, weights, variant, dtype="float64")
-    except official.OfficialCodeError as e:
-        raise ParityInputError(str(e)) from None
-    info = {
-        "kind": OFFICIAL,
-        "code": str(code.path),
-        "code_git_blob_sha1": code.git_blob_sha1,
-        "code_verified": code.verified,
-        "exact": "the official code in float64 (K.set_floatx('float64'))",
-    }
-    return ref, exact, info
-
-
-def read_layer_map(layer_map: str | Path | dict | LayerMap | None) -> LayerMap:
-    if layer_map is None:
-        raise ParityInputError(
-            "--candidate needs --layer-map FILE.json (Keras layer name to module path); "
-            "propose one with --suggest-map FILE.json"
-        )
-    if isinstance(layer_map, LayerMap):
-        return layer_map
-    if isinstance(layer_map, dict):
-        return LayerMap.parse(layer_map)
-    return LayerMap.read(layer_map)
-
-
-def _candidate_module(candidate: str | nn.Module, weights: Path) -> tuple[nn.Module, str, list[str]]:
-    if isinstance(candidate, nn.Module):
-        return candidate.eval(), f"{type(candidate).__name__} (a module given in Python)", []
-    model, description = load_candidate(candidate, weights)
-    return model, description, [candidate.rpartition(":")[0]]
-
-
-def candidate_side(candidate: str | nn.Module | Side, layer_map: str | Path | dict | LayerMap | None, weights: Path):
-    """The compared side for another implementation: a ``runner.Side`` as it is (its own layer naming, e.g. an
-    exported graph's session), or a user's PyTorch module, loaded and checked against its layer map."""
-    if not isinstance(candidate, (str, nn.Module)):
-        if not (callable(getattr(candidate, "stages", None)) and callable(getattr(candidate, "layer", None))):
-            raise ParityInputError(
-                f"candidate: a {type(candidate).__name__} is neither FILE.py:FACTORY, an nn.Module nor a Side"
-            )
-        description = getattr(candidate, "description", type(candidate).__name__)
-        return TorchSide(candidate, description, [], getattr(candidate, "notes", []))
-    mapping = read_layer_map(layer_map)
-    model, description, paths = _candidate_module(candidate, weights)
-    side = CandidateSide(model, mapping, description)
-    return TorchSide(side, f"candidate {description}, layer map {mapping.source}", paths, side.notes)
-
-
 def suggest_map(
     weights: str | Path,
     candidate: str | nn.Module,
@@ -279,7 +126,7 @@ def suggest_map(
         ref = import_reference().load(weights, variant)
     except (ConversionError, WeightFileError) as e:
         raise ParityInputError(str(e)) from None
-    model, _, _ = _candidate_module(candidate, Path(weights))
+    model, _, _ = candidate_module(candidate, Path(weights))
     x = scale_pixels(torch.from_numpy(image.pixels)).numpy()[None]
     return suggest_layer_map(model, x, ref.trace(x), input_layout, input_range)
 
@@ -343,18 +190,31 @@ def run_parity(
     inputs = read_inputs(list(images), crop)
     if check_available_memory:
         check_memory(inputs, host_memory())
-    try:
-        conversion = convert_h5(Path(weights), variant)
-        if candidate is not None:
-            if torch_weights:
-                raise ParityInputError("--candidate and --torch-weights: give one of them")
-            side = candidate_side(candidate, layer_map, Path(weights))
-        else:
-            side = torch_side([Path(p) for p in torch_weights] if torch_weights else None, conversion)
-        ref, oracle, about = build_reference(choice, Path(weights), variant)
-    except (ConversionError, WeightFileError) as e:
-        raise ParityInputError(str(e)) from None
+    paths = [Path(p) for p in torch_weights] if torch_weights else None
+    sides = build_sides(Path(weights), choice, variant, paths, candidate, layer_map)
 
+    run = new_run(weights, choice, sides, tolerance, modes)
+    notify = progress or (lambda event: None)
+    notify(ParityEvent(START, run, len(inputs)))
+    comparison = ImageComparison(sides, modes, policy, run, len(inputs), notify)
+    with torch_thread_count(torch_threads()):
+        for index, image in enumerate(inputs, start=1):
+            run.images.append(comparison(image, index, events=True))
+        if shrink is not None and not run.passed:
+            command = _command_line(weights, choice, torch_weights, candidate, layer_map, variant, modes, atol, rtol)
+            deadline = time.monotonic() + shrink_budget
+            for image, result in zip(inputs, run.images, strict=True):
+                if not result.passed and time.monotonic() < deadline:
+                    found = _shrink_one(image, result, comparison, Path(shrink), command, deadline - time.monotonic())
+                    run.shrunk.append(found)
+    return run
+
+
+def new_run(
+    weights: str | Path, choice: ReferenceChoice, sides: Sides, tolerance: dict[str, Any], modes: list[str]
+) -> ParityRun:
+    """An empty ``ParityRun`` describing both sides, the weight file as identified, the tolerances and versions."""
+    conversion, about = sides.conversion, sides.about
     ident = conversion.identification
     release = ident.release.file if ident.release else f"release {ident.index}"
     if choice.kind == OURS:
@@ -362,7 +222,8 @@ def run_parity(
     else:
         code = "" if about["code_verified"] else " (NOT the official file: its git blob SHA-1 differs)"
         what = f"the official code {about['code']}{code}, under tf_keras"
-    run = ParityRun(
+    compared = sides.compared
+    return ParityRun(
         reference={
             **about,
             "description": f"{weights}: {release} (identified by {ident.by}), {what}",
@@ -372,32 +233,47 @@ def run_parity(
             "identified_by": ident.by,
             "config": conversion.config.to_dict(),
         },
-        torch={"description": side.description, "paths": side.paths, "notes": side.notes},
+        torch={"description": compared.description, "paths": compared.paths, "notes": compared.notes},
         tolerance=tolerance,
         modes=list(modes),
         versions=versions(),
     )
-    notify = progress or (lambda event: None)
-    notify(ParityEvent(START, run, len(inputs)))
 
-    def compare(image: InputImage, index: int = 0, events: bool = False) -> ImageParity:
+
+class ImageComparison:
+    """One image compared layer by layer (``runner.compare_layers``) with the float64 attribution, as a callable:
+    the run calls it on each input with progress events, the shrinker on each smaller variant without."""
+
+    def __init__(
+        self,
+        sides: Sides,
+        modes: list[str],
+        policy: TolerancePolicy,
+        run: ParityRun,
+        count: int,
+        notify: ProgressCallback,
+    ) -> None:
+        self.sides, self.modes, self.policy = sides, modes, policy
+        self.run, self.count, self.notify = run, count, notify
+
+    def __call__(self, image: InputImage, index: int = 0, events: bool = False) -> ImageParity:
         def event(kind: str, mode: str | None = None, layer: str | None = None) -> None:
             if events:
-                notify(ParityEvent(kind, run, len(inputs), index, image, mode, layer))
+                self.notify(ParityEvent(kind, self.run, self.count, index, image, mode, layer))
 
         height, width = image.pixels.shape[:2]
-        oracle_layers, attributed = attribution_for(height * width, modes)
+        oracle_layers, attributed = attribution_for(height * width, self.modes)
         x = scale_pixels(torch.from_numpy(image.pixels)).numpy()[None]
         event(IMAGE)
         started = time.perf_counter()
         report = compare_layers(
-            _TracingReference(ref, lambda: event(TRACED)),
-            side.model,
+            _TracingReference(self.sides.reference, lambda: event(TRACED)),
+            self.sides.compared.model,
             x,
-            oracle=oracle,
+            oracle=self.sides.exact,
             oracle_layers=oracle_layers,
-            modes=modes,
-            policy=policy,
+            modes=self.modes,
+            policy=self.policy,
             progress=lambda mode, name: event(LAYER, mode, name),
             cumulative_from_reference=True,
         )
@@ -406,17 +282,18 @@ def run_parity(
         event(DONE)
         return result
 
-    with _torch_threads(torch_threads()):
-        for index, image in enumerate(inputs, start=1):
-            run.images.append(compare(image, index, events=True))
-        if shrink is not None and not run.passed:
-            command = _command_line(weights, choice, torch_weights, candidate, layer_map, variant, modes, atol, rtol)
-            deadline = time.monotonic() + shrink_budget
-            for image, result in zip(inputs, run.images, strict=True):
-                if not result.passed and time.monotonic() < deadline:
-                    found = _shrink_one(image, result, compare, Path(shrink), command, deadline - time.monotonic())
-                    run.shrunk.append(found)
-    return run
+
+class _TracingReference:
+    """The reference as ``compare_layers`` sees it, reporting when its trace is done."""
+
+    def __init__(self, reference: Reference, done: Callable[[], None]) -> None:
+        self.reference, self.done = reference, done
+        self.arrays = reference.arrays
+
+    def trace(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.reference.trace(x)
+        self.done()
+        return out
 
 
 def _command_line(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mantranet_torch.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+from mantranet_torch.image_files import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from mantranet_torch.memory import available_memory
 
 from .builtin_images import DEFAULT_SIZE, builtin_images

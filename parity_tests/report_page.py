@@ -9,7 +9,6 @@ same place is replaced whole.
 from __future__ import annotations
 
 import contextlib
-import html
 import json
 import os
 import re
@@ -18,10 +17,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from converter.atomic import new_path_mode
+from PIL import Image
+
 from mantranet_torch import LAYERS
+from mantranet_torch.files import new_path_mode
 
 from .compare import Comparison
+from .html_page import escape as _e
+from .html_page import html_page
 from .plots import SERIES_COLOURS, Series, error_plot, heat_map, png_bytes
 from .report import ImageParity, ParityRun, further_from_exact, verdict
 from .runner import LayerResult
@@ -29,19 +32,6 @@ from .tolerances import MODES
 
 INDEX, JSON_NAME = "index.html", "report.json"
 FINAL_LAYER = LAYERS[-1]
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
-.passed { color: #1a7f37; } .failed { color: #c00; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
-th, td { padding: 2px 8px; text-align: right; border-bottom: 1px solid #eee; }
-th:first-child, td:first-child { text-align: left; }
-tr.fail td { background: #fde8e8; }
-code, .mono { font-family: ui-monospace, monospace; font-size: 0.9em; }
-figure { display: inline-block; margin: 0.5em 1em 0.5em 0; } figcaption { font-size: 0.85em; max-width: 640px; }
-"""
-
 
 class ReportError(Exception):
     """The report folder cannot be written where asked; the message names it."""
@@ -150,13 +140,26 @@ def _tolerance_line(results: list[LayerResult]) -> list[float]:
     return [0.0 if r.headline is None else r.headline.atol_max or r.headline.atol for r in results]
 
 
+def layer_error_figure(image: ImageParity, modes: list[str]) -> Image.Image:
+    """The per-layer error plot of one image of a run: max |torch - reference| per layer on a log axis, one line
+    per mode, the tolerance as a step line (``plots.error_plot``).
+
+    Args:
+        image: one of ``ParityRun.images``.
+        modes: the run's modes (``ParityRun.modes``).
+
+    Returns:
+        The figure, a Pillow image (``plots.png_bytes`` encodes it).
+    """
+    results = image.report.layers
+    title = f"{image.name}: max |torch - reference| per layer"
+    return error_plot(LAYERS, _plot_series(results, modes), _tolerance_line(results), title)
+
+
 def _figures(run: ParityRun) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for i, image in enumerate(run.images, start=1):
-        results = image.report.layers
-        title = f"{image.name}: max |torch - reference| per layer"
-        plot = error_plot(LAYERS, _plot_series(results, run.modes), _tolerance_line(results), title)
-        files[f"{slug(i, image.name)}-errors.png"] = png_bytes(plot)
+        files[f"{slug(i, image.name)}-errors.png"] = png_bytes(layer_error_figure(image, run.modes))
         for layer in heat_map_layers(image):
             result = image.report.layer(layer)
             for mode, comparison in result.comparisons.items():
@@ -167,10 +170,6 @@ def _figures(run: ParityRun) -> dict[str, bytes]:
 
 
 # --- the page -----------------------------------------------------------------------------------------------
-
-
-def _e(value: object) -> str:
-    return html.escape(str(value))
 
 
 def _fmt(value: float | None) -> str:
@@ -264,7 +263,7 @@ def _image_section(index: int, image: ImageParity, files: dict[str, bytes]) -> s
                     "|torch - reference| at each pixel (largest over channels and time steps), log colour scale over "
                     "four decades; the red mark on the bar is the tolerance.</figcaption></figure>"
                 )
-    parts.append(_image_table(image))
+    parts.append(f"<div class='scroll'>{_image_table(image)}</div>")
     return "\n".join(parts)
 
 
@@ -281,11 +280,8 @@ def _page(run: ParityRun, files: dict[str, bytes]) -> str:
     sections = "\n".join(_image_section(i, image, files) for i, image in enumerate(run.images, start=1))
     versions = ", ".join(f"{k} {v}" for k, v in run.versions.items())
     modes = " and ".join(run.modes)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="mantranet parity">
-<title>ManTraNet parity: {_e(Path(str(reference["path"])).name)}</title><style>{STYLE}</style></head>
-<body>
-<h1>ManTraNet parity report</h1>
+    title = f"ManTraNet parity: {Path(str(reference['path'])).name}"
+    return html_page(title, "mantranet parity", f"""<h1>ManTraNet parity report</h1>
 <p class="{status}"><b>{_e(verdict(run))}</b></p>
 <p>Reference (TensorFlow): <code>{_e(reference["path"])}</code>, {_e(reference["release"])}
  (identified by {_e(reference["identified_by"])}).<br>
@@ -294,7 +290,5 @@ Modes: {_e(modes)}. Tolerance: {_e(tolerance_text)}. {_e(versions)}.<br>
 Machine-readable: <a href="{JSON_NAME}">{JSON_NAME}</a>.</p>
 {f"<ul>{notes}</ul>" if notes else ""}
 <h2>All images: the worst over the images, per layer</h2>
-{_summary_table(run)}
-{sections}
-</body></html>
-"""
+<div class="scroll">{_summary_table(run)}</div>
+{sections}""")

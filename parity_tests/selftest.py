@@ -86,7 +86,7 @@ def selftest(
     import pytest
     from hypothesis import settings
 
-    from .api import import_reference
+    from .environment import import_reference
     from .profiles import PROFILE_ENV
 
     profile = PROFILES[thorough]

@@ -1,17 +1,24 @@
-"""The PyTorch side of a parity run: WEIGHTS.h5 converted in memory, or the user's ``torch_weights`` (a file of
-ours, or the earlier port's checkpoints), completed from WEIGHTS.h5 when it holds one part only."""
+"""The two sides of a parity run, built from its arguments with WEIGHTS.h5 read once (``build_sides``).
+
+The reference: the project's TensorFlow re-implementation with the float64 NumPy oracle as the exact answer, or
+the official code under tf_keras in float32 and float64 (``ReferenceChoice``). The compared side: WEIGHTS.h5
+converted in memory, the user's ``torch_weights`` (a file of ours, or the earlier port's checkpoints, completed from
+WEIGHTS.h5 when it holds one part only), an ONNX graph, or another implementation (``candidate_side``).
+"""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from converter import ConversionError, convert_h5
 from converter.convert import Conversion
 from converter.legacy import DETECTOR, PART_NAMES, EarlierPortWarning, load_earlier_port
 from mantranet_torch import ManTraNet, WeightFileError
@@ -25,9 +32,11 @@ from mantranet_torch.weights import (
     read_weights,
 )
 
+from .candidate import CandidateSide, LayerMap, load_candidate
 from .compare import to_nhwc
+from .environment import import_reference, native_stderr_silenced
 from .errors import ParityInputError
-from .runner import Side
+from .runner import Reference, Side
 
 ONNX_SUFFIX = ".onnx"
 LOCAL_MODE_NOTE = "an ONNX graph runs from the image only: its layers are compared in cumulative mode"
@@ -163,3 +172,152 @@ def torch_side(paths: list[Path] | None, conversion: Conversion) -> TorchSide:
     names = " + ".join(str(p) for p in paths)
     model = model_from_state_dict(state, conversion.config, names)
     return TorchSide(model, f"{names} ({kind})", [str(p) for p in paths], notes)
+
+
+OURS, OFFICIAL = "ours", "official"
+
+
+@dataclass(frozen=True)
+class ReferenceChoice:
+    """``--reference``: ``ours`` (the project's TensorFlow re-implementation), ``official`` (the official
+    ``modelCore.py`` that ``mantranet weights fetch --code`` downloaded) or ``official:DIR`` (the user's copy)."""
+
+    kind: str
+    code: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ReferenceChoice:
+        """``text`` as ``--reference`` takes it.
+
+        Raises:
+            ParityInputError: neither ``ours``, ``official`` nor ``official:DIR``.
+        """
+        if text == OURS:
+            return cls(OURS)
+        if text == OFFICIAL:
+            return cls(OFFICIAL)
+        if text.startswith(OFFICIAL + ":") and len(text) > len(OFFICIAL) + 1:
+            return cls(OFFICIAL, Path(text[len(OFFICIAL) + 1 :]))
+        raise ParityInputError(f"--reference {text}: expected 'ours', 'official' or 'official:DIR'")
+
+
+def build_reference(choice: ReferenceChoice, conversion: Conversion) -> tuple[Reference, Any, dict]:
+    """The reference, the exact (float64) answer the attribution measures both sides against, and their
+    description for the report, from the weight file ``conversion`` read. Ours: the TensorFlow re-implementation
+    on the file's arrays and the float64 NumPy ``Oracle``. Official: the official code under tf_keras, which loads
+    the file itself (that loading is part of what it checks), in float32, and its float64 twin built from it.
+
+    Raises:
+        ParityInputError: TensorFlow is missing, or the official code cannot be found or used.
+    """
+    from .oracle import Oracle
+
+    package = import_reference()
+    if choice.kind == OURS:
+        ref = package.from_keras_arrays(conversion.keras.arrays, conversion.config, source=str(conversion.source))
+        return ref, Oracle(ref.arrays, ref.config), {"kind": OURS, "exact": "float64 NumPy evaluation (oracle.py)"}
+    with native_stderr_silenced():
+        from reference import official
+    try:
+        code = official.find_official_code(choice.code)
+        ref = official.OfficialModel.from_conversion(code, conversion)
+        exact = ref.twin("float64")
+    except official.OfficialCodeError as e:
+        raise ParityInputError(str(e)) from None
+    info = {
+        "kind": OFFICIAL,
+        "code": str(code.path),
+        "code_git_blob_sha1": code.git_blob_sha1,
+        "code_verified": code.verified,
+        "exact": "the official code in float64 (K.set_floatx('float64'))",
+    }
+    return ref, exact, info
+
+
+def read_layer_map(layer_map: str | Path | dict | LayerMap | None) -> LayerMap:
+    """A candidate's layer map from a JSON file, its dict, or a ``LayerMap`` as it is.
+
+    Raises:
+        ParityInputError: no map given (with the option that proposes one).
+    """
+    if layer_map is None:
+        raise ParityInputError(
+            "--candidate needs --layer-map FILE.json (Keras layer name to module path); "
+            "propose one with --suggest-map FILE.json"
+        )
+    if isinstance(layer_map, LayerMap):
+        return layer_map
+    if isinstance(layer_map, dict):
+        return LayerMap.parse(layer_map)
+    return LayerMap.read(layer_map)
+
+
+def candidate_module(candidate: str | nn.Module, weights: Path) -> tuple[nn.Module, str, list[str]]:
+    """A candidate in eval mode, its description, and the files it came from (``FILE.py:FACTORY`` or a module)."""
+    if isinstance(candidate, nn.Module):
+        return candidate.eval(), f"{type(candidate).__name__} (a module given in Python)", []
+    model, description = load_candidate(candidate, weights)
+    return model, description, [candidate.rpartition(":")[0]]
+
+
+def candidate_side(
+    candidate: str | nn.Module | Side, layer_map: str | Path | dict | LayerMap | None, weights: Path
+) -> TorchSide:
+    """The compared side for another implementation: a ``runner.Side`` as it is (its own layer naming, e.g. an
+    exported graph's session), or a user's PyTorch module, loaded and checked against its layer map.
+
+    Raises:
+        ParityInputError: neither a ``FILE.py:FACTORY``, a module nor a ``Side``; no or a bad layer map.
+    """
+    if not isinstance(candidate, (str, nn.Module)):
+        if not (callable(getattr(candidate, "stages", None)) and callable(getattr(candidate, "layer", None))):
+            raise ParityInputError(
+                f"candidate: a {type(candidate).__name__} is neither FILE.py:FACTORY, an nn.Module nor a Side"
+            )
+        description = getattr(candidate, "description", type(candidate).__name__)
+        return TorchSide(candidate, description, [], getattr(candidate, "notes", []))
+    mapping = read_layer_map(layer_map)
+    model, description, paths = candidate_module(candidate, weights)
+    side = CandidateSide(model, mapping, description)
+    return TorchSide(side, f"candidate {description}, layer map {mapping.source}", paths, side.notes)
+
+
+@dataclass
+class Sides:
+    """Everything a parity run compares: the reference, its exact answer, the compared side, and the one reading
+    of the weight file they were all built from."""
+
+    conversion: Conversion
+    reference: Reference
+    exact: Any
+    compared: TorchSide
+    about: dict[str, Any] = field(default_factory=dict)
+
+
+def build_sides(
+    weights: Path,
+    choice: ReferenceChoice,
+    variant: int | None = None,
+    torch_weights: list[Path] | None = None,
+    candidate: str | nn.Module | Side | None = None,
+    layer_map: str | Path | dict | LayerMap | None = None,
+) -> Sides:
+    """Both sides of a run, WEIGHTS.h5 read and identified once (``convert_h5``): the PyTorch side, the reference
+    and its exact answer all start from that one reading (the official code alone loads the file again, as its
+    own ``load_weights`` is part of what it checks).
+
+    Raises:
+        ParityInputError: a bad weight file, candidate, layer map or reference choice, with the message naming it.
+    """
+    try:
+        conversion = convert_h5(weights, variant)
+        if candidate is not None:
+            if torch_weights:
+                raise ParityInputError("--candidate and --torch-weights: give one of them")
+            compared = candidate_side(candidate, layer_map, weights)
+        else:
+            compared = torch_side(torch_weights, conversion)
+        reference, exact, about = build_reference(choice, conversion)
+    except (ConversionError, WeightFileError) as e:
+        raise ParityInputError(str(e)) from None
+    return Sides(conversion, reference, exact, compared, about)

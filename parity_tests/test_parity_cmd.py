@@ -32,8 +32,8 @@ from mantranet_torch.model import DETECTOR_LAYERS
 from mantranet_torch.weights import encode_safetensors
 from parity_tests import api, inputs, sides
 from parity_tests.builtin_images import builtin_images
+from parity_tests.earlier_port import write_port_files
 from parity_tests.official_files import ABSENT, SEED_PORT_DETECTOR
-from tests.earlier_port import write_port_files
 
 RELEASE = 4
 SIZE = 24  # every layer and both modes in about a second per image; the 31-pixel window exceeds the image

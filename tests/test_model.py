@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -13,7 +14,7 @@ import mantranet_torch
 from converter import convert_h5, output_paths, save_conversion, synthetic_keras_weights
 from mantranet_torch import RELEASES, ManTraNet, WeightFileError, scale_pixels, to_model_input
 from parity_tests.oracle import Oracle
-from tests.helpers import SAMPLES, converted_model, official_file, to_nhwc
+from tests.helpers import SAMPLES, converted_model, official_file, synthetic_model, to_nhwc
 
 # Worst error of the float32 model against float64, per layer, measured on 2 x 33 x 47 inputs with
 # synthetic weights: Featex layers <= 7.3e-6 (values up to ~4, 2304-term sums), divStd 2.4e-5
@@ -183,8 +184,4 @@ def test_a_float64_trace_keeps_every_layer_intact() -> None:
 
 
 def _model(release: int, seed: int) -> ManTraNet:
-    from converter import keras_to_torch
-
-    model = ManTraNet(RELEASES[release])
-    model.load_state_dict(keras_to_torch(synthetic_keras_weights(RELEASES[release], seed), RELEASES[release], "x"))
-    return model.eval()
+    return copy.deepcopy(synthetic_model(release, seed))  # a copy: some tests here cast it to float64

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import platform
 import warnings
@@ -15,39 +14,24 @@ import pytest
 import torch
 from PIL import Image
 
-from converter import keras_to_torch, synthetic_keras_weights
 from mantranet_cli.main import main
 from mantranet_torch import RELEASES, ManTraNet, SlowPrecisionWarning, bf16_support
 from mantranet_torch.precision import FLOAT32_FLAGS, FLOAT32_SETTINGS, resolve_precision
 from mantranet_torch.weights import encode_safetensors
-from tests.helpers import SAMPLES
+from tests.helpers import downscaled_photo, synthetic_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU_FLAGS = Path("/proc/cpuinfo")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@functools.cache
 def model() -> ManTraNet:
-    m = ManTraNet(RELEASES[4])
-    m.load_state_dict(keras_to_torch(synthetic_keras_weights(RELEASES[4], 4), RELEASES[4], "test"))
-    return m.eval()
+    return synthetic_model(4)
 
 
-@functools.cache
 def image() -> np.ndarray:
     """48 x 56 pixels of a real photograph, or seeded noise when the shared samples are absent."""
-    path = SAMPLES / "original" / "I45_2zzbvc.jpg"
-    if not path.exists():
-        return np.random.default_rng(0).integers(0, 256, (48, 56, 3), dtype=np.uint8)
-    photo = Image.open(path).convert("RGB")
-    return np.array(photo.resize((photo.width // 6, photo.height // 6), Image.BILINEAR))[10:58, 20:76].copy()
+    return downscaled_photo()[10:58, 20:76].copy()
 
 
 def settings() -> dict[str, object]:

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 import mantranet_torch.model
-from converter import keras_to_torch, synthetic_keras_weights
-from mantranet_torch import RELEASES, ManTraNet, memory, tiling, to_model_input
+from mantranet_torch import ManTraNet, memory, tiling, to_model_input
 from mantranet_torch.cost import flops_per_pixel, multiply_adds_per_pixel
 from mantranet_torch.layers import ImageStatistics
 from mantranet_torch.tiling import (
@@ -30,7 +26,7 @@ from mantranet_torch.tiling import (
     tile_grid,
 )
 from parity_tests.profiles import examples
-from tests.helpers import SAMPLES
+from tests.helpers import downscaled_photo, synthetic_model
 
 # Tiled against whole-image maps: the target of the tiling design. What remains is float32 rounding, as
 # oneDNN sums a convolution in an order that depends on the input's shape (measured worst 5.0e-6 over
@@ -38,30 +34,13 @@ from tests.helpers import SAMPLES
 TILED_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # Tiny crops on two shared cores: OpenMP threads mostly wait on each other (see parity_tests/conftest.py).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@functools.cache
 def model(release: int) -> ManTraNet:
-    m = ManTraNet(RELEASES[release])
-    m.load_state_dict(keras_to_torch(synthetic_keras_weights(RELEASES[release], release), RELEASES[release], "test"))
-    return m.eval()
+    return synthetic_model(release)
 
 
-@functools.cache
 def real_image() -> np.ndarray:
     """A real photograph (downscaled), or seeded noise when the shared samples are absent."""
-    path = SAMPLES / "original" / "I45_2zzbvc.jpg"
-    if not path.exists():
-        return np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
-    image = Image.open(path).convert("RGB")
-    return np.array(image.resize((image.width // 6, image.height // 6), Image.BILINEAR))
+    return downscaled_photo()
 
 
 def crop(height: int, width: int, top: int, left: int) -> np.ndarray:
@@ -228,6 +207,8 @@ import json, numpy as np, torch
 from tests.test_tiling import model
 from mantranet_torch import to_model_input
 from mantranet_torch.tiling import predict_tiled
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def status(key):  # VmHWM, not ru_maxrss: that one keeps the pytest parent's peak across fork and exec

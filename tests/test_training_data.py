@@ -32,6 +32,7 @@ from training.synthetic import (
     DataError,
     Recipe,
     SyntheticForgeries,
+    make_forgeries,
     random_mask,
     write_synthetic,
 )
@@ -79,7 +80,7 @@ def pixels_of(folder: Path, name: str) -> np.ndarray:
 
 
 def host_of(folder: Path, meta: dict, size: int = SIZE) -> np.ndarray:
-    where = meta["host"] if "host" in meta else meta
+    where = meta.get("host", meta)
     top, left = where["top"], where["left"]
     return pixels_of(folder, where["photo"])[top : top + size, left : left + size]
 
@@ -391,3 +392,46 @@ def test_synth_bad_input_is_one_line(photos, tmp_path):
         assert code == 1 and stdout == "" and len(stderr.splitlines()) == 1, (argv, stderr)
         assert stderr.startswith("mantranet synth: error: ") and expected in stderr, stderr
     assert not (tmp_path / "o4").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "junk", "taken"]
+
+
+def test_synth_failing_midway_leaves_nothing(photos, tmp_path):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    whole = (photos / "photo0.png").read_bytes()
+    for i in range(2):
+        (damaged / f"d{i}.png").write_bytes(whole[: len(whole) // 2])  # sizes read from the headers, pixels do not
+    code, stdout, stderr = synth(damaged, "-o", tmp_path / "out", "--n", 3, "--size", SIZE)
+    assert code == 1 and stdout == "" and len(stderr.splitlines()) == 1
+    assert "photographs in a row could not be decoded" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]  # no dataset, no hidden staging folder
+
+
+def test_synth_image_i_is_sample_i_of_epoch_0(photos, tmp_path):
+    needs_cv2()
+    write_synthetic(photos, tmp_path / "set", n=6, size=SIZE, seed=8)
+    data = SyntheticDataset(photos, SIZE, seed=8)
+    rows = load_dataset(tmp_path / "set" / "manifest.csv").entries
+    for i, entry in enumerate(rows):
+        sample = data[(0, i)]
+        assert np.array_equal(unscale(sample["image"]), pixels_of(entry.image.parent, entry.image.name))
+        mask = (
+            np.zeros((SIZE, SIZE), bool)
+            if entry.mask is None
+            else pixels_of(entry.mask.parent, entry.mask.name)[..., 0] > 127
+        )
+        assert np.array_equal(sample["mask"][0].numpy() == 1, mask)
+
+
+def test_make_forgeries_for_the_evaluation_tests(photos, tmp_path):
+    manifest = make_forgeries(
+        sorted(photos.glob("*.png")), tmp_path / "d", spliced=2, copy_moved=1, authentic=1, side=40
+    )
+    dataset = load_dataset(manifest)
+    assert [e.name for e in dataset.entries] == [
+        "images/spliced_000.png", "images/spliced_001.png", "images/copymove_000.png", "images/authentic_000.png"
+    ]  # fmt: skip
+    assert [e.label for e in dataset.entries] == [1, 1, 1, 0] and dataset.entries[3].mask is None
+    for entry in dataset.entries:
+        assert pixels_of(entry.image.parent, entry.image.name).shape == (40, 40, 3)
+    again = make_forgeries(sorted(photos.glob("*.png")), tmp_path / "e", spliced=2, copy_moved=1, authentic=1, side=40)
+    assert files_of(manifest.parent) == files_of(again.parent)  # seeded: the same files again

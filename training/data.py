@@ -56,7 +56,7 @@ from evaluation.datasets import DatasetError, Entry, load_dataset
 from evaluation.masks import MaskError, MaskRule, decode_mask, fit_mask
 from evaluation.perturb import resize_long_side
 from mantranet_torch import scale_pixels
-from mantranet_torch.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+from mantranet_torch.image_files import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 
 from .synthetic import DataError, Recipe, SyntheticForgeries, image_size
 
@@ -84,7 +84,7 @@ def _key(key: int | tuple[int, int], default_epoch: int) -> tuple[int, int]:
 
 
 def _sample(pixels: np.ndarray, mask: np.ndarray, meta: dict) -> dict:
-    image = scale_pixels(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+    image = scale_pixels(torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))))
     return {"image": image, "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None], "meta": meta}
 
 

@@ -34,10 +34,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
-from converter.atomic import new_path_mode, write_bytes_atomic, write_files_atomic
 from evaluation.perturb import Step, apply_step
-from mantranet_torch.files import file_problem, one_paragraph
-from mantranet_torch.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageReadError, find_images, read_image
+from mantranet_torch.files import (
+    file_problem,
+    make_folder,
+    new_path_mode,
+    one_paragraph,
+    write_bytes_atomic,
+    write_files_atomic,
+)
+from mantranet_torch.image_files import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageReadError, find_images, read_image
 
 KINDS = ("authentic", "copymove", "splice", "removal", "enhance")
 MASK_FAMILIES = ("polygon", "bezier", "blob")
@@ -163,6 +169,9 @@ class Photos:
                 width, height = image_size(path)
             except DataError as e:
                 self.problems.append((name, str(e).removeprefix(f"{path}: ")))
+                continue
+            if width * height > max_pixels:
+                self.problems.append((name, f"{width} x {height} exceeds the pixel limit {max_pixels:,}"))
                 continue
             readable.append(((width, height), name))
             if min(width, height) < size:
@@ -505,7 +514,8 @@ def write_synthetic(
     into place when complete: ``out`` never holds half a dataset.
 
     Raises:
-        DataError: n < 1, ``out`` exists, or no usable photograph (see ``SyntheticForgeries``).
+        DataError: n < 1, ``out`` exists or cannot be written, no usable photograph (see ``SyntheticForgeries``).
+        FileError: a file that cannot be written (a full disk), from ``mantranet_torch.files``.
     """
     out = Path(out)
     if n < 1:
@@ -513,8 +523,11 @@ def write_synthetic(
     if os.path.lexists(out):
         raise DataError(f"{out}: already exists; choose a new folder")
     forgeries = SyntheticForgeries(photos, size, seed, recipe)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
+    make_folder(out.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
+    except OSError as e:
+        raise DataError(f"{out.parent}: cannot write in the folder ({e.strerror or e})") from None
     try:
         os.chmod(staging, new_path_mode(folder=True))  # mkdtemp's 0700 would carry over to the dataset
         rows, lines, skipped, files = [], [], {}, {}
@@ -551,6 +564,8 @@ def write_synthetic(
         if os.path.lexists(out):
             raise DataError(f"{out}: appeared while the dataset was being written; it is left as it was")
         os.rename(staging, out)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the dataset ({e.strerror or e})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     skipped_all = list(forgeries.photos.problems) + sorted(skipped.items())

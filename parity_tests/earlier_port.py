@@ -1,4 +1,5 @@
-"""Checkpoints laid out as the earlier PyTorch port lays them (its keys, as in SPEC.md), from our state dicts."""
+"""Checkpoints laid out as the earlier PyTorch port lays them (its keys, as in SPEC.md), from our state dicts: test
+fixtures of the shipped suite (test_parity_cmd.py) and of tests/."""
 
 from __future__ import annotations
 
