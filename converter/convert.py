@@ -25,6 +25,7 @@ from .keras_h5 import WEIGHTS_ONLY, KerasWeights, read_keras_h5, write_keras_h5
 from .mapping import (
     REGULAR_KERNEL,
     check_keras_shapes,
+    check_official_layout,
     keras_to_torch,
     official_layers,
     torch_to_keras,
@@ -168,6 +169,7 @@ def write_official_h5(
 
     ``frozen_first_layers`` defaults to what the official loader expects for ``config``.
     """
+    check_official_layout(config, "arrays")
     if frozen_first_layers is None:
         frozen_first_layers = uses_frozen_order(config)
     keras_to_torch(arrays, config, "arrays")  # the same strict checks as reading

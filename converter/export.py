@@ -14,7 +14,7 @@ from mantranet_torch.weights import H5_SUFFIXES, PROVENANCE_KEY, read_model_weig
 from .convert import write_official_h5
 from .errors import ConversionError
 from .keras_h5 import LAYOUTS, WEIGHTS_ONLY
-from .mapping import torch_to_keras, uses_frozen_order
+from .mapping import check_official_layout, torch_to_keras, uses_frozen_order
 
 
 @dataclass
@@ -36,6 +36,7 @@ def export_keras(weights: str | Path, target: str | Path, layout: str = WEIGHTS_
         raise ConversionError(f"{target}: a Keras weight file must end in .h5 or .hdf5")
     refuse_existing([target], force)
     tensors, config, metadata = read_model_weights(weights)
+    check_official_layout(config, str(weights))
     provenance = read_provenance(weights, metadata)  # before anything is written
     try:
         arrays = torch_to_keras(tensors)

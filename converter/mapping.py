@@ -5,6 +5,11 @@ them. Keras kernels are HWIO (kh, kw, in, out); PyTorch's are OIHW. The ConvLSTM
 into ``kernel`` (input to state) and ``recurrent_kernel`` (state to state), gates i, f, c, o along
 the output channels. The nine SRM kernels of b1c1 are constants in both frameworks and stored in
 neither file.
+
+The ConvGRU variant (``ManTraNetConfig(recurrent="gru")``) has no official file; ``mapping(config)`` gives its
+table, the official one with the cLSTM rows replaced by those of a Keras-layout ``cGRU`` layer (gates z, r, h
+as Keras' GRU orders them). The TensorFlow reference and the float64 oracle read that layout; ``torch_to_keras``
+and the official files stay the ConvLSTM's.
 """
 
 from __future__ import annotations
@@ -78,6 +83,23 @@ MAPPING: tuple[tuple[str, str, Transform], ...] = (
 )
 # fmt: on
 
+# The ConvGRU variant's rows, in place of the cLSTM's (no official file: the layout a Keras cGRU layer would have)
+GRU_ROWS: tuple[tuple[str, str, Transform], ...] = (
+    ("cGRU/cGRU/kernel:0",                   "detector.cgru.kernel",                HWIO_TO_OIHW),
+    ("cGRU/cGRU/recurrent_kernel:0",         "detector.cgru.recurrent_kernel",      HWIO_TO_OIHW),
+    ("cGRU/cGRU/bias:0",                     "detector.cgru.bias",                  AS_IS),
+)  # fmt: skip
+LSTM_ROWS = tuple(row for row in MAPPING if row[0].startswith("cLSTM/"))
+
+
+def mapping(config: ManTraNetConfig) -> tuple[tuple[str, str, Transform], ...]:
+    """The table for ``config``: ``MAPPING`` for the official ConvLSTM, with the ``GRU_ROWS`` for the variant."""
+    if config.recurrent == "lstm":
+        return MAPPING
+    first = MAPPING.index(LSTM_ROWS[0])  # the cGRU rows take the cLSTM's place, between glbStd and pred
+    return MAPPING[:first] + GRU_ROWS + MAPPING[first + len(LSTM_ROWS) :]
+
+
 # The official model's layers in file order; those without weights still have (empty) groups.
 KERAS_LAYER_NAMES = (
     "img_in", "Featex", "outlierTrans", "bnorm", "glbStd", "nestedAvgFeatex", "expTime", "divStd", "cLSTM", "pred",
@@ -97,7 +119,10 @@ def torch_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
 def keras_shapes(config: ManTraNetConfig) -> dict[str, tuple[int, ...]]:
     """The shape each Keras array must have for ``config``, derived from the model through the table."""
     shapes = torch_shapes(config)
-    return {path: transform.to_keras(np.empty(shapes[key], dtype=np.float32)).shape for path, key, transform in MAPPING}
+    return {
+        path: transform.to_keras(np.empty(shapes[key], dtype=np.float32)).shape
+        for path, key, transform in mapping(config)
+    }
 
 
 def check_keras_shapes(shapes: Mapping[str, tuple[int, ...]], config: ManTraNetConfig, source: str) -> None:
@@ -142,7 +167,7 @@ def keras_to_torch(arrays: dict[str, np.ndarray], config: ManTraNetConfig, sourc
         raise ConversionError(str(e)) from None
     return {
         key: torch.from_numpy(np.ascontiguousarray(transform.to_torch(arrays[path]), dtype=np.float32))
-        for path, key, transform in MAPPING
+        for path, key, transform in mapping(config)
     }
 
 
@@ -175,6 +200,15 @@ def official_layers(
         frozen = [w for w in featex if w[0].split("/")[0] in FROZEN_FEATEX_LAYERS]
         layers[FEATEX_LAYER] = [w for w in featex if w[0].split("/")[0] not in FROZEN_FEATEX_LAYERS] + frozen
     return list(layers.items())
+
+
+def check_official_layout(config: ManTraNetConfig, source: str) -> None:
+    """ConversionError unless ``config`` has an official Keras layout: the ConvGRU variant has none."""
+    if config.recurrent != "lstm":
+        raise ConversionError(
+            f"{source}: a ConvGRU model (recurrent={config.recurrent!r}) has no official Keras layout: the original "
+            "code builds the ConvLSTM only, and could not load such a file; export-keras takes ConvLSTM models"
+        )
 
 
 def uses_frozen_order(config: ManTraNetConfig) -> bool:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from mantranet_torch import LAYERS, ManTraNet, ManTraNetConfig
 from mantranet_torch.files import refuse_existing, write_bytes_atomic
+from mantranet_torch.model import layer_names
 from mantranet_torch.weights import CONFIG_KEY, PROVENANCE_KEY
 
 from .convert import TOOL_NAME, tool_version
@@ -88,11 +89,14 @@ class _Outputs(nn.Module):
         if not self.layers:
             return (self.model(image),)
         taps = dict(self.model.stages(image))
-        return (taps["pred"], *(taps[name] for name in LAYERS if name != "pred"))
+        return (taps["pred"], *(taps[name] for name in layer_names(self.model.config) if name != "pred"))
 
 
-def output_names(layers: bool) -> list[str]:
-    return [OUTPUT_NAME, *(LAYER_PREFIX + name for name in LAYERS if name != "pred")] if layers else [OUTPUT_NAME]
+def output_names(layers: bool, config: ManTraNetConfig | None = None) -> list[str]:
+    """The graph's output names; ``config`` (default the official ConvLSTM's) names its recurrent layer."""
+    if not layers:
+        return [OUTPUT_NAME]
+    return [OUTPUT_NAME, *(LAYER_PREFIX + name for name in layer_names(config or ManTraNetConfig()) if name != "pred")]
 
 
 def model_and_provenance(weights: str | Path, variant: int | None = None) -> tuple[ManTraNet, dict]:
@@ -129,7 +133,7 @@ def export_onnx(
     _require("onnxscript")
     _require("onnxruntime")
     model, provenance = model_and_provenance(weights, variant)
-    names = output_names(layers)
+    names = output_names(layers, model.config)
     proto = export_graph(model, layers, opset)
     metadata = {
         CONFIG_KEY: json.dumps(model.config.to_dict(), sort_keys=True),
@@ -166,7 +170,7 @@ def export_graph(model: ManTraNet, layers: bool = False, opset: int = DEFAULT_OP
             dynamo=True,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=output_names(layers),
+            output_names=output_names(layers, model.config),
             dynamic_shapes={INPUT_NAME: {0: batch, 2: height, 3: width}},
             external_data=False,
             verbose=False,
@@ -261,7 +265,8 @@ class OnnxModel:
         return self._run(x, [OUTPUT_NAME])[0]
 
     def trace(self, x: np.ndarray | Tensor) -> dict[str, np.ndarray]:
-        """The 21 named layers' outputs, keyed by their Keras names in network order (``mantranet_torch.LAYERS``).
+        """The 21 named layers' outputs, keyed by their Keras names in network order (``layer_names(config)``:
+        ``mantranet_torch.LAYERS``, or with cGRU for the ConvGRU variant).
 
         Needs a file exported with ``layers=True`` (``mantranet export-onnx --layers``).
         """
@@ -270,4 +275,5 @@ class OnnxModel:
                 f"{self.where}: holds the map only; export it with --layers (layers=True) for its named layers"
             )
         values = dict(zip(self.outputs, self._run(x, self.outputs), strict=True))
-        return {name: values[OUTPUT_NAME if name == "pred" else LAYER_PREFIX + name] for name in LAYERS}
+        names = layer_names(self.config or ManTraNetConfig())
+        return {name: values[OUTPUT_NAME if name == "pred" else LAYER_PREFIX + name] for name in names}

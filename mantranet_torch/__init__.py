@@ -8,6 +8,7 @@ from .config import RELEASES, ManTraNetConfig, release_config
 from .model import LAYERS, AnomalyDetector, Featex, ManTraNet
 from .model_input import scale_pixels, to_model_input
 from .precision import PRECISIONS, SlowPrecisionWarning, bf16_support
+from .transfer import Initialisation, init_from
 from .weights import WeightFileError, load
 
 __version__ = "0.2.0"
@@ -21,18 +22,21 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+
 __all__ = [
     "LAYERS",
     "PRECISIONS",
     "RELEASES",
     "AnomalyDetector",
     "Featex",
+    "Initialisation",
     "ManTraNet",
     "ManTraNetConfig",
     "SlowPrecisionWarning",
     "WeightFileError",
     "__version__",
     "bf16_support",
+    "init_from",
     "load",
     "release_config",
     "scale_pixels",

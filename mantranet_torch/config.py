@@ -10,6 +10,8 @@ FIXED_FIRST_LAYER_FILTERS = 12  # 9 SRM + 3 Bayar filters in b1c1; the rest are 
 # model or its detector's buffers (which grow with the windows) take all memory
 MAX_FIRST_BLOCK_FILTERS = 4096
 MAX_WINDOWS, MAX_WINDOW_SIZE = 16, 4095
+LSTM, GRU = "lstm", "gru"
+RECURRENT_KINDS = (LSTM, GRU)  # the detector's recurrent layer: the official ConvLSTM, or a ConvGRU variant
 
 
 @dataclass(frozen=True)
@@ -19,11 +21,14 @@ class ManTraNetConfig:
     first_block_filters: output channels of b1c1 (32 for Ptrain0/1, 16 for Ptrain2/3/4).
     transform_activation: "tanh" for Ptrain0, None (linear) otherwise.
     window_sizes: the local-mean windows of the anomaly detector, smallest first.
+    recurrent: the detector's recurrent layer, "lstm" (the official ConvLSTM, every release) or "gru" (a
+    ConvGRU variant to train, which no official file holds).
     """
 
     first_block_filters: int = 16
     transform_activation: str | None = None
     window_sizes: tuple[int, ...] = (7, 15, 31)
+    recurrent: str = LSTM
 
     def __post_init__(self) -> None:
         if not FIXED_FIRST_LAYER_FILTERS < self.first_block_filters <= MAX_FIRST_BLOCK_FILTERS:
@@ -40,33 +45,43 @@ class ManTraNetConfig:
                 f"got {self.window_sizes!r}"
             )
         object.__setattr__(self, "window_sizes", sizes)
+        if self.recurrent not in RECURRENT_KINDS:
+            raise ValueError(
+                f"recurrent must be one of {', '.join(map(repr, RECURRENT_KINDS))}, got {self.recurrent!r}"
+            )
 
     @property
     def time_steps(self) -> int:
-        """ConvLSTM steps: one per window, plus the global mean."""
+        """Recurrent steps: one per window, plus the global mean."""
         return len(self.window_sizes) + 1
 
     def describe(self) -> str:
-        """The three settings in words, as every tool here prints them."""
-        return (
+        """The settings in words, as every tool here prints them (the recurrent layer only when not the official)."""
+        text = (
             f"{self.first_block_filters} first-block filters, transform {self.transform_activation or 'linear'}, "
             f"windows {', '.join(map(str, self.window_sizes))}"
         )
+        return text if self.recurrent == LSTM else f"{text}, ConvGRU detector"
 
     def to_dict(self) -> dict[str, Any]:
+        """As JSON. ``recurrent`` only when it is not "lstm": files written before the variant existed carry no
+        such key and mean the ConvLSTM, and an LSTM model's file stays byte for byte what it was."""
         d = asdict(self)
         d["window_sizes"] = list(self.window_sizes)
+        if self.recurrent == LSTM:
+            del d["recurrent"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ManTraNetConfig:
-        unknown = set(d) - {"first_block_filters", "transform_activation", "window_sizes"}
+        unknown = set(d) - {"first_block_filters", "transform_activation", "window_sizes", "recurrent"}
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         return cls(
             first_block_filters=int(d["first_block_filters"]),
             transform_activation=d["transform_activation"],
             window_sizes=tuple(d["window_sizes"]),
+            recurrent=d.get("recurrent", LSTM),
         )
 
 

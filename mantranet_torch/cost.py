@@ -9,7 +9,8 @@ def multiply_adds_per_pixel(model: nn.Module) -> dict[str, int]:
     """Multiply-adds per output pixel of every convolution, by Keras layer name.
 
     Every layer is stride 1 at full resolution, so a k x k convolution from c_in to c_out costs
-    k * k * c_in * c_out per pixel. The ConvLSTM applies its input kernel at each of its T steps and
+    k * k * c_in * c_out per pixel. The recurrent layer (ConvLSTM, or ConvGRU: its recurrent kernel is the
+    gates' and the candidate's, applied to h and to r h) applies its input kernel at each of its T steps and
     its recurrent kernel at steps 2..T (the state entering step 1 is zero, and so is its convolution).
     Element-wise work (activations, L2, statistics, window means) is not counted.
     """
@@ -18,7 +19,8 @@ def multiply_adds_per_pixel(model: nn.Module) -> dict[str, int]:
     detector = model.detector
     steps = model.config.time_steps
     counts["outlierTrans"] = _conv(detector.outlier_trans.weight)
-    counts["cLSTM"] = steps * _conv(detector.clstm.kernel) + (steps - 1) * _conv(detector.clstm.recurrent_kernel)
+    recurrent = detector.recurrent
+    counts[detector.recurrent_name] = steps * _conv(recurrent.kernel) + (steps - 1) * _conv(recurrent.recurrent_kernel)
     counts["pred"] = _conv(detector.pred.weight)
     return counts
 

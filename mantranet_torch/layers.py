@@ -393,3 +393,57 @@ class ConvLSTM2d(nn.Module):
             c = i * torch.tanh(z_c) if c is None else hard_sigmoid_keras2(z_f) * c + i * torch.tanh(z_c)
             h = hard_sigmoid_keras2(z_o) * torch.tanh(c)
         return h
+
+    def reach(self, step: int, steps: int) -> int:
+        """How far the output sees into the input of ``step`` (0-based) of ``steps``: its input convolution,
+        then one state-to-state convolution per later step."""
+        return self.padding * (steps - step)
+
+
+class ConvGRU2d(nn.Module):
+    """A convolutional GRU returning the last hidden state, with zero 'same' padding: the ConvGRU variant of
+    the detector (no official file holds one; the ConvLSTM of the releases is ``ConvLSTM2d``).
+
+    Laid out as Keras lays out its GRU (``reset_after=False``): gates in Keras' order z (update), r (reset),
+    h (candidate) along the output channels of ``kernel`` (input-to-state, (3 * hidden, C, k, k), with
+    ``bias``) and ``recurrent_kernel`` (state-to-state, (3 * hidden, hidden, k, k)). With u the update gate:
+
+        u = hard_sigmoid(W_u * x + b_u + U_u * h)        r = hard_sigmoid(W_r * x + b_r + U_r * h)
+        c = tanh(W_c * x + b_c + U_c * (r h))            h' = (1 - u) h + u c
+
+    the hard sigmoid being Keras 2's and the state starting at zero. u weighs the candidate (Chung et al.,
+    2014); Keras' own GRU writes h' = z h + (1 - z) c, its z weighing the old state. Input (N, T, C, H, W),
+    output (N, hidden, H, W).
+    """
+
+    def __init__(self, in_channels: int, hidden: int, kernel_size: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.padding = kernel_size // 2
+        self.kernel = nn.Parameter(torch.empty(3 * hidden, in_channels, kernel_size, kernel_size))
+        self.recurrent_kernel = nn.Parameter(torch.empty(3 * hidden, hidden, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(3 * hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t = x.shape[:2]
+        # The input-to-state convolution does not depend on the state: run all steps as one batch.
+        z_input = F.conv2d(x.flatten(0, 1), self.kernel, self.bias, padding=self.padding).unflatten(0, (n, t))
+        gates_kernel, candidate_kernel = self.recurrent_kernel.split((2 * self.hidden, self.hidden))
+        h = None
+        for step in range(t):
+            x_u, x_r, x_c = z_input[:, step].split(self.hidden, dim=1)
+            if h is None:  # the state starts at zero: its convolutions vanish and (1 - u) h is zero
+                h = hard_sigmoid_keras2(x_u) * torch.tanh(x_c)
+                continue
+            h_u, h_r = F.conv2d(h, gates_kernel, padding=self.padding).split(self.hidden, dim=1)
+            u = hard_sigmoid_keras2(x_u + h_u)
+            r = hard_sigmoid_keras2(x_r + h_r)
+            c = torch.tanh(x_c + F.conv2d(r * h, candidate_kernel, padding=self.padding))
+            h = (1 - u) * h + u * c
+        return h
+
+    def reach(self, step: int, steps: int) -> int:
+        """How far the output sees into the input of ``step`` (0-based) of ``steps``: its input convolution, and
+        past the first step the candidate's convolution of the reset-gated state (r reads that step's input);
+        then two chained state-to-state convolutions per later step (r's, then the candidate's of r h)."""
+        return self.padding * (1 + (step > 0) + 2 * (steps - 1 - step))

@@ -32,7 +32,10 @@ class PixelCosts:
     """Bytes per pixel alive at the peak of each phase, for one image."""
 
     featex: int  # Featex to bnorm on a crop (pass 1): at L2, its input, its square and its output
-    detector: int  # glbStd to pred on a crop (pass 2): at nestedAvgFeatex
+    # glbStd to pred on a crop (pass 2): at nestedAvgFeatex. The recurrent layer after it holds less, in either
+    # variant: divStd's T steps of C channels, its input convolution's T x 32 (ConvLSTM) or T x 24 (ConvGRU)
+    # channels and a few 8-channel states and gates
+    detector: int
     image: int  # whole-image: the 8-bit pixels, the scaled float input and the output map
 
     @classmethod

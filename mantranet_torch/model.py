@@ -2,7 +2,10 @@
 
 Module names mirror the Keras layer names, so ``featex.b4c2`` is Keras' ``Featex/b4c2`` and
 ``detector.outlier_trans`` is Keras' ``outlierTrans``. ``stages`` yields every named layer's output
-under its Keras name, which is how parity tools line the two frameworks up.
+under its Keras name, which is how parity tools line the two frameworks up. The detector's recurrent
+layer is ``detector.clstm`` (Keras ``cLSTM``, every release) or, in the ConvGRU variant
+(``ManTraNetConfig(recurrent="gru")``), ``detector.cgru`` (``cGRU``): ``layer_names(config)`` lists a
+variant's names.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import ManTraNetConfig, release_config
+from .config import GRU, LSTM, ManTraNetConfig, release_config
 from .layers import (
     CombinedConv2d,
+    ConvGRU2d,
     ConvLSTM2d,
     GlobalStd,
     ImageStatistics,
@@ -47,13 +51,25 @@ FEATEX_CONVS: tuple[tuple[str, int, int], ...] = (
 )
 FEATURE_CHANNELS = 256
 DETECTOR_CHANNELS = 64
-LSTM_HIDDEN = 8
+LSTM_HIDDEN = 8  # the ConvGRU variant has the ConvLSTM's hidden width and kernel
 LSTM_KERNEL = 7
 PRED_KERNEL = 7
 
 FEATEX_LAYERS = ("b1c1", *(name for name, _, _ in FEATEX_CONVS), "transform", "L2")
 DETECTOR_LAYERS = ("outlierTrans", "bnorm", "glbStd", "nestedAvgFeatex", "divStd", "cLSTM", "pred")
 LAYERS = FEATEX_LAYERS + DETECTOR_LAYERS  # every tapped output, in network order, by Keras name
+RECURRENT_LAYERS = {LSTM: "cLSTM", GRU: "cGRU"}  # the recurrent layer's Keras name, by ManTraNetConfig.recurrent
+
+
+def detector_layers(config: ManTraNetConfig) -> tuple[str, ...]:
+    """The detector's tapped outputs for ``config``, by Keras name: ``DETECTOR_LAYERS`` with its recurrent layer."""
+    recurrent = RECURRENT_LAYERS[config.recurrent]
+    return tuple(recurrent if name == RECURRENT_LAYERS[LSTM] else name for name in DETECTOR_LAYERS)
+
+
+def layer_names(config: ManTraNetConfig) -> tuple[str, ...]:
+    """Every tapped output of ``ManTraNet(config)`` in network order, by Keras name (``LAYERS`` for the LSTM)."""
+    return FEATEX_LAYERS + detector_layers(config)
 
 
 class Featex(nn.Module):
@@ -77,7 +93,7 @@ class Featex(nn.Module):
 
 
 class AnomalyDetector(nn.Module):
-    """The local anomaly detector: outlierTrans, bnorm, glbStd, nestedAvgFeatex, divStd, cLSTM, pred."""
+    """The local anomaly detector: outlierTrans, bnorm, glbStd, nestedAvgFeatex, divStd, cLSTM (or cGRU), pred."""
 
     def __init__(self, config: ManTraNetConfig) -> None:
         super().__init__()
@@ -85,8 +101,17 @@ class AnomalyDetector(nn.Module):
         self.bnorm = KerasBatchNorm(DETECTOR_CHANNELS)
         self.glb_std = GlobalStd(DETECTOR_CHANNELS)
         self.nested_avg = WindowDeviations(config.window_sizes)
-        self.clstm = ConvLSTM2d(DETECTOR_CHANNELS, LSTM_HIDDEN, LSTM_KERNEL)
+        self.recurrent_name = RECURRENT_LAYERS[config.recurrent]  # its Keras name, and the module's in lower case
+        if config.recurrent == GRU:
+            self.cgru = ConvGRU2d(DETECTOR_CHANNELS, LSTM_HIDDEN, LSTM_KERNEL)
+        else:
+            self.clstm = ConvLSTM2d(DETECTOR_CHANNELS, LSTM_HIDDEN, LSTM_KERNEL)
         self.pred = nn.Conv2d(LSTM_HIDDEN, 1, PRED_KERNEL, padding=PRED_KERNEL // 2)
+
+    @property
+    def recurrent(self) -> ConvLSTM2d | ConvGRU2d:
+        """The recurrent layer, whichever the variant: ``clstm`` or ``cgru``."""
+        return getattr(self, self.recurrent_name.lower())
 
     def stages(
         self, features: Tensor, stats: ImageStatistics | None = None, logits: bool = False
@@ -115,8 +140,8 @@ class AnomalyDetector(nn.Module):
         yield "nestedAvgFeatex", dev
         dev = (dev / sigma[:, None]).abs_()
         yield "divStd", dev
-        h = self.clstm(dev)
-        yield "cLSTM", h
+        h = self.recurrent(dev)
+        yield self.recurrent_name, h
         z = self.pred(h)
         yield ("pred_logits", z) if logits else ("pred", torch.sigmoid(z))
 
@@ -146,7 +171,7 @@ class ManTraNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Keras' initialisers: Glorot-uniform kernels, zero biases (forget gate 1), min_std 1e-5."""
+        """Keras' initialisers: Glorot-uniform kernels, zero biases (the ConvLSTM's forget gate 1), min_std 1e-5."""
         for p in self.parameters():
             if p.dim() == 4:
                 nn.init.xavier_uniform_(p)
@@ -155,7 +180,8 @@ class ManTraNet(nn.Module):
         b1c1 = self.featex.b1c1
         b1c1.bayar_kernel.copy_(bayar_constraint(b1c1.bayar_kernel))
         self.detector.glb_std.min_std.fill_(1e-5)
-        self.detector.clstm.bias[LSTM_HIDDEN : 2 * LSTM_HIDDEN] = 1.0
+        if self.config.recurrent == LSTM:  # Keras' unit_forget_bias; its GRU has no such rule
+            self.detector.clstm.bias[LSTM_HIDDEN : 2 * LSTM_HIDDEN] = 1.0
 
     @classmethod
     def from_release(cls, index: int) -> ManTraNet:
@@ -167,7 +193,7 @@ class ManTraNet(nn.Module):
         return cls(release_config(index))
 
     def stages(self, x: Tensor, logits: bool = False) -> Iterator[tuple[str, Tensor]]:
-        """Each named layer's output in network order, keyed by its Keras name (see ``LAYERS``).
+        """Each named layer's output in network order, keyed by its Keras name (``layer_names(config)``).
 
         logits: end with ``"pred_logits"`` (the map before its sigmoid) instead of ``"pred"``.
         """

@@ -101,14 +101,14 @@ def featex_radius(model: nn.Module) -> int:
 def detector_radius(model: nn.Module) -> int:
     """How far a map pixel sees into the bnorm output.
 
-    Step t of the ConvLSTM (1-based, T steps) reads a window of radius k_t//2 (0 for the global mean),
-    and its input passes through T - t + 1 convolutions of radius r before pred adds its own radius.
+    Step t of the recurrent layer reads a window of radius k_t//2 (0 for the global mean); the recurrent layer
+    reaches ``recurrent.reach(t, T)`` further into that step's input, then pred adds its own radius.
     """
     detector = model.detector
     windows = [k // 2 for k in detector.nested_avg.window_sizes] + [0]
     steps = len(windows)
-    lstm = detector.clstm.padding
-    return max(q + lstm * (steps - t) for t, q in enumerate(windows)) + detector.pred.kernel_size[0] // 2
+    reach = detector.recurrent.reach
+    return max(q + reach(t, steps) for t, q in enumerate(windows)) + detector.pred.kernel_size[0] // 2
 
 
 class StatisticsAccumulator:

@@ -148,6 +148,21 @@ class Oracle:
             h = hard_sigmoid(zo) * np.tanh(c)
         return h
 
+    def cgru(self, seq: np.ndarray) -> np.ndarray:
+        """The ConvGRU variant, as its layout defines it (``mantranet_torch.layers.ConvGRU2d``): gates z (update),
+        r (reset), h (candidate) along the kernels' last axis; h' = (1 - u) h + u c from a zero state."""
+        kernel, recurrent = self.w["cGRU/cGRU/kernel:0"], self.w["cGRU/cGRU/recurrent_kernel:0"]
+        bias, units = self.w["cGRU/cGRU/bias:0"], kernel.shape[-1] // 3
+        n, _, hgt, wid, _ = seq.shape
+        h = np.zeros((n, hgt, wid, units))
+        for t in range(seq.shape[1]):
+            xu, xr, xc = np.split(conv2d_same_zeros(seq[:, t], kernel) + bias, 3, axis=-1)
+            u = hard_sigmoid(xu + conv2d_same_zeros(h, recurrent[..., :units]))
+            r = hard_sigmoid(xr + conv2d_same_zeros(h, recurrent[..., units : 2 * units]))
+            c = np.tanh(xc + conv2d_same_zeros(r * h, recurrent[..., 2 * units :]))
+            h = (1.0 - u) * h + u * c
+        return h
+
     def pred(self, h: np.ndarray) -> np.ndarray:
         z = conv2d_same_zeros(h, self.w["pred/pred/kernel:0"]) + self.w["pred/pred/bias:0"]
         return 1.0 / (1.0 + np.exp(-z))
@@ -172,8 +187,12 @@ class Oracle:
         yield "nestedAvgFeatex", dev
         dev = self.div_std(dev, sigma)
         yield "divStd", dev
-        h = self.clstm(dev)
-        yield "cLSTM", h
+        if self.config.recurrent == "gru":
+            h = self.cgru(dev)
+            yield "cGRU", h
+        else:
+            h = self.clstm(dev)
+            yield "cLSTM", h
         yield "pred", self.pred(h)
 
     def trace(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -198,6 +217,7 @@ class Oracle:
             "nestedAvgFeatex": self.nested_avg,
             "divStd": self.div_std,
             "cLSTM": self.clstm,
+            "cGRU": self.cgru,
             "pred": self.pred,
         }
         if name not in simple:

@@ -22,7 +22,8 @@ LayerFn = Callable[..., np.ndarray]
 
 
 def reference_layers(model: ReferenceModel) -> dict[str, LayerFn]:
-    """Every name of ``mantranet_torch.LAYERS`` to a function of that layer's inputs (``runner.LAYER_INPUTS``)."""
+    """Every name of ``mantranet_torch.LAYERS`` (and cGRU, the ConvGRU variant's) to a function of that layer's
+    inputs (``runner.LAYER_INPUTS``); the recurrent layer the model's arrays do not hold fails when called."""
     a, config = model.arrays, model.config
     w = {path: tf.constant(value) for path, value in a.items()}
     b1c1_kernel = tf.constant(
@@ -45,6 +46,12 @@ def reference_layers(model: ReferenceModel) -> dict[str, LayerFn]:
         )
         return layer(seq)
 
+    def cgru(seq: tf.Tensor) -> tf.Tensor:
+        kernel = a["cGRU/cGRU/kernel:0"]
+        recurrent = a["cGRU/cGRU/recurrent_kernel:0"]
+        layer = tf_layers.conv_gru(kernel, recurrent, a["cGRU/cGRU/bias:0"], seq.shape[1], kernel.shape[2])
+        return layer(seq)
+
     layers: dict[str, LayerFn] = {
         "b1c1": _numpy(lambda x: tf_layers.symmetric_conv2d(x, b1c1_kernel, activation=tf.nn.relu)),
         **{name: featex_conv(name, tf.nn.relu) for name in FEATEX_CONVS},
@@ -56,6 +63,7 @@ def reference_layers(model: ReferenceModel) -> dict[str, LayerFn]:
         "nestedAvgFeatex": _numpy(lambda x: tf_layers.nested_window_deviations(x, config.window_sizes)),
         "divStd": _numpy(lambda dev, sigma: tf.abs(dev / sigma[:, None])),
         "cLSTM": _numpy(clstm),
+        "cGRU": _numpy(cgru),
         "pred": _numpy(lambda h: tf.sigmoid(tf_layers.conv2d_same(h, w["pred/pred/kernel:0"], w["pred/pred/bias:0"]))),
     }
     return layers

@@ -40,6 +40,8 @@ LAYER_INPUTS: dict[str, tuple[str, ...]] = {
     "cLSTM": ("divStd",),
     "pred": ("cLSTM",),
 }
+# The ConvGRU variant's recurrent layer (``layer_names(config)``), for one-layer comparisons (``judge_layer``).
+VARIANT_LAYER_INPUTS: dict[str, tuple[str, ...]] = {"cGRU": ("divStd",)}
 NEITHER = "neither"  # attribution when both frameworks are within tolerance of the exact value
 
 Progress = Callable[[str, str], None]  # (mode, layer), called as each layer is done
@@ -104,7 +106,7 @@ def torch_layers(model: ManTraNet) -> dict[str, Callable[..., Tensor]]:
     layers["nestedAvgFeatex"] = detector.nested_avg
     # The two one-line steps of AnomalyDetector.stages, restated; a change there shows in cumulative mode.
     layers["divStd"] = lambda dev, sigma: torch.abs(dev / sigma[:, None])
-    layers["cLSTM"] = detector.clstm
+    layers[detector.recurrent_name] = detector.recurrent  # cLSTM, or the ConvGRU variant's cGRU
     layers["pred"] = lambda h: torch.sigmoid(detector.pred(h))
     return layers
 
@@ -397,7 +399,8 @@ def judge_layer(
     with torch.inference_mode():
         actual = to_nhwc(torch_fn(*(from_nhwc(np.asarray(a, dtype=np.float32)) for a in inputs)))
     exact = None if oracle is None else oracle.layer(name, *inputs)
-    atol = policy.atol(name, LOCAL, dict(zip(LAYER_INPUTS[name], inputs, strict=True)))
+    sources = LAYER_INPUTS.get(name) or VARIANT_LAYER_INPUTS[name]
+    atol = policy.atol(name, LOCAL, dict(zip(sources, inputs, strict=True)))
     return _judge(name, expected, actual, exact, policy.get(name, LOCAL), atol)
 
 

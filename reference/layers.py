@@ -185,6 +185,50 @@ def conv_lstm(
     return layer
 
 
+class ConvGRU2D(keras.layers.Layer):
+    """The ConvGRU variant's cGRU as a Keras layer (Keras has no ConvGRU2D): the last hidden state, any H x W.
+
+    Weights as a Keras GRU lays them out (``reset_after=False``): ``kernel`` (k, k, C, 3 units) with ``bias``,
+    ``recurrent_kernel`` (k, k, units, 3 units), gates z (update), r (reset), h (candidate) along the last axis.
+    Each step: u = hard_sigmoid(x * W_u + b_u + h * U_u), r likewise, c = tanh(x * W_c + b_c + (r h) * U_c),
+    h' = (1 - u) h + u c, from a zero state; 'same' zero padding, Keras 2's hard sigmoid. Input (N, T, H, W, C).
+    """
+
+    def __init__(self, units: int = LSTM_FILTERS, kernel_size: int = LSTM_KERNEL, **kwargs: object) -> None:
+        super().__init__(dtype="float32", **kwargs)
+        self.units, self.kernel_size = units, kernel_size
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        k, channels = self.kernel_size, input_shape[-1]
+        self.kernel = self.add_weight(shape=(k, k, channels, 3 * self.units), name="kernel")
+        self.recurrent_kernel = self.add_weight(shape=(k, k, self.units, 3 * self.units), name="recurrent_kernel")
+        self.bias = self.add_weight(shape=(3 * self.units,), initializer="zeros", name="bias")
+
+    def call(self, seq: tf.Tensor) -> tf.Tensor:
+        units = self.units
+        w_u, w_r, w_c = tf.split(self.kernel, 3, axis=-1)
+        b_u, b_r, b_c = tf.split(self.bias, 3)
+        u_u, u_r, u_c = tf.split(self.recurrent_kernel, 3, axis=-1)
+        h = tf.zeros(tf.concat([tf.shape(seq)[:1], tf.shape(seq)[2:4], [units]], axis=0), dtype=seq.dtype)
+        for t in range(seq.shape[1]):  # T is static: one step per window, plus the global mean
+            x = seq[:, t]
+            u = hard_sigmoid_keras2(conv2d_same(x, w_u, b_u) + conv2d_same(h, u_u))
+            r = hard_sigmoid_keras2(conv2d_same(x, w_r, b_r) + conv2d_same(h, u_r))
+            c = tf.tanh(conv2d_same(x, w_c, b_c) + conv2d_same(r * h, u_c))
+            h = (1.0 - u) * h + u * c
+        return h
+
+
+def conv_gru(
+    kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray, time_steps: int, channels: int
+) -> ConvGRU2D:
+    """The cGRU layer with its weights, built for any spatial size."""
+    layer = ConvGRU2D(kernel.shape[-1] // 3, kernel.shape[0], name="cGRU")
+    layer.build((None, time_steps, None, None, channels))
+    layer.set_weights([kernel, recurrent_kernel, bias])
+    return layer
+
+
 def conv2d_same(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
     """Keras ``Conv2D(padding='same')``, stride 1: zero padding, then the bias if any."""
     y = tf.nn.conv2d(x, kernel, strides=1, padding="SAME")

@@ -1,4 +1,8 @@
-"""ManTraNet in TensorFlow from the official Keras arrays: every named layer's output, and compiled inference."""
+"""ManTraNet in TensorFlow from the official Keras arrays: every named layer's output, and compiled inference.
+
+The ConvGRU variant (``ManTraNetConfig(recurrent="gru")``) runs too, from its Keras-layout arrays
+(``converter.mapping.mapping(config)``): its cGRU is ``layers.ConvGRU2D`` where the official model has cLSTM.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from mantranet_torch.files import publish, staged_path
 from .layers import (
     combined_kernel,
     conv2d_same,
+    conv_gru,
     conv_lstm,
     global_std,
     inference_batch_norm,
@@ -31,6 +36,15 @@ FEATEX_CONVS = ("b1c2", "b2c1", "b2c2", "b3c1", "b3c2", "b3c3", "b4c1", "b4c2", 
 FEATEX_LAYERS = ("b1c1", *FEATEX_CONVS, "transform", "L2")
 DETECTOR_LAYERS = ("outlierTrans", "bnorm", "glbStd", "nestedAvgFeatex", "divStd", "cLSTM", "pred")
 LAYERS = FEATEX_LAYERS + DETECTOR_LAYERS  # every traced output, in network order, by Keras name
+RECURRENT_LAYERS = {"lstm": "cLSTM", "gru": "cGRU"}  # by ManTraNetConfig.recurrent
+
+
+def layer_names(config: ManTraNetConfig) -> tuple[str, ...]:
+    """Every traced output for ``config`` in network order: ``LAYERS``, with cGRU for the ConvGRU variant."""
+    recurrent = RECURRENT_LAYERS[config.recurrent]
+    return tuple(recurrent if name == "cLSTM" else name for name in LAYERS)
+
+
 TRANSFORM_ACTIVATIONS = {None: None, "tanh": tf.tanh}
 
 
@@ -52,6 +66,12 @@ class ReferenceModel:
             combined_kernel(self.arrays["Featex/b1c1/regular_kernel:0"], self.arrays["Featex/b1c1/bayar_kernel:0"])
         )
         self._clstm_layers: dict[tuple[int, int], keras.layers.ConvLSTM2D] = {}
+        self._cgru = None
+        if config.recurrent == "gru":  # one layer for every size, built here: never inside a traced graph
+            a = self.arrays
+            kernel = a["cGRU/cGRU/kernel:0"]
+            recurrent = a["cGRU/cGRU/recurrent_kernel:0"]
+            self._cgru = conv_gru(kernel, recurrent, a["cGRU/cGRU/bias:0"], config.time_steps, kernel.shape[2])
         self._compiled: dict[tuple[int, int], tf.types.experimental.PolymorphicFunction] = {}
 
     def _clstm(self, height: int, width: int) -> keras.layers.ConvLSTM2D:
@@ -71,7 +91,7 @@ class ReferenceModel:
         return layer
 
     def stages(self, x: tf.Tensor) -> Iterator[tuple[str, tf.Tensor]]:
-        """Each named layer's output in network order, keyed by its Keras name (see ``LAYERS``), NHWC."""
+        """Each named layer's output in network order, keyed by its Keras name (``layer_names(config)``), NHWC."""
         w = self._w
         x = symmetric_conv2d(x, self._b1c1_kernel, activation=tf.nn.relu)
         yield "b1c1", x
@@ -93,8 +113,12 @@ class ReferenceModel:
         yield "nestedAvgFeatex", dev
         dev = tf.abs(dev / sigma[:, None])  # the official expTime then divStd
         yield "divStd", dev
-        h = self._clstm(x.shape[1], x.shape[2])(dev)
-        yield "cLSTM", h
+        if self._cgru is not None:
+            h = self._cgru(dev)
+            yield "cGRU", h
+        else:
+            h = self._clstm(x.shape[1], x.shape[2])(dev)
+            yield "cLSTM", h
         yield "pred", tf.sigmoid(conv2d_same(h, w["pred/pred/kernel:0"], w["pred/pred/bias:0"]))
 
     def _forward(self, x: tf.Tensor) -> tf.Tensor:
@@ -109,7 +133,8 @@ class ReferenceModel:
         height, width = x.shape[1:3]
         fn = self._compiled.get((height, width))
         if fn is None:
-            self._clstm(height, width)  # Keras creates its variables here, never inside the traced graph
+            if self._cgru is None:
+                self._clstm(height, width)  # Keras creates its variables here, never inside the traced graph
             spec = tf.TensorSpec((None, height, width, 3), tf.float32)
             # A partial per size: TensorFlow then counts each size's function apart and does not warn of
             # "excessive retracing", as each is traced exactly once.
