@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-import converter.atomic
+import mantranet_torch.files
 from converter import load_weights
 from mantranet_cli.main import main
 from mantranet_torch import ManTraNet, ManTraNetConfig
@@ -58,8 +58,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "manifest": root / "train.csv", "weights": root / "small.safetensors"}
 
 
-def config(data: dict, output: Path, **options) -> TrainConfig:
-    base = dict(output=output, data=data["manifest"], init=str(data["weights"]), steps=2, batch=BATCH, crop=CROP,
+def config(fixture: dict, output: Path, **options) -> TrainConfig:
+    base = dict(output=output, data=fixture["manifest"], init=str(fixture["weights"]), steps=2, batch=BATCH, crop=CROP,
                 checkpoint_every=1, threads=1)  # fmt: skip
     return TrainConfig(**{**base, **options})
 
@@ -244,7 +244,7 @@ def test_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(data, tmp_
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
-    monkeypatch.setattr(converter.atomic.os, "fsync", fsync)
+    monkeypatch.setattr(mantranet_torch.files.os, "fsync", fsync)
     code, _, err = run_cli(capsys, "--data", str(data["manifest"]), "--init", str(data["weights"]), "-o",
                              str(tmp_path / "run"), "--steps", "3", "--crop", str(CROP), "--batch", "2",
                              "--checkpoint-every", "1")  # fmt: skip
@@ -401,3 +401,32 @@ def test_max_memory_names_a_crop_and_batch_that_fit() -> None:
     checkpointed = training_bytes(model, 256, 4, checkpointed=True)
     tight = TrainConfig(output=Path("u"), data=Path("u"), crop=256, batch=4, max_memory=(plain + checkpointed) / 2 / GB)
     assert fit(tight, model, torch.device("cpu"), []) is True
+
+
+def test_synthetic_gru_run_with_tensorboard(data, tmp_path) -> None:
+    """Forgeries made on the fly, the ConvGRU variant initialised from the LSTM weights but for its recurrent
+    layer, TensorBoard events; the manifest records the recipe and seed, and what was left at initialisation."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rng = np.random.default_rng(2)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(photos / f"photo{i}.png")
+    run = train(config(data, tmp_path / "run", data=None, synthetic=photos, crop=32, recurrent="gru",
+                       freeze="featex", tensorboard=True, steps=2, seed=7))  # fmt: skip
+    manifest = json.loads((tmp_path / "run" / "model.safetensors.json").read_text())
+    assert manifest["training"]["data"]["kind"] == "synthetic" and manifest["training"]["data"]["seed"] == 7
+    assert manifest["training"]["data"]["recipe"]["kinds"]
+    left = manifest["source"]["left_at_initialisation"]
+    assert left and all(key.startswith("detector.cgru.") for key in left)
+    model = load_weights(run.model)
+    assert model.config.recurrent == "gru"
+    parent = load_weights(data["weights"])
+    assert torch.equal(model.featex.b4c2.weight, parent.featex.b4c2.weight)  # copied, then frozen
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([r["loss"] for r in run.history if "loss" in r], rel=1e-6)

@@ -2,7 +2,7 @@
 
 ``RUN_DIR/checkpoint.pt`` holds the model, the optimiser, the schedule, the random states of torch, NumPy and
 Python, the data position (epoch and samples consumed), the step, and the run's config. It is replaced in one
-step (``converter.atomic``): a run killed while writing, or a full disk, leaves the previous one whole.
+step (``mantranet_torch.files``): a run killed while writing, or a full disk, leaves the previous one whole.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converter.atomic import write_bytes_atomic
-from converter.errors import ConversionError
+from mantranet_torch.files import FileError, write_bytes_atomic
 
 from .config import TrainError
 
@@ -55,7 +54,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     torch.save({"format": FORMAT, **state}, buffer)
     try:
         write_bytes_atomic(path, buffer.getvalue(), force=True)
-    except ConversionError as e:
+    except FileError as e:
         raise TrainError(str(e)) from None
 
 

@@ -37,9 +37,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 import mantranet_torch
-from converter.atomic import check_writable_folder, write_files_atomic
-from converter.errors import ConversionError
 from mantranet_torch import ManTraNet, ManTraNetConfig, release_config
+from mantranet_torch.files import FileError, check_writable_folder, write_files_atomic
 from mantranet_torch.layers import l2_normalize_tf
 from mantranet_torch.memory import available_memory
 from mantranet_torch.model import FEATEX_LAYERS
@@ -250,7 +249,8 @@ def _with_recurrent(model: ManTraNet, recurrent: str, parent: dict) -> ManTraNet
 
     variant = ManTraNet(dataclasses.replace(model.config, recurrent=recurrent))
     done = init_from(variant, model)
-    parent["recurrent_initialised"] = list(getattr(done, "left", []))
+    parent["initialisation"] = done.describe()
+    parent["left_at_initialisation"] = list(done.left)
     return variant
 
 
@@ -358,7 +358,7 @@ def _write_weights(target: Path, model: ManTraNet, provenance: dict) -> dict:
     text = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     try:
         write_files_atomic({target: data, manifest_path(target): text}, force=True)
-    except ConversionError as e:
+    except FileError as e:
         raise TrainError(str(e)) from None
     return manifest
 
@@ -394,7 +394,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainingRun:
     if group.main:
         try:
             check_writable_folder(output)
-        except ConversionError as e:
+        except FileError as e:
             raise TrainError(str(e)) from None
     if not config.resume and ckpt_path.exists():
         raise TrainError(f"{output}: holds a checkpoint of an earlier run; pass --resume to continue it, or choose "

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from converter.atomic import write_files_atomic
-from converter.errors import ConversionError
+from mantranet_torch.files import FileError, write_files_atomic
 from parity_tests.plots import BACKGROUND, INK, colourize, font, png_bytes
 
 from .config import TrainError
@@ -141,7 +140,7 @@ def write_report(output: Path, history: list[dict], validation: Validation | Non
     }
     try:
         write_files_atomic(files, force=True)
-    except ConversionError as e:
+    except FileError as e:
         raise TrainError(str(e)) from None
     return list(files)
 

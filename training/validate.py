@@ -24,7 +24,7 @@ from evaluation.metrics import (
     pixel_scores,
 )
 from mantranet_torch import ManTraNet
-from mantranet_torch.images import ImageReadError, read_image
+from mantranet_torch.image_files import ImageReadError, read_image
 
 from .config import TrainError
 
