@@ -56,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS", help="end the run early after this long")
     p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
     p.set_defaults(run=run)
 
@@ -72,7 +73,7 @@ def _config(args: argparse.Namespace):
         pos_weight=args.pos_weight, dice=args.dice, checkpoint_activations=args.checkpoint_activations,
         max_memory=args.max_memory, engine=args.engine, workers=args.workers, tensorboard=args.tensorboard,
         val_every=args.val_every, best_metric=args.best_metric, workers_per_loader=args.loader_workers,
-        threads=args.threads, device=args.device,
+        threads=args.threads, device=args.device, time_limit=args.time_limit,
     )  # fmt: skip
 
 

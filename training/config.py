@@ -73,6 +73,8 @@ class TrainConfig:
         device: "cpu", "cuda", or None (CUDA when available).
         threads: torch threads (None: torch's default).
         keep_examples: validation images drawn in the report.
+        time_limit: seconds after which the run ends early, at the end of a step, with its checkpoint and
+            outputs as at its last step (the schedule still counts ``steps``).
     """
 
     output: Path
@@ -114,6 +116,7 @@ class TrainConfig:
     device: str | None = None
     threads: int | None = None
     keep_examples: int = 4
+    time_limit: float | None = None
     data_options: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -150,7 +153,7 @@ class TrainConfig:
         for name in ("warmup", "workers_per_loader", "keep_examples"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
-        for name in ("lr", "clip_grad", "pos_weight", "max_memory"):
+        for name in ("lr", "clip_grad", "pos_weight", "max_memory", "time_limit"):
             value = getattr(self, name)
             if value is not None and not (0 < value < math.inf):
                 raise TrainError(f"--{name.replace('_', '-')} {value}: must be a positive, finite number")

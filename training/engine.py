@@ -564,9 +564,20 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainingRun:
                     if group.main and (best is None or (value > best["value"] if higher else value < best["value"])):
                         best = {"metric": best_metric, "value": value, "step": step, "path": output / BEST_NAME}
                         _write_weights(output / BEST_NAME, model, provenance(step, {best_metric: value}))
-            if group.main and (step % config.checkpoint_every == 0 or step == config.steps):
+            out_of_time = config.time_limit is not None and time.perf_counter() - start_time > config.time_limit
+            out_of_time = bool(group.broadcast(out_of_time))
+            if out_of_time and not (step % config.validate_every == 0 or step == config.steps):
+                result = run_validation()
+                if result is not None:
+                    last_validation = result
+                    log({"step": step, "val": result.metrics})
+                    emit({"event": "validation", "step": step, "metrics": result.metrics})
+            if group.main and (step % config.checkpoint_every == 0 or step == config.steps or out_of_time):
                 save_checkpoint(ckpt_path, state())
                 emit({"event": "checkpoint", "step": step, "path": str(ckpt_path)})
+            if out_of_time:
+                emit({"event": "time_limit", "step": step})
+                break
 
     after = last_validation.metrics if last_validation is not None else None
     report: list[Path] = []
