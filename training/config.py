@@ -73,8 +73,9 @@ class TrainConfig:
         device: "cpu", "cuda", or None (CUDA when available).
         threads: torch threads (None: torch's default).
         keep_examples: validation images drawn in the report.
-        time_limit: seconds after which the run ends early, at the end of a step, with its checkpoint and
-            outputs as at its last step (the schedule still counts ``steps``).
+        time_limit: seconds of steps (from the first, after set-up and the first validation) after which the run
+            ends early, at the end of a step, with its validation, checkpoint and outputs (the schedule still
+            counts ``steps``).
     """
 
     output: Path

@@ -495,6 +495,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainingRun:
         batches = _batches(data, sampler, config, device)
         last_loss, last_validation = None, None
         examples_per_step = config.batch * config.accumulate * group.world
+        loop_start = time.perf_counter()  # --time-limit counts the steps, not the set-up and first validation
         while step < config.steps:
             tick = time.perf_counter()
             lr = schedule.lr(step)
@@ -564,7 +565,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainingRun:
                     if group.main and (best is None or (value > best["value"] if higher else value < best["value"])):
                         best = {"metric": best_metric, "value": value, "step": step, "path": output / BEST_NAME}
                         _write_weights(output / BEST_NAME, model, provenance(step, {best_metric: value}))
-            out_of_time = config.time_limit is not None and time.perf_counter() - start_time > config.time_limit
+            out_of_time = config.time_limit is not None and time.perf_counter() - loop_start > config.time_limit
             out_of_time = bool(group.broadcast(out_of_time))
             if out_of_time and not (step % config.validate_every == 0 or step == config.steps):
                 result = run_validation()
