@@ -430,3 +430,31 @@ def test_synthetic_gru_run_with_tensorboard(data, tmp_path) -> None:
     events.Reload()
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses == pytest.approx([r["loss"] for r in run.history if "loss" in r], rel=1e-6)
+
+
+def test_trained_model_exported_to_keras_loads_in_the_original_code(data, tmp_path) -> None:
+    """A trained release-4 model through export-keras into the official code (tf_keras): its predict equals ours."""
+    from parity_tests.official_files import OFFICIAL_CODE, official_code_missing
+
+    missing = official_code_missing()
+    if missing:
+        pytest.skip(missing)
+    from converter.synthetic import write_standin
+    from reference.official import OfficialModel, find_official_code
+
+    standin = write_standin(tmp_path / "standin-Ptrain4.h5", 4, 0)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(photos / "photo.png")
+    run = train(config(data, tmp_path / "run", data=None, synthetic=photos, init=str(standin), variant=4, crop=32,
+                       freeze="first5", steps=1))  # fmt: skip
+    code = main(["export-keras", str(run.model), "-o", str(tmp_path / "ManTraNet_Ptrain4.h5")])
+    assert code == 0
+    official = OfficialModel(find_official_code(OFFICIAL_CODE), tmp_path / "ManTraNet_Ptrain4.h5")  # named: release 4
+    model = load_weights(run.model)
+    x = rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+    with torch.inference_mode():
+        ours = model(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    # the official predict's float32 window means round differently: 1e-4, as the parity suite's end-to-end check
+    assert np.abs(official.predict(x) - ours).max() <= 1e-4
