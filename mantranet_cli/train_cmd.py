@@ -52,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-memory", type=float, metavar="GB", help="refuse a step whose modelled peak exceeds this")
     p.add_argument("--engine", default="local", help="local (or under torchrun) or ray")
     p.add_argument("--workers", type=int, default=2, help="processes for --engine ray")
+    p.add_argument("--ray-address", metavar="ADDRESS", help="a running Ray cluster (default: start a local one)")
     p.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs into RUN_DIR/tensorboard")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--threads", type=int, help="torch threads")
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         if args.engine == "ray":
             from training.distributed import train_ray
 
-            result = train_ray(config, progress=bar)
+            result = train_ray(config, progress=bar, address=args.ray_address)
         else:
             result = train(config, progress=bar)
     except TrainError as e:
