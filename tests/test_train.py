@@ -269,6 +269,12 @@ def test_outputs_load_everywhere_with_their_manifest(data, tmp_path) -> None:
     for name, value in parent.featex.state_dict().items():
         assert torch.equal(model.featex.state_dict()[name], value), name
     assert not torch.equal(model.detector.pred.weight, parent.detector.pred.weight)
+    validations = [r for r in run.history if "val" in r]
+    assert [r["step"] for r in validations] == [0, 2]  # the parent's, then the trained model's
+    top = max(validations, key=lambda r: r["val"]["pixel_auc"])
+    assert run.best["step"] == top["step"] and run.best["value"] == top["val"]["pixel_auc"]
+    best = load_weights(run.best["path"])
+    assert torch.equal(best.detector.pred.weight, (model if top["step"] == 2 else parent).detector.pred.weight)
     for name in ("curves.png", "examples.png", "report.html", "metrics.jsonl", "best.safetensors"):
         assert (tmp_path / "run" / name).is_file(), name
     # validation's pixel AUC is scikit-learn's on the model's own maps

@@ -488,6 +488,10 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainingRun:
                 before = first.metrics
                 log({"step": 0, "val": before})
                 emit({"event": "validation", "step": 0, "metrics": before})
+                value = before.get(best_metric) if higher else None
+                if value is not None and math.isfinite(value):  # the parent is a candidate too
+                    best = {"metric": best_metric, "value": value, "step": 0, "path": output / BEST_NAME}
+                    _write_weights(output / BEST_NAME, model, provenance(0, {best_metric: value}))
             if group.main:
                 save_checkpoint(ckpt_path, state())  # step 0: there is always a last good checkpoint
         model.train(True)
