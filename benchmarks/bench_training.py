@@ -6,8 +6,10 @@ Each contender runs in a fresh process (so that its peak resident memory is its 
 backward + ``KerasAdam`` + ``apply_constraints``, at fp32 and bf16, with and without activation checkpointing.
 The earlier port (``benchmarks/naive_port.py``): its forward, BCE on its sigmoid output, backward, torch's Adam.
 Keras: the official ``create_model`` (``../shared/official/modelCore.py``, under tf_keras) compiled with Adam and
-binary cross-entropy, ``train_on_batch``. All start from the same weights (a stand-in of release 4's layout, or
-``--weights``). Ratios are printed from one run; run on an idle machine.
+binary cross-entropy, ``train_on_batch``, its constraints off (the original's Bayar constraint assigns to a
+variable in place, as TensorFlow 1 allowed and TensorFlow 2 refuses; the constraints cost little). All start
+from the same weights (a stand-in of release 4's layout, or ``--weights``). Ratios are printed from one run;
+run on an idle machine.
 
     python benchmarks/bench_training.py            # 256 and 512 px, batch 4
     python benchmarks/bench_training.py --quick    # 128 px, batch 2, one timed step: a minute or two
@@ -50,6 +52,8 @@ def worker(name: str, size: int, batch: int, repeats: int, weights: Path) -> dic
         import tf_keras
 
         model = official.model
+        for weight in model.weights:  # the original's Bayar constraint assigns in place (TF 1), which TF 2 refuses
+            weight._constraint = None
         model.compile(optimizer=tf_keras.optimizers.Adam(1e-4), loss="binary_crossentropy")
         xk, yk = x.transpose(0, 2, 3, 1), y.transpose(0, 2, 3, 1)
 
@@ -120,7 +124,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each contender")
-    parser.add_argument("--weights", type=Path, help="an official-layout release 4 file (default: a stand-in)")
+    parser.add_argument("--weights", type=Path, help="ManTraNet_Ptrain4.h5 (default: a stand-in of its layout)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per contender and size")
     parser.add_argument("--quick", action="store_true", help="128 px, batch 2, one timed step")
     parser.add_argument("--json", type=Path, help="write the results here too")
@@ -138,7 +142,9 @@ def main() -> None:
         if weights is None:
             from converter.synthetic import write_standin
 
-            weights = write_standin(Path(tmp) / "standin-Ptrain4.h5", 4, 0)
+            weights = write_standin(
+                Path(tmp) / "ManTraNet_Ptrain4.h5", 4, 0
+            )  # named: the official code identifies by name
         missing = official_code_missing()
         results = {}
         for size in args.sizes:
