@@ -103,7 +103,19 @@ def identify_keras_file(
 
 
 def convert_h5(path: str | Path, variant: int | None = None) -> Conversion:
-    """Read and map an official-layout file; raises ConversionError naming what is wrong."""
+    """Read an official-layout Keras file, identify its release and map its arrays to PyTorch, checked: a strict
+    load, a bit-exact round trip and a finite probe output (what ``mantranet convert`` does before writing).
+
+    Args:
+        path: an official-layout ``.h5`` file (either layout the official code writes).
+        variant: the release 0-4 when neither the file's hash nor its name tells.
+
+    Returns:
+        The ``Conversion``: the state dict, the release's config, the file's digests and identification.
+
+    Raises:
+        ConversionError: the file is not what it should be; the message names the file and the layer or array.
+    """
     path = Path(path)
     keras, digests, ident, config = identify_keras_file(path, variant)
     state = keras_to_torch(keras.arrays, config, str(path))
@@ -146,7 +158,20 @@ def output_paths(source: Path, out: str | Path | None, fmt: str) -> tuple[Path, 
 
 
 def save_conversion(conversion: Converted, target: Path, manifest_path: Path, force: bool = False) -> dict:
-    """Write the weight file and its manifest atomically; returns the manifest."""
+    """Write the weight file and its manifest atomically: never one beside the other of another run.
+
+    Args:
+        conversion: what ``convert_h5`` (or the earlier port's import) returned.
+        target: the weight file, ``.safetensors`` or ``.pt``.
+        manifest_path: its manifest (JSON).
+        force: replace existing files.
+
+    Returns:
+        The manifest written: the provenance and the weight file's name, SHA-256 and size.
+
+    Raises:
+        ConversionError: an output exists without ``force``, or cannot be written.
+    """
     refuse_existing([target, manifest_path], force)
     provenance = conversion.provenance()
     encode = encode_pt if target.suffix == FORMATS["pt"] else encode_safetensors

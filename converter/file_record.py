@@ -59,7 +59,18 @@ class FileRecord:
 
 
 def identify(path: str | Path) -> FileRecord:
-    """The record of the file at ``path``; raises ``WeightFileError`` only when there is no such file."""
+    """What the file at ``path`` is, by content: an official release, an earlier-port checkpoint, a file of ours, or
+    unknown, with its format, digests and details. What ``mantranet weights identify`` prints.
+
+    Args:
+        path: any file.
+
+    Returns:
+        Its ``FileRecord``; a file that cannot be read as weights is a record saying why, not an error.
+
+    Raises:
+        WeightFileError: there is no such regular, readable file.
+    """
     path = Path(path)
     problem = file_problem(path)
     if problem:

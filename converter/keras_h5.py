@@ -45,6 +45,7 @@ class KerasWeights:
 # Array checks on the file's metadata, before any data is read: {"<layer>/<weight name>": dataset}.
 LayoutCheck = Callable[[Mapping[str, h5py.Dataset]], None]
 MAX_LAYERS, MAX_ARRAYS = 1000, 10_000  # ManTraNet has 10 and 35: a crafted list of millions is refused unread
+TRUNCATED = re.compile(r"truncated file: eof = (?P<have>\d+),.*stored_eof = (?P<want>\d+)")  # HDF5's words
 MAX_LINK_HOPS = 16  # soft links followed for one name before it counts as a loop (HDF5's own limit)
 FLOAT_ITEMSIZES = (2, 4, 8)  # float16, float32, float64: what NumPy reads exactly and casts to float32
 STORED_TYPE = "float32"
@@ -118,7 +119,9 @@ def read_keras_h5(path: str | Path, check: LayoutCheck | None = None) -> KerasWe
     ``check`` sees every dataset (shape and dtype from the file's metadata) before any data is read, and
     raises ConversionError for arrays that do not belong: a huge declared shape is never allocated.
     Links are resolved inside the file only: external links, external raw storage and virtual datasets
-    (data from other files) are refused, soft-link loops reported.
+    (data from other files) are refused, soft-link loops reported. Arrays that share storage are refused
+    before any data is read: two names for one array (a soft link), or layout addresses that point into
+    another array's bytes.
     """
     path = Path(path)
     problem = file_problem(path)
@@ -127,6 +130,12 @@ def read_keras_h5(path: str | Path, check: LayoutCheck | None = None) -> KerasWe
     try:
         f = h5py.File(path, "r", locking=False)  # reading needs no lock; some filesystems have none
     except H5PY_ERRORS as e:
+        cut = TRUNCATED.search(str(e))
+        if cut:  # HDF5 records the file's length in its superblock: the rest was never written or copied
+            have, want = int(cut["have"]), int(cut["want"])
+            raise ConversionError(
+                f"{path}: truncated: {have:,} of {want:,} bytes (a download or copy cut short); fetch or copy it again"
+            ) from None
         raise ConversionError(f"{path}: not an HDF5 file ({_h5_reason(e)})") from None
     try:
         with f:
@@ -184,6 +193,49 @@ def _dataset_problem(item: h5py.Dataset) -> str | None:
     return None
 
 
+def _storage_extents(item: h5py.Dataset) -> list[tuple[int, int]]:
+    """(first byte, byte after the last) of each piece of ``item``'s data in the file, from its layout metadata.
+
+    Compact data lives in the object header and reads nothing from elsewhere: no extents.
+    """
+    dsid = item.id
+    layout = dsid.get_create_plist().get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = dsid.get_offset()  # None: never written, so nothing is read from the file
+        return [] if offset is None else [(offset, offset + max(dsid.get_storage_size(), item.nbytes))]
+    if layout != h5py.h5d.CHUNKED:
+        return []
+    extents: list[tuple[int, int]] = []
+    if hasattr(dsid, "chunk_iter"):  # one walk of the chunk index (HDF5 1.12.3 and later)
+        dsid.chunk_iter(lambda info: extents.append((info.byte_offset, info.byte_offset + info.size)))
+    else:
+        for index in range(dsid.get_num_chunks()):
+            info = dsid.get_chunk_info(index)
+            extents.append((info.byte_offset, info.byte_offset + info.size))
+    return extents
+
+
+def _check_storage(datasets: Mapping[str, h5py.Dataset]) -> None:
+    """Refuse arrays whose data share bytes of the file (a crafted layout address makes one array read
+    another's values): each array must read bytes of its own. Runs on metadata alone, before any data is read.
+    """
+    pieces = sorted(
+        (start, end, key) for key, item in datasets.items() for start, end in _storage_extents(item) if end > start
+    )
+    reach, owner = -1, ""
+    for start, end, key in pieces:
+        if start < reach:
+            where = f"bytes {start:,}..{min(end, reach) - 1:,} of the file"
+            if owner == key:
+                raise ConversionError(f"array {key}: two of its chunks share {where}; the file is damaged or crafted")
+            raise ConversionError(
+                f"arrays {owner} and {key} share {where}: one would read the other's values; the file is "
+                "damaged or crafted"
+            )
+        if end > reach:
+            reach, owner = end, key
+
+
 def _read_open_file(path: Path, f: h5py.File, check: LayoutCheck | None) -> KerasWeights:
     """``read_keras_h5`` on an open file; ConversionErrors without the path (the caller adds it)."""
     if _string_attr(f.attrs, "layer_names") is not None:
@@ -203,6 +255,7 @@ def _read_open_file(path: Path, f: h5py.File, check: LayoutCheck | None) -> Kera
         repeated = next(name for i, name in enumerate(layer_names) if name in layer_names[:i])
         raise ConversionError(f"layer '{repeated}' is listed twice in layer_names")
     datasets: dict[str, h5py.Dataset] = {}
+    names: dict[h5py.h5d.DatasetID, str] = {}
     for layer in layer_names:
         group = _resolve(f, root, layer, f"layer '{layer}'")
         if group is None:
@@ -224,9 +277,16 @@ def _read_open_file(path: Path, f: h5py.File, check: LayoutCheck | None) -> Kera
             problem = _dataset_problem(item)
             if problem:
                 raise ConversionError(f"array {key}: {problem}")
+            same = names.setdefault(item.id, key)  # ObjectIDs compare by the object in the file
+            if same != key:
+                raise ConversionError(
+                    f"arrays {same} and {key} are one array (a soft link names it twice); a weight file "
+                    "holds each weight in an array of its own"
+                )
             datasets[key] = item
     if check is not None:
         check(datasets)
+    _check_storage(datasets)
     arrays: dict[str, np.ndarray] = {}
     cast: dict[str, list[str]] = {}
     for key, item in datasets.items():

@@ -47,7 +47,20 @@ def load_weights(
       Its approximations come as ``EarlierPortWarning`` unless ``quiet``. Arrays stored in another float type
       than float32 are cast, with a ``WeightCastWarning``.
 
-    Raises ``ConversionError`` or ``WeightFileError`` naming the file and what is wrong with it.
+    Args:
+        path: the file, or the earlier port's two files.
+        variant: the release 0-4 when the file does not tell.
+        config: the architecture, instead of the one the file records or implies.
+        map_location: where the weights go.
+        quiet: no ``EarlierPortWarning``.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        ConversionError: an official-layout or earlier-port file that cannot be converted; the message names
+            the file and what is wrong.
+        WeightFileError: a file of this project that cannot be read.
     """
     paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
     if not paths:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import warnings
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ LAYER_PREFIX = "layer."
 LAYERS_KEY = "mantranet.layer_outputs"
 DEFAULT_OPSET = 18  # the dynamo exporter's own opset: other opsets go through ONNX's version converter
 MIN_OPSET = 18
+ORT_TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
 INSTALL_HINT = "pip install 'mantranet-torch[onnx]' (onnx, onnxscript and onnxruntime)"
 # Probe sizes (batch, height, width): 1 x 1 (every padding wider than the image), odd and thin sizes, a batch.
 PROBE_SIZES: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 5, 7), (2, 33, 97), (1, 64, 48))
@@ -55,6 +57,10 @@ EXAMPLE_SHAPE = (2, 3, 24, 20)  # an example batch of 2: PyTorch specialises a d
 
 
 def _require(module: str):
+    # ONNX Runtime (1.2x and later) keeps a telemetry device id and database under ~/.cache/Microsoft unless
+    # this is set before it loads: an export is no occasion to write into the user's home. A value the user
+    # set is kept; an onnxruntime the caller imported earlier has read it already.
+    os.environ.setdefault(ORT_TELEMETRY_ENV, "1")
     try:
         return __import__(module)
     except ImportError:
@@ -119,11 +125,24 @@ def export_onnx(
     force: bool = False,
     variant: int | None = None,
 ) -> OnnxExport:
-    """Export ``weights`` (any file ``converter.load_weights`` reads) to ``target`` as ONNX, checked, atomically.
+    """Export ``weights`` to ``target`` as ONNX for any image size, checked, atomically.
 
-    The check runs ONNX Runtime on the ``PROBE_SIZES`` inputs and compares the map with the PyTorch model's;
-    over ``PROBE_ATOL`` it raises ConversionError and writes nothing. ``layers``: add the 20 other named layers
-    as outputs. ``variant``: the release of an .h5 file whose hash and name do not tell.
+    The check runs ONNX Runtime on the ``PROBE_SIZES`` inputs and compares the map with the PyTorch model's; over
+    ``PROBE_ATOL`` nothing is written.
+
+    Args:
+        weights: any file ``converter.load_weights`` reads.
+        target: the ``.onnx`` file.
+        opset: the ONNX opset, at least ``MIN_OPSET``.
+        layers: add the 20 other named layers as outputs (for ``mantranet parity --torch-weights``).
+        force: replace an existing ``target``.
+        variant: the release of an ``.h5`` file whose hash and name do not tell.
+
+    Returns:
+        An ``OnnxExport``: the path, config, opset, outputs, size and the probes of the check.
+
+    Raises:
+        ConversionError: a bad opset, an existing output, a missing ``onnx`` extra, or a failed check.
     """
     target = Path(target)
     if opset < MIN_OPSET:

@@ -42,6 +42,7 @@ class FetchResult:
     weights: Path | None = None  # the converted file (None with convert=False)
     manifest: Path | None = None  # its provenance manifest
     converted: bool = False  # False when an up-to-date conversion was already there
+    not_hdf5: str | None = None  # an unverified download kept by allow_unknown that is no HDF5 file: its first bytes
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
@@ -59,10 +60,27 @@ def fetch(
     timeout_s: float = TIMEOUT_S,
     deadline_s: float | None = DEADLINE_S,
 ) -> FetchResult:
-    """Download official release ``release`` into ``folder`` (default: the user cache), verify its git blob SHA-1,
-    and (``convert``) convert it to ``fmt`` beside it with a manifest. Files already there and right are reused.
+    """Download official release ``release``, verify it, and convert it beside itself with a manifest; files
+    already there and right are reused.
 
-    Raises ``DownloadError`` (network, HTTP, content) or ``ConversionError``.
+    Args:
+        release: the official release, 0-4.
+        folder: where the files go (default: the user cache, ``converter.cache.weights_dir()``).
+        url: where to download from (default: the official URL of the release table).
+        convert: also convert it (to ``fmt``, with a manifest).
+        fmt: ``safetensors`` or ``pt``.
+        allow_unknown: keep a download whose git blob SHA-1 is not the release's.
+        force: replace a file in the way, and convert again.
+        progress: called with (bytes done, bytes in all or None) as the download goes.
+        timeout_s: the longest wait for any network event.
+        deadline_s: the longest the whole download may take (None: no limit).
+
+    Returns:
+        A ``FetchResult``: the paths left (``h5``, ``weights``, ``manifest``), what was downloaded or converted.
+
+    Raises:
+        DownloadError: the network, the server, or the content is wrong; the message names the URL.
+        ConversionError: the file cannot be converted, or a file cannot be written.
     """
     official = official_release(release)
     folder = Path(folder) if folder is not None else weights_dir()
@@ -72,13 +90,30 @@ def fetch(
         progress=progress, timeout_s=timeout_s, deadline_s=deadline_s,
     )  # fmt: skip
     result = FetchResult(release, target, got.digests.git_blob_sha1, got.verified, got.downloaded, got.resumed_from)
+    if not got.verified:  # kept as allow_unknown asks: say at once when it is no weight file at all
+        result = FetchResult(**{**result.__dict__, "not_hdf5": _not_hdf5(target)})
     if not convert:
         return result
+    if result.not_hdf5 is not None:
+        raise DownloadError(
+            f"{target}: downloaded and kept (allow_unknown, --allow-unknown), but it is not an HDF5 file (it starts "
+            f"with {result.not_hdf5}), so not a weight file: check the URL, and delete the file"
+        )
     weights, manifest = output_paths(target, folder, fmt)
     if not force and conversion_of(weights, manifest) == got.digests.git_blob_sha1:
         return FetchResult(**{**result.__dict__, "weights": weights, "manifest": manifest})
     save_conversion(convert_h5(target), weights, manifest, force=True)  # an outdated conversion is replaced
     return FetchResult(**{**result.__dict__, "weights": weights, "manifest": manifest, "converted": True})
+
+
+def _not_hdf5(path: Path) -> str | None:
+    """None for an HDF5 file; else its first bytes, as a hint of what it is (an HTML page, say)."""
+    import h5py
+
+    if h5py.is_hdf5(str(path)):
+        return None
+    with path.open("rb") as f:
+        return repr(f.read(16))
 
 
 def conversion_of(weights: Path, manifest: Path) -> str | None:
@@ -102,12 +137,25 @@ def pretrained(
     timeout_s: float = TIMEOUT_S,
     deadline_s: float | None = DEADLINE_S,
 ) -> ManTraNet:
-    """Official release ``release`` (0-4) as a trained model in eval mode.
+    """Official release ``release`` as a trained model in eval mode.
 
-    From the cache (``folder``, default ``converter.cache.weights_dir()``) when its conversion is there; else the
-    official file there is verified and converted; else it is downloaded (from ``url``, default the official
-    URL), verified by its git blob SHA-1, converted, and cached with its manifest. Raises ``PretrainedError``
-    with a one-line message naming the URL and where to put the official file by hand.
+    From the cache (``folder``) when its conversion is there; else the official file there is verified and
+    converted; else it is downloaded, verified by its git blob SHA-1, converted, and cached with its manifest.
+
+    Args:
+        release: the official release, 0-4.
+        map_location: where the weights go.
+        folder: the cache folder (default ``converter.cache.weights_dir()``).
+        url: where to download from (default: the official URL).
+        progress: called with (bytes done, bytes in all or None) during a download.
+        timeout_s: the longest wait for any network event.
+        deadline_s: the longest the whole download may take (None: no limit).
+
+    Returns:
+        The trained ``ManTraNet``.
+
+    Raises:
+        PretrainedError: it cannot be had; one line naming the URL and where to put the official file by hand.
     """
     official = official_release(release)
     folder = Path(folder) if folder is not None else weights_dir()
@@ -140,8 +188,15 @@ def local_status(path: Path, git_blob_sha1: str) -> str:
 
 
 def list_weights(folder: str | Path | None = None) -> dict:
-    """The release table with what ``folder`` (default: the user cache) holds of each entry: the official file's
-    status (``local_status``) and the formats it was converted to. What ``mantranet weights list`` prints."""
+    """The release table with what ``folder`` holds of each entry. What ``mantranet weights list`` prints.
+
+    Args:
+        folder: the weights folder (default: the user cache).
+
+    Returns:
+        ``{"folder", "official": [...], "earlier_pytorch_port": [...]}``: each entry's file, git blob SHA-1, URL,
+        the local file's status (``local_status``) and the formats it was converted to.
+    """
     folder = Path(folder) if folder is not None else weights_dir()
 
     def entry(file: str, git_blob_sha1: str, **fields: object) -> dict:

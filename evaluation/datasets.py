@@ -7,6 +7,7 @@ also knows how that benchmark draws its masks (``MaskRule``).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import re
@@ -58,9 +59,20 @@ class Dataset:
 
 
 def load_dataset(path: str | Path, layout: str | None = None, mask_rule: MaskRule | None = None) -> Dataset:
-    """A manifest (.csv, .jsonl) or a folder in one of ``LAYOUTS`` (named, or recognised by its sub-folders).
+    """A dataset of images, masks and labels from a manifest or a benchmark folder.
 
-    ``mask_rule`` overrides the layout's own rule (manifests default to grey > 127)."""
+    Args:
+        path: a manifest (``.csv``, ``.jsonl``) or a folder in one of ``LAYOUTS``.
+        layout: the folder's layout (default: recognised by its sub-folders).
+        mask_rule: which mask pixels are forged, overriding the layout's own rule (manifests default to
+            grey > 127).
+
+    Returns:
+        The ``Dataset``: its entries, and the entries it could not use with the reason (``problems``).
+
+    Raises:
+        DatasetError: no such manifest or folder, an unknown layout, no images, or two images of one name.
+    """
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
@@ -108,15 +120,37 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
                 raise DatasetError(f"{path}: the header must be image,mask[,label]; found {','.join(header)}")
             reader.fieldnames = header
             return [(reader.line_num, row) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError:
+        raise DatasetError(_not_utf8(path)) from None
+    except (OSError, csv.Error) as e:
         raise DatasetError(f"{path}: cannot read the manifest ({e})") from None
+
+
+def _not_utf8(path: Path) -> str:
+    """Where a manifest stops being UTF-8 (its line and byte), and what to do."""
+    try:
+        data = path.read_bytes()
+        data.decode("utf-8-sig")
+        at = -1
+    except OSError:
+        data, at = b"", -1
+    except UnicodeDecodeError as e:
+        at = e.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+    line = data[:at].count(b"\n") + 1
+    where = f", line {line} (byte 0x{data[at : at + 1].hex()})" if at >= 0 else ""
+    return (
+        f"{path}{where}: not UTF-8 text; a manifest is UTF-8: save it as UTF-8, or rename the files whose "
+        "names are in another encoding"
+    )
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise DatasetError(_not_utf8(path)) from None
+    except OSError as e:
         raise DatasetError(f"{path}: cannot read the manifest ({e})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -132,8 +166,11 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 
 def _manifest_entries(path: Path, rows: list[tuple[int, dict]]) -> tuple[list[Entry], list[tuple[str, str]]]:
+    """Entries of a manifest's rows; an image listed twice (by any path that leads to the same file) is an error:
+    scored twice, it would weigh twice in every mean."""
     root = path.parent
     entries, problems = [], []
+    lines: dict[Path, int] = {}
     for number, row in rows:
         image = str(row.get("image") or "").strip()
         mask = str(row.get("mask") or "").strip()
@@ -149,6 +186,13 @@ def _manifest_entries(path: Path, rows: list[tuple[int, dict]]) -> tuple[list[En
         else:
             problems.append((f"{where} ({image})", f"label {label_text!r} is not 0 or 1"))
             continue
+        where_on_disk = (root / image).resolve()
+        if where_on_disk in lines:
+            raise DatasetError(
+                f"{path}: lines {lines[where_on_disk]} and {number} list the same image ({image}); "
+                "list each image once, or it is scored twice"
+            )
+        lines[where_on_disk] = number
         entries.append(Entry(image, root / image, root / mask if mask else None, label))
     return entries, problems
 

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mantranet_torch.image_files import SampleError, samples_to_8bit
+
 GREY = "grey"  # ITU-R 601 luma, as Pillow's convert("L") computes it
 CHANNELS = {GREY: None, "red": 0, "green": 1, "blue": 2}
 DEFAULT_THRESHOLD = 127
+MASK_FORMATS = "PNG, TIFF, BMP, GIF, JPEG, WebP, PPM/PGM"
 
 
 class MaskError(ValueError):
@@ -52,7 +55,11 @@ def decode_mask(data: bytes, name: str, rule: MaskRule) -> np.ndarray:
             image.load()
             channel = CHANNELS[rule.channel]
             values = _grey(image) if channel is None else np.asarray(image.convert("RGB"))[:, :, channel]
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError:
+        raise MaskError(f"{name}: the mask is not an image of a format this tool reads ({MASK_FORMATS})") from None
+    except SampleError as e:
+        raise MaskError(f"{name}: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise MaskError(f"{name}: cannot decode the mask as an image ({e})") from None
     if values.max(initial=0) == 1:  # a mask stored as 0 and 1 (not 0 and 255): 1 is the marked class
         values = values * np.uint8(255)
@@ -62,12 +69,10 @@ def decode_mask(data: bytes, name: str, rule: MaskRule) -> np.ndarray:
 def _grey(image: Image.Image) -> np.ndarray:
     if image.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr"):
         return np.asarray(image.convert("L"))
-    values = np.asarray(image)  # 16-bit and 32-bit greyscale: the high byte, as 8-bit readers keep it
+    values = np.asarray(image)  # wider greyscale: by the rule images are read by (image_files.SAMPLE_RULE)
     if values.ndim != 2:
         return np.asarray(image.convert("L"))
-    if values.dtype == np.uint16 or values.max(initial=0) > 255:
-        return (values.astype(np.uint32) >> 8).astype(np.uint8)
-    return values.astype(np.uint8)
+    return samples_to_8bit(values)[0]
 
 
 def fit_mask(mask: np.ndarray, height: int, width: int, resize: bool, name: str) -> np.ndarray:

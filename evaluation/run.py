@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -13,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from converter.releases import bytes_digest, file_digests, release_by_hash
-from mantranet_torch.files import write_bytes_atomic
+from mantranet_torch.files import file_problem, os_reason, write_bytes_atomic
 
 from .datasets import Dataset, Entry
 from .engines import local_setup, run_local, run_ray
@@ -242,12 +243,17 @@ def plan_evaluation(dataset: Dataset, config: Config) -> Plan:
     skipped: dict[str, str] = dict(dataset.problems)
     wanted: list[tuple[Entry, Task]] = []
     for entry in dataset.entries:
+        # a folder, FIFO or missing file is named as such (a FIFO is never opened: reading it would block)
+        problems = [(p, file_problem(p)) for p in (entry.image, entry.mask) if p is not None]
+        at, problem = next(((p, why) for p, why in problems if why), (None, None))
+        if problem:
+            skipped[entry.name] = f"{at}: {problem}"
+            continue
         try:
             content = bytes_digest(entry.image.read_bytes())
             mask_content = bytes_digest(entry.mask.read_bytes()) if entry.mask else None
         except OSError as e:
-            missing = entry.image if not entry.image.is_file() else entry.mask
-            skipped[entry.name] = f"{missing}: {'no such file' if isinstance(e, FileNotFoundError) else e}"
+            skipped[entry.name] = f"{e.filename or entry.image}: {os_reason(e)}"
             continue
         for perturbation in perturbations:
             for backend in backends:
@@ -455,11 +461,22 @@ def aggregate(
 def write_outputs(evaluation: Evaluation, json_path: Path | None, csv_path: Path | None) -> None:
     import json
 
-    if json_path is not None:
-        text = json.dumps(evaluation.to_json(), indent=2, sort_keys=False) + "\n"
+    if json_path is not None:  # strict JSON: a non-finite number (none should be left) is written as null
+        text = json.dumps(_json_safe(evaluation.to_json()), indent=2, sort_keys=False, allow_nan=False) + "\n"
         write_bytes_atomic(json_path, text.encode(), force=True)
     if csv_path is not None:
         write_bytes_atomic(csv_path, evaluation.csv_bytes(), force=True)
+
+
+def _json_safe(value: object) -> object:
+    """``value`` with NaN and infinities as None: JSON has no such numbers, and most readers refuse them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 __all__ = [

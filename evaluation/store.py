@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,10 +62,12 @@ class ResultStore:
         return self.root / key[:2] / f"{key}.npz"
 
     def get(self, key: str) -> Record | None:
-        """The stored record, or None when absent, unreadable or of another format (computed again)."""
+        """The stored record, or None when absent, unreadable, of another format or holding a NaN or infinite
+        number (all computed again: a record is only ever written from a finite map)."""
         path = self.path(key)
         try:
-            return Record.decode(path.read_bytes())
+            record = Record.decode(path.read_bytes())
+            return record if finite(record.fields) and all(finite(a) for a in record.arrays.values()) else None
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
@@ -72,6 +75,19 @@ class ResultStore:
 
     def put(self, key: str, record: Record) -> None:
         write_bytes_atomic(self.path(key), record.encode(), force=True)
+
+
+def finite(value: object) -> bool:
+    """Whether every number in ``value`` (JSON-like fields, or an array) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(finite(v) for v in value)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fc":
+        return bool(np.isfinite(value).all())
+    return True
 
 
 def default_store() -> Path:

@@ -180,7 +180,18 @@ class Evaluator:
 
 
 def score(task: Task, likelihood: np.ndarray, mask: np.ndarray | None) -> Record:
-    """A record of ``likelihood`` against ``mask`` (None: no mask; pixel scores need one)."""
+    """A record of ``likelihood`` against ``mask`` (None: no mask; pixel scores need one).
+
+    Raises:
+        ValueError: the map holds a NaN or infinite value (named by its pixel).
+    """
+    finite = np.isfinite(likelihood)
+    if not finite.all():
+        y, x = np.argwhere(~finite)[0]
+        raise ValueError(
+            f"{task.image}: the map holds {np.count_nonzero(~finite):,} NaN or infinite value(s), the first at "
+            f"pixel (x={x}, y={y}); the weights or the precision give no usable map for this image"
+        )
     height, width = likelihood.shape
     fields = {
         "name": task.name,

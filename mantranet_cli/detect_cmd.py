@@ -39,7 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "and on request the raw float32 map (.npy) and a heat-map overlay. Images larger than memory allows are "
         "computed in tiles, with the same result as the whole image at once. Images are read as the official demo "
         "read them (OpenCV's IMREAD_COLOR): EXIF orientation applied, alpha dropped, grey and palette expanded, "
-        "16-bit scaled to 8-bit. Existing outputs are kept (a rerun resumes) unless --force.",
+        "wider samples read by what they hold (8-bit values stored wide as they are, 16-bit by /256, floats in "
+        "0..1 by *255; see docs/explanation/inputs.md), each conversion in a note. Existing outputs are kept (a "
+        "rerun resumes) unless --force.",
     )
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="images, or folders to search")
     p.add_argument("-w", "--weights", type=Path, required=True, help=".safetensors/.pt (ours) or an official .h5")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import Counter
 
 from .errors import BAD_INPUT, CommandError
@@ -39,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         result = selftest(args.thorough, args.device, args.keyword, quiet=not args.verbose)
     except MissingExtra as e:
         raise CommandError(str(e), BAD_INPUT) from None
+    if result.problem is not None:  # the suite did not run: "could not run", not "failed"
+        raise CommandError(f"could not run: {result.problem}", BAD_INPUT)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0 if result.passed else 1
@@ -63,17 +66,23 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+DEVICE_NAMES = re.compile(r"(cpu|mps|cuda(:\d+)?)")
+ACCEPTED_DEVICES = "cpu, cuda, cuda:N (N: a GPU's index) and mps"
+
+
 def check_device(device: str) -> None:
+    """Refuse a --device that is not one of ``ACCEPTED_DEVICES``, or that this machine's PyTorch lacks."""
     import torch
 
-    try:
-        target = torch.device(device)
-    except RuntimeError as e:
-        raise CommandError(f"--device {device}: {e}", BAD_INPUT) from None
+    if not DEVICE_NAMES.fullmatch(device):
+        raise CommandError(
+            f"--device {device}: not a device this command checks; it accepts {ACCEPTED_DEVICES}", BAD_INPUT
+        )
+    target = torch.device(device)
     available = {
-        "cuda": torch.cuda.is_available,
+        "cuda": lambda: torch.cuda.is_available() and (target.index or 0) < torch.cuda.device_count(),
         "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
         "cpu": lambda: True,
     }
-    if target.type not in available or not available[target.type]():
-        raise CommandError(f"--device {device}: not available to this PyTorch build", BAD_INPUT)
+    if not available[target.type]():
+        raise CommandError(f"--device {device}: not available to this PyTorch build on this machine", BAD_INPUT)

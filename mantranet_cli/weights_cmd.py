@@ -167,7 +167,9 @@ def run_fetch(args: argparse.Namespace) -> int:
             f"downloaded {target} ({target.stat().st_size} bytes): NOT release {release.index}'s content "
             f"(git blob SHA-1 {result.git_blob_sha1}, expected {release.git_blob_sha1}); "
             "kept, as --allow-unknown asks"
-        )
+            + (f"; it is not an HDF5 file (it starts with {result.not_hdf5}): not a weight file" if result.not_hdf5
+               else "")
+        )  # fmt: skip
     if result.weights is None:
         return 0
     if not result.converted:

@@ -95,7 +95,17 @@ RELEASES: dict[int, ManTraNetConfig] = {
 
 
 def release_config(index: int) -> ManTraNetConfig:
-    """Config of the official release ``ManTraNet_Ptrain{index}.h5``."""
+    """Config of the official release ``ManTraNet_Ptrain{index}.h5``.
+
+    Args:
+        index: the official release, 0-4.
+
+    Returns:
+        Its ``ManTraNetConfig`` (from ``RELEASES``).
+
+    Raises:
+        ValueError: no official release ``index``.
+    """
     try:
         return RELEASES[index]
     except KeyError:

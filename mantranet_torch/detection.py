@@ -45,8 +45,18 @@ def detect(
     exclude: str | Path | None = None,
     **options: object,
 ) -> Iterator[Detection]:
-    """``detect_found`` on every image under ``inputs`` (files as given, folders walked recursively in name order),
-    files under ``exclude`` (e.g. an output folder inside an input folder) left out."""
+    """Forgery maps for every image under ``inputs``, one at a time, each computed when asked for.
+
+    Args:
+        model: a ``ManTraNet`` in eval mode.
+        inputs: image files and folders (walked recursively, in name order).
+        exclude: a folder whose files are left out (e.g. an output folder inside an input folder).
+        **options: ``detect_found``'s: ``tile``, ``max_memory``, ``precision``, ``max_pixels``, ``progress``.
+
+    Yields:
+        One ``Detection`` per image; an image that cannot be read or does not fit in memory gives one with
+        ``error`` set, and the rest go on.
+    """
     found = find_images([Path(p) for p in inputs], skip=None if exclude is None else Path(exclude))
     return detect_found(model, found, **options)
 

@@ -189,6 +189,15 @@ class ManTraNet(nn.Module):
 
         For the trained release use ``converter.pretrained(index)``; for a weight file,
         ``converter.load_weights(path)``.
+
+        Args:
+            index: the official release, 0-4.
+
+        Returns:
+            The model, with random weights.
+
+        Raises:
+            ValueError: no official release ``index``.
         """
         return cls(release_config(index))
 
@@ -213,10 +222,28 @@ class ManTraNet(nn.Module):
         return self.detector.logits(self.featex(x))
 
     def trace(self, x: Tensor) -> dict[str, Tensor]:
-        """All named outputs at once (memory grows with the image: use on small inputs)."""
+        """All named outputs at once (memory grows with the image: use on small inputs).
+
+        Args:
+            x: a float32 N x 3 x H x W tensor in [-1, 1] (``to_model_input``).
+
+        Returns:
+            Keras layer name (``LAYERS``, in network order) to that layer's output.
+        """
         return dict(self.stages(x))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The forgery likelihood of a batch, every statistic per image.
+
+        Args:
+            x: a float32 N x 3 x H x W tensor in [-1, 1] (``to_model_input`` makes one from an image).
+
+        Returns:
+            N x 1 x H x W likelihoods in (0, 1).
+
+        Raises:
+            ValueError: ``x`` is not N x 3 x H x W.
+        """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an N x 3 x H x W tensor, got shape {tuple(x.shape)}")
         return self.detector(self.featex(x))
@@ -230,19 +257,27 @@ class ManTraNet(nn.Module):
         precision: str = "fp32",
         progress: Progress | None = None,
     ) -> np.ndarray:
-        """Forgery likelihood of one uint8 RGB image (H x W x 3 array or PIL image): float32 H x W.
+        """Forgery likelihood of one uint8 RGB image: the whole map, exactly, tiled only where memory requires.
 
-        tile: compute the map in tiles of at most tile x tile pixels, in bounded memory and exactly
-        (up to float32 rounding).
-        max_memory: a budget in GB (2**30 bytes): the whole image when its modelled peak fits, else the
-        largest tiles that do (ValueError when not even the smallest tiles fit). Not with ``tile``.
-        Neither: the whole image at once, or the largest tiles that fit when the whole image would not fit
-        in the device's available memory.
-        precision: "fp32" (true float32, TF32 off), "tf32" (TF32 convolutions on NVIDIA GPUs of compute
-        capability 8.0+), "bf16" (a bfloat16 feature extractor: less exact, faster only where bfloat16 is
-        native; elsewhere a ``SlowPrecisionWarning``), or "auto" (bf16 where native, else fp32); see
-        ``mantranet_torch.precision``. The float32 settings are set for the call and restored after it.
-        progress: called with (tiles done, tiles in all) during a tiled run.
+        Args:
+            image: one uint8 H x W x 3 array, RGB PIL image, or 1 x 3 x H x W tensor (``to_model_input``'s forms).
+            tile: compute the map in tiles of at most tile x tile pixels, in bounded memory and exactly (up to
+                float32 rounding).
+            max_memory: a budget in GB (2**30 bytes): the whole image when its modelled peak fits, else the largest
+                tiles that do. Not with ``tile``. Neither: the whole image at once, or the largest tiles that fit when
+                the whole image would not fit in the device's available memory.
+            precision: "fp32" (true float32, TF32 off), "tf32" (TF32 convolutions on NVIDIA GPUs of compute
+                capability 8.0+), "bf16" (a bfloat16 feature extractor: less exact, faster only where bfloat16 is
+                native; elsewhere a ``SlowPrecisionWarning``), or "auto" (bf16 where native, else fp32); see
+                ``mantranet_torch.precision``. The float32 settings are set for the call and restored after it.
+            progress: called with (tiles done, tiles in all) during a tiled run.
+
+        Returns:
+            float32 H x W likelihoods in (0, 1).
+
+        Raises:
+            ValueError: both ``tile`` and ``max_memory``, a budget that is not a positive number, a batch, or a
+                budget that not even the smallest tiles fit in.
         """
         if tile is not None and max_memory is not None:
             raise ValueError("give tile or max_memory, not both")

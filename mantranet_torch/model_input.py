@@ -14,6 +14,12 @@ def scale_pixels(rgb: Tensor) -> Tensor:
     """uint8 RGB to the model's float32 range [-1, 1], as the official demo does: ``x / 255 * 2 - 1``.
 
     Kept in this operation order, in float32, so inputs match the original bit for bit.
+
+    Args:
+        rgb: uint8 pixel values, any shape.
+
+    Returns:
+        The same shape in float32, in [-1, 1].
     """
     return rgb.to(torch.float32) / 255.0 * 2.0 - 1.0
 
@@ -21,8 +27,16 @@ def scale_pixels(rgb: Tensor) -> Tensor:
 def to_model_input(image: ImageLike) -> Tensor:
     """A float32 N x 3 x H x W tensor in [-1, 1] from any accepted image form.
 
-    Accepted: a uint8 H x W x 3 array, an RGB PIL image, a uint8 N x 3 x H x W tensor (all scaled
-    here), or a floating N x 3 x H x W tensor taken as already scaled.
+    Args:
+        image: a uint8 H x W x 3 array, an RGB PIL image, a uint8 N x 3 x H x W tensor (all scaled here), or a
+            floating N x 3 x H x W tensor taken as already scaled.
+
+    Returns:
+        The model's input.
+
+    Raises:
+        ValueError: another shape, dtype or PIL mode, or an empty image.
+        TypeError: neither an array, a PIL image nor a tensor.
     """
     if isinstance(image, Image.Image):
         if image.mode != "RGB":

@@ -117,7 +117,26 @@ def freeze(model: ManTraNet, which: str = "none") -> list[str]:
     return frozen
 
 
-class KerasAdam(torch.optim.Optimizer):
+class _KerasOptimizer(torch.optim.Optimizer):
+    """The loop every Keras optimiser here shares: each parameter with a gradient, updated by ``_update``."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group, self.state[p])
+        return loss
+
+    def _update(self, p: Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError
+
+
+class KerasAdam(_KerasOptimizer):
     """Adam as Keras 2 computes it (``keras.optimizers.Adam``; tf_keras' Adam computes the same).
 
     Per step t: ``m += (g - m) (1 - beta_1)``, ``v += (g^2 - v) (1 - beta_2)``, then
@@ -142,36 +161,23 @@ class KerasAdam(torch.optim.Optimizer):
             raise ValueError(f"Adam needs lr >= 0, 0 <= betas < 1 and eps >= 0; got lr={lr}, betas={betas}, eps={eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta_1, beta_2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["m"] = torch.zeros_like(p)
-                    state["v"] = torch.zeros_like(p)
-                state["step"] += 1
-                g, m, v = p.grad, state["m"], state["v"]
-                # The powers and lr_t in the parameter's dtype, as Keras computes them (float32 tensors)
-                t = torch.tensor(float(state["step"]), dtype=p.dtype)
-                b1 = torch.tensor(beta_1, dtype=p.dtype)
-                b2 = torch.tensor(beta_2, dtype=p.dtype)
-                lr_t = torch.tensor(group["lr"], dtype=p.dtype) * torch.sqrt(1 - b2**t) / (1 - b1**t)
-                m.add_((g - m) * (1 - beta_1))  # 1 - beta in Python floats, then cast, as tf_keras does
-                v.add_((g.square() - v) * (1 - beta_2))
-                p.sub_(m * lr_t.to(p.device) / (v.sqrt() + group["eps"]))
-        return loss
+    def _update(self, p: Tensor, group: dict, state: dict) -> None:
+        beta_1, beta_2 = group["betas"]
+        if not state:
+            state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+        state["step"] += 1
+        g, m, v = p.grad, state["m"], state["v"]
+        # The powers and lr_t in the parameter's dtype, as Keras computes them (float32 tensors)
+        t = torch.tensor(float(state["step"]), dtype=p.dtype)
+        b1 = torch.tensor(beta_1, dtype=p.dtype)
+        b2 = torch.tensor(beta_2, dtype=p.dtype)
+        lr_t = torch.tensor(group["lr"], dtype=p.dtype) * torch.sqrt(1 - b2**t) / (1 - b1**t)
+        m.add_((g - m) * (1 - beta_1))  # 1 - beta in Python floats, then cast, as tf_keras does
+        v.add_((g.square() - v) * (1 - beta_2))
+        p.sub_(m * lr_t.to(p.device) / (v.sqrt() + group["eps"]))
 
 
-class KerasSGD(torch.optim.Optimizer):
+class KerasSGD(_KerasOptimizer):
     """SGD as Keras 2 computes it: ``velocity = momentum velocity - lr g``, then ``p += velocity``
     (Nesterov: ``p += momentum velocity - lr g``).
 
@@ -192,21 +198,11 @@ class KerasSGD(torch.optim.Optimizer):
             raise ValueError(f"SGD needs lr >= 0 and 0 <= momentum < 1; got lr={lr}, momentum={momentum}")
         super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if momentum == 0:
-                    p.sub_(p.grad * lr)
-                    continue
-                velocity = self.state[p].setdefault("velocity", torch.zeros_like(p))
-                velocity.mul_(momentum).sub_(p.grad * lr)
-                p.add_(velocity * momentum - p.grad * lr if group["nesterov"] else velocity)
-        return loss
+    def _update(self, p: Tensor, group: dict, state: dict) -> None:
+        lr, momentum = group["lr"], group["momentum"]
+        if momentum == 0:
+            p.sub_(p.grad * lr)
+            return
+        velocity = state.setdefault("velocity", torch.zeros_like(p))
+        velocity.mul_(momentum).sub_(p.grad * lr)
+        p.add_(velocity * momentum - p.grad * lr if group["nesterov"] else velocity)

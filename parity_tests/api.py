@@ -114,9 +114,25 @@ def suggest_map(
     variant: int | None = None,
     crop: str | Crop | None = None,
 ) -> tuple[LayerMap, list[Suggestion]]:
-    """A layer map proposed for ``candidate`` from the first image (default: the built-in noise image), for the
-    user to check and edit: its modules in execution order matched to the Keras layers by output shape, the
-    closest to our reference's output where several fit (``candidate.suggest_layer_map``)."""
+    """A layer map proposed for ``candidate``, for the user to check and edit: its modules in execution order
+    matched to the Keras layers by output shape, the closest to our reference's output where several fit
+    (``candidate.suggest_layer_map``), on the first image.
+
+    Args:
+        weights: the official-layout ``.h5`` file the reference runs.
+        candidate: ``"FILE.py:FACTORY"`` or the ``nn.Module`` itself.
+        images: the first is used (default: the built-in noise image).
+        input_layout: the candidate's input layout, ``NCHW`` or ``NHWC``.
+        input_range: its input range (``candidate.RANGES``).
+        variant: the release 0-4 when the file does not tell.
+        crop: ``"WxH[+X+Y]"`` or a ``Crop``.
+
+    Returns:
+        The proposed ``LayerMap`` and the ``Suggestion`` behind each entry.
+
+    Raises:
+        ParityInputError: bad weights, candidate, image or options.
+    """
     if input_layout not in ("NCHW", "NHWC") or input_range not in RANGES:
         raise ParityInputError(f"input layout {input_layout!r} / range {input_range!r}: see candidate.LayerMap")
     if isinstance(crop, str):
@@ -151,30 +167,41 @@ def run_parity(
 ) -> ParityRun:
     """Compare the PyTorch model with the TensorFlow reference layer by layer on ``images``.
 
-    ``weights``: an official-layout ManTraNet ``.h5`` file; the reference runs it (``reference``: ``"ours"``, the
-    project's TensorFlow re-implementation with a float64 NumPy evaluation as the exact answer; ``"official"`` or
-    ``"official:DIR"``, the official ``modelCore.py`` run under tf_keras, in float64 for the exact answer: see
-    ``ReferenceChoice``), and the PyTorch side is the
-    same file converted in memory unless ``torch_weights`` names our ``.safetensors``/``.pt`` or the earlier
-    port's checkpoints (one or two files; a checkpoint of one part is completed from ``weights``). ``variant``:
-    the release 0-4 when neither the file's hash nor its name tells. ``images``: file paths, H x W x 3 uint8 RGB
-    arrays, or none for the built-in set. ``modes``: cumulative and/or local. ``atol``/``rtol``: one tolerance for
-    every layer instead of the project's per-layer policy. ``crop``: ``"WxH[+X+Y]"`` or a ``Crop``, applied to
-    every image. ``progress``: called with a ``ParityEvent`` as the run goes.
+    The PyTorch side is ``weights`` converted in memory unless ``torch_weights`` or ``candidate`` says otherwise;
+    the weight file is read and identified once for both sides (``sides.build_sides``).
 
-    ``candidate``: compare another PyTorch implementation instead of ours: ``"FILE.py:FACTORY"`` (FACTORY returns
-    the ``nn.Module`` with its weights loaded; it gets ``weights`` when it takes an argument) or the module itself,
-    lined up with the Keras layers by ``layer_map`` (a JSON file, its dict, or a ``candidate.LayerMap``; see
-    ``candidate.py``, and ``suggest_map`` to propose one). Layers it does not map are reported as unmapped. Any
-    ``runner.Side`` may be given as well (``stages`` and ``layer`` in Keras names and layouts: our TensorFlow
-    reference as ``sides.ReferenceSide``, an exported graph's runtime), without a layer map.
+    Args:
+        weights: an official-layout ManTraNet ``.h5`` file, which the reference runs.
+        images: file paths, H x W x 3 uint8 RGB arrays, or none for the built-in set.
+        reference: ``"ours"`` (the project's TensorFlow re-implementation, a float64 NumPy evaluation as the
+            exact answer), ``"official"`` or ``"official:DIR"`` (the official ``modelCore.py`` under tf_keras, in
+            float64 for the exact answer), or a ``ReferenceChoice``.
+        torch_weights: our ``.safetensors``/``.pt``, the earlier port's checkpoints (one or two files; a
+            checkpoint of one part is completed from ``weights``), or an ONNX file exported with its layers.
+        candidate: another PyTorch implementation instead of ours: ``"FILE.py:FACTORY"`` (FACTORY returns the
+            ``nn.Module`` with its weights loaded; it gets ``weights`` when it takes an argument), the module
+            itself, or any ``runner.Side`` (``stages`` and ``layer`` in Keras names and layouts), which needs no
+            layer map. Layers it does not map are reported as unmapped.
+        layer_map: the candidate's Keras layer name to module path: a JSON file, its dict, or a
+            ``candidate.LayerMap`` (``suggest_map`` proposes one).
+        variant: the release 0-4 when neither the file's hash nor its name tells.
+        modes: cumulative and/or local.
+        atol: one absolute tolerance for every layer instead of the project's per-layer policy.
+        rtol: one relative tolerance for every layer.
+        crop: ``"WxH[+X+Y]"`` or a ``Crop``, applied to every image.
+        check_available_memory: refuse images whose comparison would not fit in the available memory.
+        progress: called with a ``ParityEvent`` as the run goes.
+        shrink: a folder; for each failing image (while ``shrink_budget`` seconds last, in all) the smallest
+            crop, then the simplest pixel content, that still fails at the same first divergent layer is saved
+            there as PNG with the command line that reproduces it (``shrink.py``; listed in ``ParityRun.shrunk``).
+        shrink_budget: seconds for shrinking, in all.
 
-    ``shrink``: a folder; for each failing image (while ``shrink_budget`` seconds last, in all) the smallest crop,
-    then the simplest pixel content, that still fails with the same first divergent layer is saved there as PNG,
-    with the command line that reproduces it (``shrink.py``; listed in ``ParityRun.shrunk``).
+    Returns:
+        The ``ParityRun`` (``passed``, ``first_divergent_layer``, per-image reports, ``to_json()``); a run that
+        finds layers over tolerance returns normally with ``passed`` False.
 
-    Returns the ``ParityRun`` (``passed``, ``first_divergent_layer``, per-image reports, ``to_json()``).
-    Raises ``ParityInputError`` for anything it cannot compare, before any comparison starts.
+    Raises:
+        ParityInputError: anything it cannot compare, before any comparison starts (the command exits 2).
     """
     modes = [m for m in MODES if m in modes]
     if not modes:
@@ -278,7 +305,9 @@ class ImageComparison:
             cumulative_from_reference=True,
         )
         seconds = time.perf_counter() - started
-        result = ImageParity(image.name, image.source, height, width, image.notes, attributed, report, seconds)
+        result = ImageParity(
+            image.name, image.source, height, width, image.notes, attributed, report, seconds, pixels=image.pixels
+        )
         event(DONE)
         return result
 

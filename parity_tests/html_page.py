@@ -16,6 +16,7 @@ tr.fail td { background: #fde8e8; }
 .scroll { max-width: 100%; overflow-x: auto; }
 code, .mono { font-family: ui-monospace, monospace; font-size: 0.9em; }
 .note { color: #555; font-size: 0.85em; }
+details { margin: 0.5em 0 1em; } summary { cursor: pointer; }
 figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; }
 figcaption { font-size: 0.85em; max-width: 640px; }
 img { max-width: 100%; height: auto; }

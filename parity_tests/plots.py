@@ -27,6 +27,9 @@ NONFINITE_COLOUR = (0, 230, 150)  # NaN/Inf differences: a hue the scale never t
 HEAT_DECADES = 4  # a heat map shows the top four decades of |difference|; smaller values are drawn as its floor
 MIN_HEAT_SIDE = 320  # small maps are enlarged (whole pixels, no smoothing) to at least this many pixels
 PLOT_FLOOR = 1e-10  # exact zeros are drawn at the plot's floor, with hollow markers
+GREY_STRENGTH = 0.3  # a heat map's backdrop keeps 30 % of the input's contrast: visible, never mistaken for error
+MIN_HEAT_OPACITY = 0.35  # colours just above a heat map's floor still show over the backdrop
+NOT_COMPARED_FILL, NOT_COMPARED = (242, 242, 242), "not compared"
 
 BACKGROUND, INK, GRID, TOLERANCE_INK = (255, 255, 255), (30, 30, 30), (225, 225, 225), (150, 150, 150)
 FAIL_INK = (200, 0, 0)
@@ -81,14 +84,31 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def heat_map(diff: np.ndarray, title: str, tolerance: float | None = None) -> Image.Image:
+def faint_grey(pixels: np.ndarray) -> np.ndarray:
+    """An RGB uint8 image as a faint grey copy (ITU-R 601 luma squeezed into the top ``1 - GREY_STRENGTH`` of the
+    range), a backdrop that shows where things are without competing with the colours drawn over it."""
+    luma = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return 255.0 - (255.0 - luma) * GREY_STRENGTH
+
+
+def heat_map(
+    diff: np.ndarray, title: str, tolerance: float | None = None, backdrop: np.ndarray | None = None
+) -> Image.Image:
     """|difference| over the image (H x W; NaN where either side was not finite) on a log colour scale, with a
-    colour bar marked in decades and at ``tolerance``."""
+    colour bar marked in decades and at ``tolerance``. ``backdrop``: the input image (H x W x 3 uint8), drawn as a
+    faint grey copy under the colours, which are opaque at the top of the scale and fade out towards its floor, so
+    that the reader sees where in the image the error sits."""
     finite = diff[np.isfinite(diff)]
     high = float(finite.max()) if finite.size and finite.max() > 0 else 1e-12
     scale = LogScale(high / 10**HEAT_DECADES, high) if high > 1e-12 else LogScale(1e-13, 1e-12)
     levels = np.where(np.isfinite(diff), scale(np.where(np.isfinite(diff), diff, scale.low)), np.nan)
     rgb = colourize(levels)
+    if backdrop is not None and backdrop.shape[:2] == diff.shape:
+        # opacity: none at or below the scale's floor (the input alone), rising to full at its top; NaN: full
+        alpha = np.where(np.isnan(levels), 1.0, MIN_HEAT_OPACITY + (1 - MIN_HEAT_OPACITY) * np.nan_to_num(levels))
+        alpha = np.where(np.isfinite(diff) & (diff <= scale.low), 0.0, alpha)[..., None]
+        grey = faint_grey(backdrop)[..., None]
+        rgb = np.rint(alpha * rgb + (1 - alpha) * grey).astype(np.uint8)
     height, width = diff.shape
     zoom = max(1, math.ceil(MIN_HEAT_SIDE / max(height, width)))
     picture = Image.fromarray(rgb).resize((width * zoom, height * zoom), Image.Resampling.NEAREST)
@@ -139,7 +159,8 @@ def error_plot(
     """Max |difference| per layer on a log axis, one line per mode, the tolerance as a grey step line.
 
     A failing layer's marker is ringed in red, one that passes only against the float64 value (the reference
-    drifted) in grey; an exact zero sits on the floor as a hollow marker.
+    drifted) in grey; an exact zero sits on the floor as a hollow marker. A value of None (a layer not compared
+    in that mode) leaves a gap in its line; a layer compared in no mode gets a shaded column marked "not compared".
     """
     small, regular = font(11), font(13)
     width, height = max(720, 44 * len(layers) + 120), 420
@@ -158,6 +179,15 @@ def error_plot(
     def y_of(value: float) -> float:
         return top + (1.0 - float(scale(max(value, scale.low)))) * plot_h
 
+    for i in range(len(layers)):  # nothing to draw here: say so, rather than let a gap pass for zero
+        if all(s.values[i] is None for s in series):
+            draw.rectangle((left + step * i + 1, top + 1, left + step * (i + 1) - 1, top + plot_h - 1),
+                           fill=NOT_COMPARED_FILL)  # fmt: skip
+            box = draw.textbbox((0, 0), NOT_COMPARED, font=small)
+            label = Image.new("RGB", (box[2] + 2, box[3] + 2), NOT_COMPARED_FILL)
+            ImageDraw.Draw(label).text((0, 0), NOT_COMPARED, fill=TOLERANCE_INK, font=small)
+            label = label.rotate(90, expand=True)
+            canvas.paste(label, (round(x_of(i) - label.width / 2), round(top + plot_h - label.height - 6)))
     for decade in scale.decades():
         y = y_of(decade)
         draw.line((left, y, left + plot_w, y), fill=GRID)
@@ -187,10 +217,15 @@ def error_plot(
     for s in series:
         drifted = s.drifted or [False] * len(s.values)
         flags = zip(s.values, s.failed, drifted, strict=True)
-        points = [(x_of(i), y_of(v), v, f, d) for i, (v, f, d) in enumerate(flags)]
-        drawn = [(x, y) for x, y, v, _, _ in points if v is not None]
-        if len(drawn) > 1:
-            draw.line(drawn, fill=s.colour, width=2)
+        points = [(x_of(i), None if v is None else y_of(v), v, f, d) for i, (v, f, d) in enumerate(flags)]
+        run: list[tuple[float, float]] = []
+        for x, y, v, _, _ in [*points, (0.0, None, None, False, False)]:  # one line per run of compared layers
+            if v is not None:
+                run.append((x, y))
+                continue
+            if len(run) > 1:
+                draw.line(run, fill=s.colour, width=2)
+            run = []
         for x, y, v, failed, drift in points:
             if v is None:
                 continue

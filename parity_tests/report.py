@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from mantranet_torch import LAYERS
 
 from .compare import Comparison
@@ -58,6 +60,9 @@ class ImageParity:
     attributed: Attributed
     report: ParityReport
     seconds: float
+    pixels: np.ndarray | None = field(
+        default=None, repr=False
+    )  # the input (uint8 H x W x 3) for heat maps; not in JSON
 
     @property
     def passed(self) -> bool:

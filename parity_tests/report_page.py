@@ -27,11 +27,12 @@ from .html_page import escape as _e
 from .html_page import html_page
 from .plots import SERIES_COLOURS, Series, error_plot, heat_map, png_bytes
 from .report import ImageParity, ParityRun, further_from_exact, verdict
-from .runner import LayerResult
-from .tolerances import MODES
+from .runner import LayerResult, ParityReport
+from .tolerances import LOCAL, MODES
 
 INDEX, JSON_NAME = "index.html", "report.json"
 FINAL_LAYER = LAYERS[-1]
+
 
 class ReportError(Exception):
     """The report folder cannot be written where asked; the message names it."""
@@ -118,26 +119,33 @@ def heat_map_name(index: int, image: ImageParity, layer: str, mode: str) -> str:
 
 
 def _plot_series(results: list[LayerResult], modes: list[str]) -> list[Series]:
-    # An unmapped layer (no comparison in a mode) is drawn at zero error, never as failing.
-    def get(r: LayerResult, mode: str) -> Comparison:
-        return r.comparisons.get(mode) or Comparison(r.name, [], 0.0, 0.0, passed=True)
+    # A layer not compared in a mode (unmapped, or its local mode off) has no value there: a gap, never a zero.
+    def get(r: LayerResult, mode: str) -> Comparison | None:
+        return r.comparisons.get(mode)
 
     return [
         Series(
             mode,
-            [get(r, mode).max_abs for r in results],
-            [not get(r, mode).passed for r in results],
+            [None if get(r, mode) is None else get(r, mode).max_abs for r in results],
+            [get(r, mode) is not None and not get(r, mode).passed for r in results],
             SERIES_COLOURS[mode],
-            [get(r, mode).reference_drift > 0 for r in results],
+            [get(r, mode) is not None and get(r, mode).reference_drift > 0 for r in results],
         )
         for mode in MODES
         if mode in modes
     ]
 
 
-def _tolerance_line(results: list[LayerResult]) -> list[float]:
-    """Per layer, the largest tolerance applied in the headline mode (cumulative where it ran)."""
-    return [0.0 if r.headline is None else r.headline.atol_max or r.headline.atol for r in results]
+def _tolerance_line(results: list[LayerResult]) -> list[float | None]:
+    """Per layer, the largest tolerance applied in the headline mode (cumulative where it ran); None where the
+    layer was not compared."""
+    return [None if r.headline is None else r.headline.atol_max or r.headline.atol for r in results]
+
+
+def not_compared(unmapped: bool) -> str:
+    """A table cell's words for a mode without a comparison: the layer is unmapped, or it is mapped and this
+    mode (local: the module fed the reference's input) is off because the port computes the layer elsewhere."""
+    return "unmapped" if unmapped else "off (computed outside the module)"
 
 
 def layer_error_figure(image: ImageParity, modes: list[str]) -> Image.Image:
@@ -165,7 +173,8 @@ def _figures(run: ParityRun) -> dict[str, bytes]:
             for mode, comparison in result.comparisons.items():
                 diff = result.diff_maps[mode][0]
                 caption = f"{image.name}: |difference| at {layer} ({mode} mode), largest over channels"
-                files[heat_map_name(i, image, layer, mode)] = png_bytes(heat_map(diff, caption, comparison.atol))
+                picture = heat_map(diff, caption, comparison.atol, backdrop=image.pixels)
+                files[heat_map_name(i, image, layer, mode)] = png_bytes(picture)
     return files
 
 
@@ -185,7 +194,7 @@ def _summary_table(run: ParityRun) -> str:
         for mode in modes:
             s = layer[mode]
             if s is None:
-                cells += "<td>unmapped</td><td>-</td><td>-</td>"
+                cells += f"<td>{not_compared(layer['unmapped'])}</td><td>-</td><td>-</td>"
                 continue
             cells += f"<td>{_fmt(s['max_abs'])}</td><td>{_fmt(s['max_rel'])}</td><td>{s['fraction_over']:.3%}</td>"
         failing = ", ".join(layer["failing_images"]) or "-"
@@ -209,7 +218,7 @@ def _image_table(image: ImageParity) -> str:
         for mode in image.report.modes:
             c = r.comparisons.get(mode)
             if c is None:
-                cells += "<td>unmapped</td>" + "<td>-</td>" * 4
+                cells += f"<td>{not_compared(r.unmapped)}</td>" + "<td>-</td>" * 4
                 continue
             cells += f"<td>{_fmt(c.max_abs)}</td><td>{_fmt(c.p99_abs)}</td><td>{_fmt(c.max_rel)}</td>"
             cells += f"<td>{c.fraction_over:.3%}</td><td>{_fmt(c.min_atol)}</td>"
@@ -232,6 +241,34 @@ def _image_table(image: ImageParity) -> str:
     )
 
 
+def _failure_block(report: ParityReport, first: str) -> str:
+    """The first divergent layer with its failures, the layers wrong by themselves (local mode), and one line for
+    the layers that only inherit the error downstream; every message in a collapsed block (and in the JSON)."""
+    per_mode = ", ".join(f"{m}: {report.first_divergent(m) or 'none'}" for m in report.modes)
+    own = [(first, mode, c) for mode, c in report.layer(first).comparisons.items() if not c.passed]
+    own += [(r.name, LOCAL, r.local) for r in report.layers if r.name != first and r.local and not r.local.passed]
+    inherited = [
+        r.name
+        for r in report.layers
+        if r.name != first and r.cumulative and not r.cumulative.passed and (r.local is None or r.local.passed)
+    ]
+    lines = [f"<p>First divergent layer: <b>{_e(first)}</b> ({_e(per_mode)}).</p>"]
+    lines.append("<ul>" + "".join(f"<li><code>[{m}] {_e(c.message())}</code></li>" for _, m, c in own) + "</ul>")
+    if inherited:
+        count = f"{len(inherited)} layer{'s' * (len(inherited) > 1)}"
+        lines.append(
+            f"<p>and {count} downstream, inherited (over tolerance in cumulative mode only, within it fed the "
+            f"reference's input): {_e(', '.join(inherited))}.</p>"
+        )
+    every = report.failures()
+    lines.append(
+        f"<details><summary>All {len(every)} failure messages</summary><ul>"
+        + "".join(f"<li><code>{_e(f)}</code></li>" for f in every)
+        + "</ul></details>"
+    )
+    return "\n".join(lines)
+
+
 def _image_section(index: int, image: ImageParity, files: dict[str, bytes]) -> str:
     status = "passed" if image.passed else "FAILED"
     parts = [
@@ -242,15 +279,14 @@ def _image_section(index: int, image: ImageParity, files: dict[str, bytes]) -> s
     parts += [f"<p>Note: {_e(note)}</p>" for note in image.notes]
     first = image.report.first_divergent_layer
     if first is not None:
-        per_mode = ", ".join(f"{m}: {image.report.first_divergent(m) or 'none'}" for m in image.report.modes)
-        parts.append(f"<p>First divergent layer: <b>{_e(first)}</b> ({_e(per_mode)}).</p>")
-        parts.append("<ul>" + "".join(f"<li><code>{_e(f)}</code></li>" for f in image.report.failures()) + "</ul>")
+        parts.append(_failure_block(image.report, first))
     plot = f"{slug(index, image.name)}-errors.png"
     parts.append(
         f"<figure><img src='{plot}' alt='error per layer'><figcaption>Max |difference| per layer, log scale. Grey: "
         "the tolerance (for the cumulative detector layers, whose tolerance adds a bound on inherited error per "
         "element, the largest applied); red rings: over tolerance; grey rings: over tolerance against the reference "
-        "but within it of the float64 value (the reference drifted); hollow markers: exactly zero."
+        "but within it of the float64 value (the reference drifted); hollow markers: exactly zero; a gap in a line: "
+        "a layer not compared in that mode (shaded and marked where no mode compared it)."
         "</figcaption></figure>"
     )
     for layer in heat_map_layers(image):
@@ -261,7 +297,8 @@ def _image_section(index: int, image: ImageParity, files: dict[str, bytes]) -> s
                 parts.append(
                     f"<figure><img src='{name}' alt='{_e(layer)} {mode}'><figcaption>{_e(layer)}, {what}, {mode} mode: "
                     "|torch - reference| at each pixel (largest over channels and time steps), log colour scale over "
-                    "four decades; the red mark on the bar is the tolerance.</figcaption></figure>"
+                    "four decades, drawn over a faint grey copy of the input (colours fade out towards the scale's "
+                    "floor); the red mark on the bar is the tolerance.</figcaption></figure>"
                 )
     parts.append(f"<div class='scroll'>{_image_table(image)}</div>")
     return "\n".join(parts)
@@ -281,7 +318,10 @@ def _page(run: ParityRun, files: dict[str, bytes]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in run.versions.items())
     modes = " and ".join(run.modes)
     title = f"ManTraNet parity: {Path(str(reference['path'])).name}"
-    return html_page(title, "mantranet parity", f"""<h1>ManTraNet parity report</h1>
+    return html_page(
+        title,
+        "mantranet parity",
+        f"""<h1>ManTraNet parity report</h1>
 <p class="{status}"><b>{_e(verdict(run))}</b></p>
 <p>Reference (TensorFlow): <code>{_e(reference["path"])}</code>, {_e(reference["release"])}
  (identified by {_e(reference["identified_by"])}).<br>
@@ -291,4 +331,5 @@ Machine-readable: <a href="{JSON_NAME}">{JSON_NAME}</a>.</p>
 {f"<ul>{notes}</ul>" if notes else ""}
 <h2>All images: the worst over the images, per layer</h2>
 <div class="scroll">{_summary_table(run)}</div>
-{sections}""")
+{sections}""",
+    )

@@ -275,18 +275,34 @@ def compare_layers(
     progress: Progress | None = None,
     cumulative_from_reference: bool = False,
 ) -> ParityReport:
-    """Compare ``model`` with ``reference`` on ``x`` (N x H x W x 3, float32 in [-1, 1]) layer by layer.
+    """Compare ``model`` with ``reference`` on one input batch, layer by layer: the engine of ``run_parity``.
 
-    ``model``: our ``ManTraNet`` (run as it is: float32, eval mode) or any ``Side``; layers a side lacks are
-    reported as unmapped. With ``oracle`` (the float64 ``Oracle``, or the official code in float64: anything with
-    ``stages`` and ``layer``), every layer is also evaluated in float64 (from the reference's inputs in local mode)
-    and each side's error against it is reported. ``oracle_layers`` limits that to some layers in
-    local mode (the float64 feature extractor is slow on large images: the detector alone is cheap);
-    cumulative attribution needs the whole float64 chain, so it runs only when no limit is given, unless
-    ``cumulative_from_reference``: then the float64 chain starts from the reference's own inputs to the first
-    of ``oracle_layers`` and runs on to the end. That arbitrates the detector's drift in cumulative mode on
-    large images (the official float32 window means drift as images grow) against the exact value of the
-    reference's features; the compared side's inherited feature error is what its cumulative tolerance covers.
+    ``model`` is run as it is (float32, eval mode); layers a side lacks are reported as unmapped. With ``oracle``
+    every layer is also evaluated in float64 (from the reference's inputs in local mode) and each side's error
+    against it is reported. ``oracle_layers`` limits that to some layers in local mode (the float64 feature
+    extractor is slow on large images: the detector alone is cheap); cumulative attribution needs the whole
+    float64 chain, so it runs only when no limit is given, unless ``cumulative_from_reference``: then the float64
+    chain starts from the reference's own inputs to the first of ``oracle_layers`` and runs on to the end. That
+    arbitrates the detector's drift in cumulative mode on large images (the official float32 window means drift
+    as images grow) against the exact value of the reference's features; the compared side's inherited feature
+    error is what its cumulative tolerance covers.
+
+    Args:
+        reference: anything with ``trace(x)`` giving the 21 named layers (NHWC) and ``arrays``.
+        model: our ``ManTraNet`` or any ``Side`` (``stages`` and ``layer`` in Keras names and layouts).
+        x: N x H x W x 3, float32 in [-1, 1].
+        oracle: the float64 ``Oracle``, or the official code in float64: anything with ``stages`` and ``layer``.
+        oracle_layers: the layers evaluated in float64 (None: all).
+        modes: ``cumulative`` and/or ``local``.
+        policy: the tolerance per layer.
+        progress: called with (mode, layer) as each layer is compared.
+        cumulative_from_reference: start the float64 chain from the reference's features (see above).
+
+    Returns:
+        The ``ParityReport``: per layer and mode, the errors, the tolerance verdict and the float64 attribution.
+
+    Raises:
+        ValueError: unknown modes, or a reference trace that lacks layers.
     """
     unknown = set(modes) - set(MODES)
     if unknown or not modes:

@@ -6,13 +6,15 @@ optionally the layer-by-layer parity of the model on another device (a GPU) agai
     result.passed, result.counts, result.failures
 
 Needs the ``reference`` extra (TensorFlow, tf_keras, pytest, hypothesis); without it ``MissingExtra`` says what
-to install. Nothing is written: no pytest cache, no Hypothesis example database, no bytecode.
+to install. Nothing is written in the current folder: no pytest cache, no Hypothesis example database, no bytecode;
+Hypothesis's constants cache goes to the user cache folder (``converter.cache.cache_dir()/hypothesis``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import os
 import sys
 import time
@@ -59,6 +61,7 @@ class SelftestResult:
     skipped: list[str] = field(default_factory=list)  # "test id: reason"
     seconds: float = 0.0
     device: DeviceCheck | None = None
+    problem: str | None = None  # why the suite could not run (a -k expression pytest refuses or that selects none)
 
     @property
     def passed(self) -> bool:
@@ -98,17 +101,58 @@ def selftest(
     args += ["-p", "no:terminal"] if quiet else ["-q"]
     start = time.perf_counter()
     import_reference()  # TensorFlow's C++ start-up notices silenced, once, before the tests import it
-    with _environment(PROFILE_ENV, profile), _no_bytecode():
+    said = io.StringIO()  # pytest's own words on a refused -k expression, in quiet mode
+    with _environment(PROFILE_ENV, profile), _no_bytecode(), _hypothesis_storage(), _stderr_to(said if quiet else None):
         settings.register_profile("selftest", parent=settings.get_profile(profile), database=None)
         settings.load_profile("selftest")
         exit_code = int(pytest.main(args, plugins=[collector]))
     result = SelftestResult(
         profile, [Path(f).name for f in files], exit_code, collector.counts, collector.failures, collector.skipped,
-        time.perf_counter() - start,
+        time.perf_counter() - start, problem=_problem(exit_code, keyword, said.getvalue()),
     )  # fmt: skip
-    if device is not None:
+    if device is not None and result.problem is None:
         result.device = device_check(device)
     return result
+
+
+# pytest's exit statuses that mean the suite did not run (pytest.ExitCode): a usage error, nothing selected
+USAGE_ERROR, NO_TESTS_COLLECTED = 4, 5
+
+
+def _problem(exit_code: int, keyword: str | None, said: str) -> str | None:
+    """Why pytest ran no test, in words, or None when it ran the suite (passed or not)."""
+    if exit_code == NO_TESTS_COLLECTED:
+        return f"-k {keyword!r} selects none of the suite's tests" if keyword else "the suite holds no tests"
+    if exit_code == USAGE_ERROR:
+        reason = next((line.removeprefix("ERROR: ") for line in said.splitlines() if line.startswith("ERROR: ")), "")
+        reason = reason.removeprefix(f"Wrong expression passed to '-k': {keyword}: ")
+        what = f"-k {keyword!r} is not an expression pytest reads" if keyword else "pytest refused its arguments"
+        return f"{what} ({reason})" if reason else what
+    return None
+
+
+@contextlib.contextmanager
+def _stderr_to(buffer: io.StringIO | None) -> Iterator[None]:
+    if buffer is None:
+        yield
+        return
+    with contextlib.redirect_stderr(buffer):
+        yield
+
+
+@contextlib.contextmanager
+def _hypothesis_storage() -> Iterator[None]:
+    """Hypothesis's files (its constants cache; the example database is off) in the user cache folder, never
+    ``.hypothesis/`` in the folder the user runs the command from."""
+    from hypothesis import configuration
+
+    from converter.cache import cache_dir
+
+    configuration.set_hypothesis_home_dir(cache_dir() / "hypothesis")
+    try:
+        yield
+    finally:
+        configuration.set_hypothesis_home_dir(None)
 
 
 class _Collector:

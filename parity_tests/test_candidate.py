@@ -141,3 +141,116 @@ def test_bad_candidate_input_exits_2(weights, images, tmp_path, capsys) -> None:
         assert code == 2 and expected in err, (argv, err)
     with pytest.raises(ParityInputError, match="give one of them"):
         run_parity(h5, [image], candidate=EARLIER, layer_map=EARLIER_STYLE_MAP, torch_weights=[h5])
+
+
+# --- the report page of a foreign port: gaps, not zeros; local mode off; one line for inherited failures --------
+
+UNMAPPED = ("bnorm", "glbStd", "nestedAvgFeatex", "divStd")  # as a port that computes its head inline would leave
+LOCAL_OFF = ("L2", "cLSTM")  # mapped, but their modules are not fed the reference's input alone
+TAMPERED_STAGE = 3  # backbone.stages.3 is b3c1
+
+
+def tampered_report(weights: WeightStore, images: dict[str, Path], folder: Path) -> Path:
+    """The faithful port with one kernel changed by 0.05 (b3c1), compared through a map that leaves the head's
+    statistics unmapped and two layers' local mode off; its --report page."""
+    port = folder / "tampered_port.py"
+    port.write_text(
+        "import torch\n"
+        "from parity_tests.port_candidates import faithful_port\n\n\n"
+        "def tampered(path):\n"
+        "    model = faithful_port(path)\n"
+        "    with torch.no_grad():\n"
+        f"        next(model.backbone.stages[{TAMPERED_STAGE}].parameters()).add_(0.05)\n"
+        "    return model\n"
+    )
+    layers = {k: v for k, v in FAITHFUL_MAP["layers"].items() if k not in UNMAPPED}
+    layers |= {name: {**layers[name], "local": False} for name in LOCAL_OFF}
+    layer_map = folder / "map.json"
+    layer_map.write_text(json.dumps({**FAITHFUL_MAP, "layers": layers}))
+    report = folder / "report"
+    code = main(["parity", str(weights.get(4).path), str(images["noise"]), "--candidate", f"{port}:tampered",
+                 "--layer-map", str(layer_map), "--report", str(report)])  # fmt: skip
+    assert code == 1
+    return report
+
+
+def test_the_report_page_of_a_foreign_port_with_a_tampered_kernel(weights, images, tmp_path, capsys) -> None:
+    import html
+    import re
+
+    report = tampered_report(weights, images, tmp_path)
+    capsys.readouterr()
+    data = json.loads((report / "report.json").read_text())
+    (image,) = data["images"]
+    by_name = {layer["name"]: layer for layer in image["layers"]}
+    assert image["first_divergent_layer"] == "b3c1" and image["unmapped"] == list(UNMAPPED)
+    page = html.unescape((report / "index.html").read_text())
+    # the local-mode cells: "unmapped" for the four unmapped layers, "off (...)" for the mapped ones with it off
+    rows = {m[0]: m[1] for m in re.findall(r"<tr class='\w+'><td>(\w+)</td>(.*?)</tr>", page)}
+    for name in UNMAPPED:
+        assert rows[name].count("<td>unmapped</td>") >= 2, rows[name]  # both modes, in both tables
+    for name in LOCAL_OFF:
+        assert "<td>off (computed outside the module)</td>" in rows[name] and "unmapped" not in rows[name]
+    # the failures: the first divergent layer named, then one line for the inherited ones, details collapsed
+    inherited = [
+        name
+        for name, layer in by_name.items()
+        if name != "b3c1" and layer["cumulative"] and not layer["cumulative"]["passed"]
+        and (layer["local"] is None or layer["local"]["passed"])
+    ]  # fmt: skip
+    assert len(inherited) >= 5  # the error travels down the backbone and into the head
+    assert f"and {len(inherited)} layers downstream, inherited" in page and ", ".join(inherited) in page
+    failing = sum(1 for layer in by_name.values() for mode in ("cumulative", "local")
+                  if layer[mode] and not layer[mode]["passed"])  # fmt: skip
+    assert f"<details><summary>All {failing} failure messages</summary>" in page
+    collapsed = page.split("<details>")[1].split("</details>")[0]
+    assert collapsed.count("<li>") == failing  # every message, in the collapsed block
+    # outside it: the first divergent layer's messages and those of layers wrong by themselves, no inherited one
+    own = [(n, m) for n, layer in by_name.items() for m in ("cumulative", "local")
+           if layer[m] and not layer[m]["passed"] and (n == "b3c1" or m == "local")]  # fmt: skip
+    shown = page.split("First divergent layer:")[1].split("<details>")[0]
+    assert shown.count("<li>") == len(own) and not any(f"{name}:" in shown.split("<p>and ")[0] for name in inherited)
+
+
+def test_the_error_plot_leaves_a_gap_where_a_layer_was_not_compared() -> None:
+    from parity_tests.plots import NOT_COMPARED_FILL, SERIES_COLOURS, Series, error_plot
+
+    names = ["a", "b", "c", "d", "e"]
+    series = [
+        Series("cumulative", [1e-3, 2e-3, None, 3e-3, 4e-3], [False] * 5, SERIES_COLOURS["cumulative"]),
+        Series("local", [1e-6, None, None, 2e-6, 3e-6], [False] * 5, SERIES_COLOURS["local"]),
+    ]
+    plot = np.asarray(error_plot(names, series, [1e-2, 1e-2, None, 1e-2, 1e-2], "t"))
+    # the layout error_plot draws on: 720 pixels wide (at least), plot from x=72 to width - 20, inside y 36 to 310
+    step = (plot.shape[1] - 72 - 20) / len(names)
+    column = [plot[37:310, round(72 + step * (i + 0.5))] for i in range(len(names))]
+
+    def shows(i: int, colour: tuple[int, int, int]) -> bool:
+        return bool((column[i] == colour).all(axis=-1).any())
+
+    assert (column[2] == NOT_COMPARED_FILL).all(axis=-1).mean() > 0.5  # shaded: no mode compared layer c
+    assert not shows(2, SERIES_COLOURS["cumulative"]) and not shows(2, SERIES_COLOURS["local"])
+    assert not (column[1] == NOT_COMPARED_FILL).all(axis=-1).any()  # b: compared in one mode, not shaded
+    assert shows(1, SERIES_COLOURS["cumulative"]) and not shows(1, SERIES_COLOURS["local"])  # a gap, no zero
+    assert shows(3, SERIES_COLOURS["local"]) and shows(0, SERIES_COLOURS["local"])
+
+
+def test_a_heat_map_is_drawn_over_a_faint_grey_copy_of_the_input() -> None:
+    from parity_tests.plots import COLOUR_SCALE, GREY_STRENGTH, MIN_HEAT_SIDE, heat_map
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    diff = np.zeros((8, 10), np.float32)
+    diff[2, 3] = 1e-3  # the error sits at one pixel; elsewhere exactly zero, under the scale's floor
+    picture = np.asarray(heat_map(diff, "t", backdrop=pixels))
+    zoom = -(-MIN_HEAT_SIDE // 10)  # the map is enlarged by whole pixels
+    left, top = 12, 26  # margin and header of the figure
+
+    def at(row: int, col: int) -> np.ndarray:
+        return picture[top + row * zoom + zoom // 2, left + col * zoom + zoom // 2].astype(int)
+
+    luma = pixels.astype(np.float64) @ [0.299, 0.587, 0.114]  # ITU-R 601, computed here on its own
+    for row, col in ((0, 0), (5, 7), (7, 9)):
+        grey = round(255 - (255 - luma[row, col]) * GREY_STRENGTH)
+        assert np.abs(at(row, col) - grey).max() <= 1, (row, col)  # the input, faint and grey
+    np.testing.assert_array_equal(at(2, 3), COLOUR_SCALE[-1][1])  # the largest error: the scale's top, opaque

@@ -21,14 +21,33 @@ __all__ = ["LAYERS", "ReferenceModel", "build", "from_keras_arrays", "load"]
 
 
 def load(path: str | Path, variant: int | None = None) -> ReferenceModel:
-    """An official-layout file (either layout, bytes or str attributes), its release decided as the converter
-    decides it: content hash, then file name, then ``variant``. Bad files raise ``ConversionError``."""
+    """The reference on an official-layout file (either layout, bytes or str attributes), its release decided as the
+    converter decides it: content hash, then file name, then ``variant``.
+
+    Args:
+        path: the ``.h5`` file.
+        variant: the release 0-4 when the file does not tell.
+
+    Returns:
+        The ``ReferenceModel``.
+
+    Raises:
+        ConversionError: the file is not an official-layout ManTraNet file; the message says why.
+    """
     keras, _, _, config = identify_keras_file(path, variant)
     return ReferenceModel(keras.arrays, config, source=str(path))
 
 
 def build(variant: int, seed: int = 0) -> ReferenceModel:
-    """Release ``variant``'s architecture with seeded, realistically scaled weights."""
+    """Release ``variant``'s architecture with seeded, realistically scaled weights.
+
+    Args:
+        variant: the release, 0-4.
+        seed: the weights' seed.
+
+    Returns:
+        The ``ReferenceModel``.
+    """
     config = release_config(variant)
     return ReferenceModel(synthetic_keras_weights(config, seed), config, source=f"synthetic weights (seed {seed})")
 

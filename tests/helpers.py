@@ -34,6 +34,41 @@ def converted_model(path: Path, variant: int | None = None) -> ManTraNet:
     return model_from_state_dict(conversion.state_dict, conversion.config, str(path))
 
 
+def point_layout_into(path: Path, victim: str, target: str, shift: int = 0) -> None:
+    """Rewrite, byte by byte, the data-layout message of dataset ``victim`` so that its data address points into
+    ``target``'s storage, as a crafted file would (h5py writes no such file).
+
+    Contiguous: the address in the layout message (version 3: ``03 01``, address, size) becomes target's first
+    byte + ``shift``. Chunked (version 3: ``03 02``, rank + 1, chunk-index address, chunk dimensions, element
+    size): the chunk-index address becomes target's, so both read the same chunks (``shift`` is ignored; give
+    both the same chunk shape). The message is the first such pattern after the dataset's object header address.
+    """
+    import re
+
+    import h5py
+
+    def layout(dataset: h5py.Dataset) -> tuple[int, re.Match]:
+        dsid = dataset.id
+        if dsid.get_create_plist().get_layout() == h5py.h5d.CHUNKED:
+            dims = b"".join(d.to_bytes(4, "little") for d in (*dataset.chunks, dataset.dtype.itemsize))
+            pattern = re.escape(b"\x03\x02" + bytes([dataset.ndim + 1])) + b"(.{8})" + re.escape(dims)
+        else:
+            address = dsid.get_offset().to_bytes(8, "little") + dsid.get_storage_size().to_bytes(8, "little")
+            pattern = b"\x03\x01(.{8})" + re.escape(address[8:])
+        header = h5py.h5o.get_info(dsid).addr
+        found = re.compile(pattern, re.DOTALL).search(data, header)
+        assert found is not None and found.start() - header < 4096, f"no layout message for {dataset.name}"
+        return dsid.get_offset() or 0, found
+
+    data = bytearray(path.read_bytes())
+    with h5py.File(path, "r") as f:
+        (_, victim_layout), (target_at, target_layout) = layout(f[victim]), layout(f[target])
+        chunked = f[victim].chunks is not None
+    address = target_layout.group(1) if chunked else (target_at + shift).to_bytes(8, "little")
+    data[victim_layout.start(1) : victim_layout.end(1)] = address
+    path.write_bytes(bytes(data))
+
+
 @functools.cache
 def synthetic_model(release: int, seed: int | None = None) -> ManTraNet:
     """Release ``release``'s model in eval mode with seeded synthetic weights (seed: the release's index unless

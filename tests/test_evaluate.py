@@ -335,7 +335,7 @@ def test_bad_entries_are_named_skipped_and_counted(data, tmp_path) -> None:
     (folder / "broken.png").write_bytes(b"not a png")
     Image.new("L", (SIDE + 2, SIDE), 255).save(folder / "wide_mask.png")
     rows = ("image,mask,label\nimages/spliced_000.png,masks/spliced_000.png,1\nmissing.png,,0\nbroken.png,,0\n"
-            "images/copymove_000.png,wide_mask.png,1\n")  # fmt: skip
+            "images/copymove_000.png,wide_mask.png,1\nimages,,0\nimages/spliced_001.png,masks,1\n")  # fmt: skip
     manifest = folder / "bad.csv"
     manifest.write_text(rows)
     common = ["-w", str(data["weights"]), "--store", str(tmp_path / "s"), "--threads", "1"]
@@ -343,8 +343,10 @@ def test_bad_entries_are_named_skipped_and_counted(data, tmp_path) -> None:
     assert code == 1
     assert "missing.png: no such file" in stderr and "broken.png" in stderr and "cannot decode" in stderr
     assert f"wide_mask.png: the mask is {SIDE + 2} x {SIDE} but its image is {SIDE} x {SIDE}" in stderr
+    assert f"skipped images: {folder / 'images'}: a folder, not a file" in stderr  # not "[Errno 21] ..."
+    assert f"skipped images/spliced_001.png: {folder / 'masks'}: a folder, not a file" in stderr
     result = json.loads((tmp_path / "o.json").read_text())
-    assert result["counts"]["skipped"] == 3 and result["rows"][0]["counts"]["images"] == 1
+    assert result["counts"]["skipped"] == 5 and result["rows"][0]["counts"]["images"] == 1
     code, _, stderr = run_cli(str(manifest), *common, "--resize-masks")
     assert code == 1 and "wide_mask" not in stderr
     code, _, stderr = run_cli(str(manifest), "-w", str(data["manifest"]), "--store", str(tmp_path / "s"))
@@ -371,25 +373,93 @@ def test_image_score_choices_from_the_stored_records(data, baseline, tmp_path, h
     )
 
 
-def test_one_image_listed_twice_and_paths_outside_the_manifest_folder(data, baseline, tmp_path) -> None:
+def test_one_image_listed_twice_is_refused_and_paths_outside_the_manifest_folder(data, baseline, tmp_path) -> None:
     folder = data["manifest"].parent
     (folder / "sub").mkdir(exist_ok=True)
-    manifest = folder / "sub" / "twice.csv"
-    manifest.write_text("image,mask\n../images/spliced_000.png,../masks/spliced_000.png\n"
-                        f"{folder / 'images' / 'spliced_000.png'},../masks/spliced_000.png\n")  # fmt: skip
+    twice = folder / "sub" / "twice.csv"  # one file by two paths: scored twice, it would weigh twice in each mean
+    twice.write_text("image,mask\n../images/spliced_000.png,../masks/spliced_000.png\n"
+                     f"{folder / 'images' / 'spliced_000.png'},../masks/spliced_000.png\n")  # fmt: skip
     maps = tmp_path / "maps"
     store = str(baseline["root"] / "store")
+    code, _, stderr = run_cli(str(twice), "-w", str(data["weights"]), "--store", store)
+    assert code == 1, stderr
+    assert f"{twice}: lines 2 and 3 list the same image ({folder / 'images' / 'spliced_000.png'})" in stderr, stderr
+    manifest = folder / "sub" / "outside.csv"
+    manifest.write_text("image,mask\n../images/spliced_000.png,../masks/spliced_000.png\n"
+                        f"{folder / 'images' / 'spliced_001.png'},../masks/spliced_001.png\n")  # fmt: skip
     code, _, stderr = run_cli(str(manifest), "-w", str(data["weights"]), "--threads", "1", "--save-maps", str(maps),
                               "--store", store, "--json", str(tmp_path / "o.json"))  # fmt: skip
     assert code == 0, stderr
     result = json.loads((tmp_path / "o.json").read_text())
-    assert result["counts"]["records"] == 2 and result["counts"]["computed"] == 1  # one computation for both
+    assert result["counts"]["records"] == 2 and result["counts"]["computed"] == 2  # maps wanted in a new folder
     saved = sorted(p.relative_to(maps).as_posix() for p in maps.rglob("*.npy"))
-    absolute = folder.joinpath("images", "spliced_000.npy").relative_to(folder.anchor).as_posix()
+    absolute = folder.joinpath("images", "spliced_001.npy").relative_to(folder.anchor).as_posix()
     assert saved == sorted(["images/spliced_000.npy", absolute])  # inside --save-maps, never beside the data
-    expected = np.load(map_path(baseline["root"] / "maps", "images/spliced_000.png", None, "torch"))
-    for name in saved:
+    for name, original in (("images/spliced_000.npy", "spliced_000"), (absolute, "spliced_001")):
+        expected = np.load(map_path(baseline["root"] / "maps", f"images/{original}.png", None, "torch"))
         np.testing.assert_array_equal(np.load(maps / name), expected)
+
+
+def strict_json(path: Path) -> dict:
+    """The file as strict JSON: NaN and Infinity, which Python writes unless told not to, are refused."""
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_stored_record_holding_a_nan_is_computed_again(data, baseline, tmp_path) -> None:
+    """A record whose numbers are not finite (a damaged or foreign store) is never scored: it is computed again,
+    and the result equals the baseline's."""
+    from evaluation.store import Record
+
+    manifest = data["manifest"].parent / "nan.csv"
+    manifest.write_text("image,mask\nimages/spliced_000.png,masks/spliced_000.png\n")
+    store = tmp_path / "store"
+    common = [str(manifest), "-w", str(data["weights"]), "--threads", "1", "--store", str(store)]
+    assert run_cli(*common)[0] == 0
+    (record_path,) = store.rglob("*.npz")
+    record = Record.decode(record_path.read_bytes())
+    record.fields["pixel"]["auc"] = float("nan")
+    record.fields["scores"]["max"] = float("inf")
+    record_path.write_bytes(record.encode())
+    code, _, stderr = run_cli(*common, "--json", str(tmp_path / "o.json"))
+    assert code == 0, stderr
+    result = strict_json(tmp_path / "o.json")
+    assert result["counts"]["computed"] == 1 and result["counts"]["resumed"] == 0
+    (expected,) = [r for r in (load_dataset(data["manifest"]).entries) if r.name == "images/spliced_000.png"]
+    likelihood = np.load(map_path(baseline["root"] / "maps", expected.name, None, "torch")).astype(np.float64)
+    truth = _mask(data, expected.name, likelihood.shape).ravel()
+    assert result["metrics"]["pixel_auc"] == pytest.approx(roc_auc_score(truth, likelihood.ravel()),
+                                                           abs=INDEPENDENT_TOLERANCE)  # fmt: skip
+    assert np.isfinite(Record.decode(record_path.read_bytes()).fields["pixel"]["auc"])  # the store is mended
+
+
+def test_a_non_finite_map_is_named_and_the_json_stays_valid(data, tmp_path, monkeypatch) -> None:
+    import mantranet_torch
+
+    manifest = data["manifest"].parent / "nanmap.csv"
+    manifest.write_text("image,mask\nimages/spliced_000.png,masks/spliced_000.png\nimages/authentic_000.png,\n")
+    real = mantranet_torch.ManTraNet.predict
+
+    def broken(self, pixels, *args, **kwargs):
+        out = real(self, pixels, *args, **kwargs)
+        if pixels[0, 0, 0] == np.asarray(Image.open(data["manifest"].parent / "images/spliced_000.png"))[0, 0, 0]:
+            out[3, 5] = np.nan  # as a diverging low-precision run would give
+        return out
+
+    monkeypatch.setattr(mantranet_torch.ManTraNet, "predict", broken)
+    args = [str(manifest), "-w", str(data["weights"]), "--threads", "1", "--store", str(tmp_path / "s")]
+    code, _, stderr = run_cli(*args, "--json", str(tmp_path / "o.json"))
+    assert code == 1
+    spliced = data["manifest"].parent / "images" / "spliced_000.png"
+    assert f"skipped images/spliced_000.png: {spliced}: the map holds 1 NaN or infinite value(s), the first at " \
+           "pixel (x=5, y=3)" in stderr, stderr  # fmt: skip
+    result = strict_json(tmp_path / "o.json")
+    assert result["counts"]["skipped"] == 1 and result["rows"][0]["counts"]["images"] == 1
+    assert result["metrics"]["pixel_auc"] is None  # no forged image left: no pixel AUC, and no NaN
+    assert not list((tmp_path / "s").rglob("*.npz"))[1:]  # only the authentic image's record was stored
 
 
 def test_tiles_give_the_whole_image_result_and_share_its_records(data, baseline, tmp_path) -> None:

@@ -171,8 +171,16 @@ def test_mask_rules(tmp_path):
     rgb = np.array([[[255, 0, 0], [0, 255, 0], [255, 255, 255]]], np.uint8)  # Columbia: green marks the splice
     data = _png(tmp_path / "c.png", rgb).read_bytes()
     assert decode_mask(data, "c", MaskRule(channel="green")).tolist() == [[False, True, True]]
-    with pytest.raises(MaskError, match="broken.png: cannot decode"):
+    with pytest.raises(MaskError, match=r"^broken.png: the mask is not an image of a format this tool reads \(PNG, "):
         decode_mask(b"not an image", "broken.png", MaskRule())
+    wide = tmp_path / "wide.tif"  # wider masks by the images' rule: 0/1 floats and int32 0/255 are masks too
+    Image.fromarray(np.array([[0.0, 1.0, 0.4, 0.6]], np.float32)).save(wide)
+    assert decode_mask(wide.read_bytes(), "w", MaskRule()).tolist() == [[False, True, False, True]]
+    Image.fromarray(np.array([[0, 255, 127, 128]], np.int32)).save(wide)
+    assert decode_mask(wide.read_bytes(), "w", MaskRule()).tolist() == [[False, True, False, True]]
+    Image.fromarray(np.array([[0, -1]], np.int32)).save(wide)
+    with pytest.raises(MaskError, match="^w: 32-bit integer samples go down to -1"):
+        decode_mask(wide.read_bytes(), "w", MaskRule())
     with pytest.raises(MaskError, match=r"m.png: the mask is 4 x 1 but its image is 8 x 2"):
         fit_mask(np.zeros((1, 4), bool), 2, 8, False, "m.png")
     assert fit_mask(np.array([[True, False]]), 2, 4, True, "m").tolist() == [[True] * 2 + [False] * 2] * 2
@@ -201,6 +209,27 @@ def test_csv_and_jsonl_manifests(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(DatasetError, match="line 1: not JSON"):
         load_dataset(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_manifests_that_list_an_image_twice_or_are_not_utf8(tmp_path, suffix):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.png").touch()
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")  # another name for the same file
+    rows = ["a.png", "sub/../b.png"]
+    manifest = tmp_path / f"twice{suffix}"
+    if suffix == ".csv":
+        manifest.write_text("image,mask\n" + "".join(f"{r},\n" for r in rows))
+    else:
+        manifest.write_text("".join(json.dumps({"image": r}) + "\n" for r in rows))
+    with pytest.raises(DatasetError, match=rf"^{manifest}: lines \d and \d list the same image \(sub/../b.png\)"):
+        load_dataset(manifest)
+    csv_text, jsonl_text = "image,mask\na.png,\nR\u00e9sum\u00e9.png,\n", '{"image": "a.png"}\n{"image": "\u00e9"}\n'
+    latin1 = csv_text if suffix == ".csv" else jsonl_text
+    manifest.write_bytes(latin1.encode("latin-1"))  # a name in Latin-1: byte 0xe9 where UTF-8 wants a sequence
+    line = 3 if suffix == ".csv" else 2
+    with pytest.raises(DatasetError, match=rf"^{manifest}, line {line} \(byte 0xe9\): not UTF-8 text; a manifest is "):
+        load_dataset(manifest)
 
 
 def _touch(root: Path, *names: str) -> None:

@@ -37,9 +37,10 @@ from tests.helpers import official_file
 
 RELEASE = 4
 EXAMPLE_TIMEOUT_S = 20  # one example reads 15 MB at most: far below this unless something hangs
-# CI: 240 examples in all, ~1 minute on 2 shared cores (an .h5 example reads and hashes 15 MB); explore: 20 x
+# CI: 260 examples in all, ~1 minute on 2 shared cores (an .h5 example reads and hashes 15 MB); explore: 20 x
 BYTE_EXAMPLES = 100
 STRUCTURE_EXAMPLES = 40
+OVERLAP_EXAMPLES = 20
 SAFETENSORS_EXAMPLES = 100
 
 
@@ -123,7 +124,28 @@ def check_h5(path: Path) -> None:
             for key, value in keras.arrays.items():
                 expected = np.asarray(root[key][()])
                 assert value.dtype == expected.dtype and np.array_equal(value, expected, equal_nan=True), key
+            shared = shared_bytes({key: root[key] for key in keras.arrays})
+            assert not shared, f"accepted, yet {shared[0]} and {shared[1]} read the same bytes of the file"
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def shared_bytes(datasets: dict[str, h5py.Dataset]) -> tuple[str, str] | None:
+    """Two arrays (or one, twice) whose stored bytes meet, by comparing every pair of pieces: the same question
+    the reader asks, answered here by another route (chunks one by one, pairs without sorting)."""
+    pieces = []
+    for key, item in datasets.items():
+        dsid = item.id
+        if item.chunks is not None:
+            for index in range(dsid.get_num_chunks()):
+                info = dsid.get_chunk_info(index)
+                pieces.append((info.byte_offset, info.byte_offset + info.size, key))
+        elif dsid.get_offset() is not None:
+            pieces.append((dsid.get_offset(), dsid.get_offset() + item.nbytes, key))
+    for i, (start, end, key) in enumerate(pieces):
+        for other_start, other_end, other in pieces[i + 1 :]:
+            if start < other_end and other_start < end and end > start and other_end > other_start:
+                return key, other
+    return None
 
 
 def target(folder: Path) -> Path:
@@ -261,6 +283,41 @@ def test_structure_mutations_of_an_official_file(h5_fixture, tmp_path, edits, fi
             # an edit that the previous one made impossible (its dataset is a link now, say) is skipped
             with contextlib.suppress(KeyError, ValueError, RuntimeError, TypeError, OSError):
                 structure_edit(f, kind, index, outside)
+    check_h5(path)
+
+
+def _dataset_names(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return sorted(names)
+
+
+@settings(max_examples=examples(OVERLAP_EXAMPLES), suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), chunked=st.booleans())
+def test_layout_addresses_pointing_into_other_arrays(h5_fixture, tmp_path, data, chunked) -> None:
+    """A byte-level edit of one dataset's layout address, into another's storage (or, with a shift, beside it):
+    a clear error, or (when no bytes are shared after all) arrays equal to what h5py reads, none sharing bytes."""
+    from tests.helpers import point_layout_into
+
+    pristine, _, _ = h5_fixture
+    path = target(tmp_path)
+    shutil.copyfile(pristine, path)
+    with h5py.File(pristine, "r") as f:
+        names = _dataset_names(f)
+        victim = data.draw(st.sampled_from(names), label="victim")
+        rank = f[victim].ndim
+        host = data.draw(st.sampled_from([n for n in names if n != victim and f[n].ndim == rank]), label="host")
+        chunks = tuple(min(a, b) for a, b in zip(f[victim].shape, f[host].shape, strict=True))
+        before = min(f[victim].nbytes, f[host].id.get_offset())  # from wholly before the host to its last byte
+        shift = data.draw(st.integers(-before, f[host].nbytes - 1), label="shift")
+    if chunked:
+        with h5py.File(path, "r+") as f:
+            for name in (victim, host):
+                parent, _, leaf = name.rpartition("/")
+                value = f[name][()]
+                del f[parent][leaf]
+                f[parent].create_dataset(leaf, data=value, chunks=chunks)
+    point_layout_into(path, f"/{victim}", f"/{host}", shift=shift)
     check_h5(path)
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -720,3 +721,190 @@ def test_tensors_that_hold_no_plain_values_are_refused(ours, tmp_path, make, kin
     torch.save({"end.0.bias": state["detector.pred.bias"], "adaptation.weight": torch.zeros(3)}, tmp_path / "port.pt")
     with pytest.raises(ConversionError, match=rf"port.pt: key end.0.bias {kind}"):
         load_earlier_port(tmp_path / "port.pt")
+
+
+# ---- 10. no silent wrong result: images read by what they hold, arrays that share storage ----
+
+VALUES = (10 + np.arange(36 * 38) % 233).reshape(36, 38)  # 10..242, the issue's 8-bit range
+
+
+def read_back(path: Path) -> tuple[np.ndarray, list[str]]:
+    loaded = mantranet_torch.image_files.read_image(path)
+    return loaded.pixels, loaded.notes
+
+
+@pytest.mark.parametrize(
+    ("dtype", "stored", "expected", "note"),
+    [
+        # an int32 TIFF of 8-bit values: the values as they are (/256 made them all 0, a black image)
+        (np.int32, VALUES, VALUES, "32-bit integer samples in 10..242 fit 8 bits: taken as they are"),
+        (np.uint16, VALUES, VALUES, "16-bit integer samples in 10..242 fit 8 bits"),
+        # full 16-bit range: the high byte, as OpenCV reads it
+        (np.uint16, VALUES * 257 + 100, (VALUES * 257 + 100) // 256, "read as 16-bit, scaled to 8 bits (/256)"),
+        # 24 bits needed: whole bytes, v / 2**16
+        (np.int32, VALUES * 65536 + 7, VALUES, "read as 24-bit, scaled to 8 bits (/65,536)"),
+        # floats in 0..1: v * 255, rounded (v = k/255 + 0.001 rounds back to k)
+        (np.float32, VALUES / 255 + 0.001, VALUES, "32-bit float samples in 0.0402157..0.95002 scaled by 255"),
+        (np.float32, VALUES + 0.25, VALUES, "taken as 0..255"),
+    ],
+)
+def test_wide_greyscale_tiffs_are_read_by_what_their_samples_hold(tmp_path, dtype, stored, expected, note) -> None:
+    path = tmp_path / "wide.tif"
+    Image.fromarray(np.asarray(stored, dtype=dtype)).save(path)
+    with Image.open(path) as check:  # the file holds the type written, not an 8-bit copy
+        assert np.asarray(check).dtype.itemsize == np.dtype(dtype).itemsize and np.asarray(check).max() > 0
+    pixels, notes = read_back(path)
+    np.testing.assert_array_equal(pixels, np.repeat(np.asarray(expected, np.uint8)[..., None], 3, axis=2))
+    assert len(notes) == 1 and note in notes[0], notes
+
+
+def test_a_48_bit_png_of_8_bit_values_is_not_black(tmp_path) -> None:
+    from tests.test_detect import png_16bit_rgb
+
+    rgb = np.stack([VALUES, VALUES[::-1], VALUES // 2], axis=2)
+    png_16bit_rgb(tmp_path / "low.png", rgb.astype(np.uint16))  # every sample below 256
+    pixels, notes = read_back(tmp_path / "low.png")
+    np.testing.assert_array_equal(pixels, rgb.astype(np.uint8))
+    assert notes == ["16-bit samples all below 256 (largest 242): taken as they are"]
+    png_16bit_rgb(tmp_path / "full.png", (rgb * 256 + 255).astype(np.uint16))  # the high byte, as before
+    pixels, notes = read_back(tmp_path / "full.png")
+    np.testing.assert_array_equal(pixels, rgb.astype(np.uint8))
+    assert notes == ["16-bit samples scaled to 8 bits (/256)"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.full((4, 5), -3, np.int32), "32-bit integer samples go down to -3; negative samples have no 8-bit"),
+        (np.where(np.eye(4, 5) > 0, np.nan, 0.5).astype(np.float32), "4 32-bit float sample.s. are NaN or infinite, "
+                                                                       r"the first at pixel \(x=0, y=0\)"),
+        (np.full((4, 5), 300.5, np.float32), "32-bit float samples go up to 300.5; floats are read in 0..1 or 0..255"),
+    ],
+)  # fmt: skip
+def test_samples_with_no_8_bit_reading_are_named(tmp_path, capsys, ours, values, message) -> None:
+    path = tmp_path / "odd.tif"
+    Image.fromarray(values).save(path)
+    with pytest.raises(mantranet_torch.image_files.ImageReadError, match=rf"^{path}: {message}"):
+        read_back(path)
+    assert main(["detect", str(path), "-w", str(ours), "-o", str(tmp_path / "maps")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"{path}: {message}", err) and "Traceback" not in err, err
+    assert not list(tmp_path.rglob("odd.mask.png"))
+
+
+def test_detect_of_wide_tiffs_gives_the_map_of_their_8_bit_image(ours, tmp_path, capsys) -> None:
+    """The issue's two files: an int32 TIFF of values 10..242 and a float TIFF in 0..1; each map must be the
+    map of the 8-bit image with the same values, not that of a black image."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(VALUES.astype(np.uint8)).save(inputs / "eight.png")
+    Image.fromarray(VALUES.astype(np.int32)).save(inputs / "int32.tif")
+    Image.fromarray((VALUES / 255).astype(np.float32)).save(inputs / "float.tif")
+    Image.fromarray(np.zeros_like(VALUES, np.uint8)).save(inputs / "black.png")
+    assert main(["detect", str(inputs), "-w", str(ours), "-o", str(tmp_path / "maps"), "--save-npy"]) == 0
+    out = capsys.readouterr().out + capsys.readouterr().err
+    maps = {name: np.load(tmp_path / "maps" / f"{name}.npy") for name in ("eight", "int32", "float", "black")}
+    assert not np.array_equal(maps["eight"], maps["black"])  # the check below can tell the two apart
+    np.testing.assert_array_equal(maps["int32"], maps["eight"])  # same pixels in, same map out: exactly
+    np.testing.assert_array_equal(maps["float"], maps["eight"])
+    assert "fit 8 bits: taken as they are" in out and "scaled by 255" in out, out
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "chunked"])
+def test_arrays_that_share_storage_are_refused(h5, tmp_path, capsys, layout) -> None:
+    """The issue's file: glbStd/min_std:0's layout address points inside Featex/b4c2/kernel:0's storage, so
+    h5py reads part of the kernel as min_std and every check of values and shapes passes."""
+    from tests.helpers import point_layout_into
+
+    path = copy(h5, tmp_path)
+    victim, host = "glbStd/glbStd/min_std:0", "Featex/b4c2/kernel:0"
+    if layout == "chunked":  # two arrays of one chunk shape, the first reading the second's chunk index
+        victim, host = "Featex/b3c3/kernel:0", "Featex/b3c2/kernel:0"
+        for key in (victim, host):
+            replace_dataset(path, key, lambda g, leaf, v: g.create_dataset(leaf, data=v, chunks=(3, 3, 64, 64)))
+    point_layout_into(path, f"/{victim}", f"/{host}", shift=1024)
+    with h5py.File(path) as f:  # the fault is real: h5py reads the host's bytes under the victim's name
+        read = f[victim][()].ravel()
+        assert np.array_equal(read, f[host][()].ravel()[256 : 256 + read.size] if layout == "contiguous" else
+                              f[host][()].ravel())  # fmt: skip
+    assert main(["convert", str(path), "-o", str(tmp_path / "out")]) == 1
+    line = one_line_error(capsys, "convert", path)
+    assert f"arrays {host} and {victim} share bytes" in line and "damaged or crafted" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_soft_link_that_makes_two_weights_one_array_is_refused(h5, tmp_path, capsys) -> None:
+    path = copy(h5, tmp_path)
+    replace_dataset(
+        path, "Featex/b3c3/kernel:0", lambda g, leaf, v: g.__setitem__(leaf, h5py.SoftLink("/Featex/b3c2/kernel:0"))
+    )
+    assert main(["convert", str(path), "-o", str(tmp_path / "out")]) == 1
+    line = one_line_error(capsys, "convert", path)
+    assert "arrays Featex/b3c2/kernel:0 and Featex/b3c3/kernel:0 are one array (a soft link names it twice)" in line
+
+
+# ---- 11. export-keras: one verdict with the loaders, and a warning for what an .h5 cannot record ----
+
+
+def test_export_keras_and_detect_give_one_verdict_on_int64_biases(ours, image, tmp_path, capsys) -> None:
+    tensors, config, _ = mantranet_torch.weights.read_model_weights(ours)
+    tensors["detector.pred.bias"] = torch.zeros(1, dtype=torch.int64)
+    path = tmp_path / "int.safetensors"
+    path.write_bytes(encode_safetensors(tensors, config, {"source": "test"}))
+    verdicts = []
+    for argv, command in (
+        (["detect", str(image), "-w", str(path), "-o", str(tmp_path / "maps")], "detect"),
+        (["export-keras", str(path), "-o", str(tmp_path / "o.h5")], "export-keras"),
+    ):
+        assert main(argv) == 1, argv
+        verdicts.append(one_line_error(capsys, command, path).removeprefix(f"mantranet {command}: error: "))
+    assert verdicts == [f"{path}: detector.pred.bias has dtype torch.int64, expected floating point"] * 2
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_export_keras_warns_of_a_config_the_original_code_cannot_build(ours, tmp_path, capsys) -> None:
+    tensors, _, _ = mantranet_torch.weights.read_model_weights(ours)
+    custom = mantranet_torch.ManTraNetConfig(16, None, (7, 15, 101))
+    path = tmp_path / "w101.safetensors"
+    path.write_bytes(encode_safetensors(tensors, custom, {"source": "test"}))
+    capsys.readouterr()
+    assert main(["export-keras", str(path), "-o", str(tmp_path / "o.h5")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"mantranet export-keras: warning: {tmp_path / 'o.h5'}: ")
+    assert "cannot express this config (16 first-block filters, transform linear, windows 7, 15, 101)" in err
+    assert "it builds Ptrain4's (16 first-block filters, transform linear, windows 7, 15, 31)" in err
+    written = read_keras_h5(tmp_path / "o.h5").arrays  # the arrays themselves are exact
+    np.testing.assert_array_equal(written["pred/pred/bias:0"], tensors["detector.pred.bias"].numpy())
+    assert export_keras(ours, tmp_path / "release.h5").warnings == []  # a release's config: nothing to say
+
+
+# ---- 12. messages that say what to do ----
+
+
+def test_a_file_without_a_config_says_which_option_to_pass_and_the_option_works(ours, image, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    tensors, _, _ = mantranet_torch.weights.read_model_weights(ours)
+    bare = tmp_path / "bare.safetensors"
+    save_file(tensors, bare)  # no metadata: written by another tool
+    maps = tmp_path / "maps"
+    assert main(["detect", str(image), "-w", str(bare), "-o", str(maps)]) == 1
+    line = one_line_error(capsys, "detect", bare)
+    assert "carries no ManTraNet config in its metadata" in line and "--variant N on the command line" in line
+    assert main(["detect", str(image), "-w", str(bare), "-o", str(maps), "--variant", "4", "--save-npy"]) == 0
+    assert main(["detect", str(image), "-w", str(ours), "-o", str(tmp_path / "ref"), "--save-npy"]) == 0
+    np.testing.assert_array_equal(np.load(maps / "a.npy"), np.load(tmp_path / "ref" / "a.npy"))  # same weights
+    assert main(["export-keras", str(bare), "-o", str(tmp_path / "o.h5"), "--variant", "4"]) == 0
+    assert main(["export-keras", str(ours), "-o", str(tmp_path / "ref.h5")]) == 0
+    exported, reference = read_keras_h5(tmp_path / "o.h5").arrays, read_keras_h5(tmp_path / "ref.h5").arrays
+    assert exported.keys() == reference.keys() and all(np.array_equal(exported[k], reference[k]) for k in exported)
+
+
+def test_a_truncated_hdf5_file_says_how_much_is_there(h5, tmp_path, capsys) -> None:
+    path = tmp_path / h5.name
+    path.write_bytes(h5.read_bytes()[:4096])
+    assert main(["convert", str(path)]) == 1
+    assert one_line_error(capsys, "convert", path) == (
+        f"mantranet convert: error: {path}: truncated: 4,096 of {h5.stat().st_size:,} bytes (a download or copy "
+        "cut short); fetch or copy it again"
+    )

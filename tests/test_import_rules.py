@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("mantranet_torch", "converter", "reference", "parity_tests", "evaluation", "mantranet_cli")
+SHIPPED = ("mantranet_torch", "converter", "reference", "parity_tests", "evaluation", "training", "mantranet_cli")
 OURS = (*SHIPPED, "tests", "benchmarks", "hubconf")
 TENSORFLOW = ("tensorflow", "keras", "tf_keras")
 
@@ -107,7 +107,7 @@ def loaded() -> dict[str, set[str]]:
     steps = {
         "model": library_modules("mantranet_torch"),
         "converter": library_modules("converter"),
-        "libraries": library_modules("reference", "parity_tests", "evaluation"),
+        "libraries": library_modules("reference", "parity_tests", "evaluation", "training"),
     }
     code = (
         "import importlib, json, sys, warnings\n"

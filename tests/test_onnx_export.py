@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +123,42 @@ def test_onnx_runtime_refuses_a_damaged_file(tmp_path) -> None:
     bad.write_bytes(b"not an onnx model")
     with pytest.raises(ConversionError, match="ONNX Runtime cannot load it"):
         OnnxModel(bad)
+
+
+def test_onnx_runtime_writes_nothing_into_the_users_home(tmp_path) -> None:
+    """ONNX Runtime keeps a telemetry id and database under $XDG_CACHE_HOME/Microsoft unless told not to; our
+    ONNX code tells it. Each side in a fresh process (the setting is read when ONNX Runtime loads), a tiny
+    graph standing in for an export's check: the session is what writes."""
+    import os
+    import subprocess
+    import sys
+
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (tmp_path / "relu.onnx").write_bytes(model.SerializeToString())
+    sessions = {
+        # through our code: a graph that is not ManTraNet's is refused after ONNX Runtime loaded it
+        "ours": "from converter.onnx_export import OnnxModel\ntry:\n    OnnxModel('relu.onnx')\nexcept Exception:\n"
+        "    pass\n",
+        "plain": "import onnxruntime\nonnxruntime.InferenceSession('relu.onnx', providers=['CPUExecutionProvider'])\n",
+    }
+    written = {}
+    repo = Path(__file__).resolve().parents[1]
+    for name, script in sessions.items():
+        home = tmp_path / name
+        env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+        env |= {"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "PYTHONPATH": str(repo)}
+        home.mkdir()
+        run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        written[name] = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+    assert written["ours"] == []
+    # the control: this ONNX Runtime does write there when left alone (else the check above proves nothing)
+    assert any(p.startswith(".cache/Microsoft/") for p in written["plain"]), written["plain"]

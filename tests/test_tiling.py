@@ -28,6 +28,8 @@ from mantranet_torch.tiling import (
 from parity_tests.profiles import examples
 from tests.helpers import downscaled_photo, synthetic_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Tiled against whole-image maps: the target of the tiling design. What remains is float32 rounding, as
 # oneDNN sums a convolution in an order that depends on the input's shape (measured worst 5.0e-6 over
 # 24 random Ptrain4/Ptrain1 cases of up to 100 x 100 px; a halo one pixel short gives 1e-3 and more).
@@ -207,8 +209,6 @@ import json, numpy as np, torch
 from tests.test_tiling import model
 from mantranet_torch import to_model_input
 from mantranet_torch.tiling import predict_tiled
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def status(key):  # VmHWM, not ru_maxrss: that one keeps the pytest parent's peak across fork and exec

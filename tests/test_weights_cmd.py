@@ -95,6 +95,24 @@ def test_fetch_refuses_content_that_is_not_the_release(site, fixture_files, tmp_
     assert "converted as release 4 (identified by file name)" in out
 
 
+def test_an_allowed_unknown_download_that_is_not_hdf5_says_so(site, tmp_path, capsys) -> None:
+    server, _ = site
+    page = b"<html><body>Sign in to download</body></html>"  # what a login wall serves in place of the file
+    mirror = server.add("/wall/ManTraNet_Ptrain4.h5", page)
+    out_dir = tmp_path / "kept"
+    target = out_dir / "ManTraNet_Ptrain4.h5"
+    code, _, err = run(capsys, "weights", "fetch", "4", "--url", mirror, "-o", str(out_dir), "--allow-unknown")
+    assert code == 1
+    assert err.splitlines()[-1] == (
+        f"mantranet weights: error: {target}: downloaded and kept (allow_unknown, --allow-unknown), but it is not an "
+        f"HDF5 file (it starts with {page[:16]!r}), so not a weight file: check the URL, and delete the file"
+    )
+    assert target.read_bytes() == page  # kept, as asked, and the message says where
+    code, out, _ = run(capsys, "weights", "fetch", "4", "--url", mirror, "-o", str(out_dir), "--allow-unknown",
+                       "--no-convert", "--force")  # fmt: skip
+    assert code == 0 and f"kept, as --allow-unknown asks; it is not an HDF5 file (it starts with {page[:16]!r})" in out
+
+
 def test_fetch_failures_are_one_line_messages(site, tmp_path, capsys) -> None:
     server, body = site
     code, _, err = run(capsys, "weights", "fetch", "4", "--url", server.base_url + "/nowhere.h5")
