@@ -207,6 +207,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         ("empty", r"empty\.csv: the dataset lists no images"),
         ("missing", r"does not exist|no such file|missing"),
         ("crop", r"crop .*larg|smaller than the crop"),
+        ("mask_size", r"wrong\.csv: .*mask"),
         ("optimizer", r"--optimizer 'lion': choose one of adam, adamw, sgd"),
         ("steps", r"--steps 0: must be a positive integer"),
         ("lr", r"--lr nan: must be a positive, finite number"),
@@ -222,6 +223,10 @@ def test_bad_input_one_line_and_nonzero(data, tmp_path, capsys, case, expected) 
     if case == "missing":
         (tmp_path / "missing.csv").write_text("image,mask,label\ngone.png,gone_mask.png,1\n")
         manifest = tmp_path / "missing.csv"
+    if case == "mask_size":  # the only entry's mask is 20 x 20, its image 28 x 24
+        Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "small_mask.png")
+        (tmp_path / "wrong.csv").write_text(f"image,mask,label\n{data['root'] / 'p0.png'},small_mask.png,1\n")
+        manifest = tmp_path / "wrong.csv"
     options = {"crop": "64" if case == "crop" else str(CROP), "steps": "0" if case == "steps" else "1"}
     init = str(tmp_path / "nothing.h5") if case == "init" else str(data["weights"])
     extra += {"optimizer": ["--optimizer", "lion"], "lr": ["--lr", "nan"], "resume": ["--resume"]}.get(case, [])
