@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, metavar="MANIFEST", help="a manifest (.csv/.jsonl) or benchmark folder")
     source.add_argument("--synthetic", type=Path, metavar="DIR", help="a folder of authentic photographs")
+    p.add_argument("--resize", type=int, metavar="LONG_SIDE", help="--data: scale images first (default: native)")
+    p.add_argument("--resize-masks", action="store_true", help="--data: resize masks of another size, not skip them")
     p.add_argument("--val", type=Path, metavar="MANIFEST", help="held-out dataset validated on every --val-every steps")
     p.add_argument("--init", required=True, metavar="release:N|FILE|scratch", help="where the weights start")
     p.add_argument("--variant", type=int, help="release whose architecture --init scratch takes (default 4)")
@@ -65,6 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace):
     from training.config import TrainConfig
 
+    data_options = {}
+    if args.data is not None:  # forgeries made from photographs are cut at the crop's size: nothing to resize
+        data_options = {"resize": args.resize, "resize_masks": args.resize_masks}
     return TrainConfig(
         output=args.output, data=args.data, synthetic=args.synthetic, val=args.val, init=args.init,
         variant=args.variant, steps=args.steps, batch=args.batch, crop=args.crop, seed=args.seed,
@@ -74,7 +79,7 @@ def _config(args: argparse.Namespace):
         pos_weight=args.pos_weight, dice=args.dice, checkpoint_activations=args.checkpoint_activations,
         max_memory=args.max_memory, engine=args.engine, workers=args.workers, tensorboard=args.tensorboard,
         val_every=args.val_every, best_metric=args.best_metric, workers_per_loader=args.loader_workers,
-        threads=args.threads, device=args.device, time_limit=args.time_limit,
+        threads=args.threads, device=args.device, time_limit=args.time_limit, data_options=data_options,
     )  # fmt: skip
 
 
