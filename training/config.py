@@ -40,7 +40,10 @@ class TrainConfig:
             (``converter.load_weights``) or "scratch" (release ``variant``'s architecture, or ``architecture``).
         variant: the release whose architecture a scratch model (or an ambiguous file) takes.
         architecture: a scratch model's config (overrides ``variant``; Python only, e.g. small windows in tests).
-        steps, batch, crop, seed: optimiser steps, images per step on each process, crop side, seed of everything.
+        steps: optimiser steps.
+        batch: images per step on each process.
+        crop: the crops' side in pixels (at native resolution).
+        seed: the seed of everything (model initialisation, crops, flips, forgeries, order).
         checkpoint_every: steps between checkpoints (and validations, unless ``val_every``).
         resume: continue the run in ``output`` from its checkpoint.
         freeze: "none", "first5" or "featex" (``mantranet_torch.training.freeze``).

@@ -66,8 +66,14 @@ def train_demo(
         output: the demo's folder: train-photos/ (links), val/ (the held-out dataset), run/ (the training run).
         photos: a folder of authentic photographs (default: ``default_photos()``).
         minutes: the time budget of the training run (validations included).
-        steps, crop, batch, lr, seed: of the run; ``steps`` bounds it when it is faster than the budget.
-        held_out: photographs kept out of training for validation; val_images: forgeries made of them.
+        steps: the most steps (when the run is faster than the budget).
+        crop: the training crops' side (the validation images are twice as large).
+        batch: crops per step.
+        held_out: photographs kept out of training for validation.
+        val_images: forgeries made of the held-out photographs.
+        lr: the (constant) learning rate.
+        seed: the run's seed (the validation set's is seed + 1).
+        progress: as ``train``'s.
 
     Raises:
         TrainError: too few photographs, or the run failed.
