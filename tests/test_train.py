@@ -493,3 +493,21 @@ def test_ray_engine_on_a_local_cluster_trains_as_one_process(data, tmp_path) -> 
     b, _ = read_weights(run.model)
     # as the torchrun test: sums in another order only (measured there 1.5e-8)
     assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) < 1e-6
+
+
+def test_out_of_memory_names_a_crop_and_batch_that_fit(data, tmp_path, monkeypatch) -> None:
+    from mantranet_torch.memory import GB, training_bytes
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried "
+                           "to allocate 1073741824 bytes.")  # fmt: skip
+
+    monkeypatch.setattr(engine_module, "forward_logits", exhausted)
+    monkeypatch.setattr(engine_module, "available_memory", lambda device: GB)
+    with pytest.raises(TrainError, match=r"out of memory in step 1 \(2 crops of 16 px\)") as e:
+        train(config(data, tmp_path / "run", crop=16))
+    crop, batch = (int(v) for v in re.search(r"--crop (\d+) --batch (\d+)", str(e.value)).groups())
+    model = load_weights(data["weights"])
+    assert training_bytes(model, crop, batch, checkpointed=True) <= GB
+    assert "the last good checkpoint is" in str(e.value)
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["step"] == 0
