@@ -101,7 +101,10 @@ def _symmetric_conv2d_image(x: Tensor, weight: Tensor, bias: Tensor | None, relu
     pad = weight.shape[-1] // 2
     x = x.contiguous(memory_format=torch.channels_last)
     h, w = x.shape[-2:]
-    if pad == 0 or min(h, w) <= 4 * pad:  # small inputs: the strips would cover most of the image
+    # small inputs: the strips would cover most of the image; training: the strips are written into the (ReLU's)
+    # output, which autograd keeps for the backward pass
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if pad == 0 or min(h, w) <= 4 * pad or training:
         return _plain_conv2d(symmetric_pad(x, pad), weight, bias, relu)
     out = conv2d(x, weight, bias, pad, relu)
     strip = 2 * pad  # the rows an edge output row reads, once the padding is mirrored in

@@ -177,8 +177,9 @@ class TorchGradients:
         for name in LAYERS:
             inputs = []
             for source in LAYER_INPUTS[name]:
-                # A node of its own per edge, so each consumer's share of a gradient is seen apart.
-                inputs.append(outputs[source].view_as(outputs[source]))
+                # A node of its own per edge, so each consumer's share of a gradient is seen apart (a copy: a
+                # layer may work in place on its input).
+                inputs.append(outputs[source].clone())
                 taken[edge(name, source)] = inputs[-1]
             outputs[name] = layers[name](*inputs)
         taken[edge(LOSS, "pred")] = outputs["pred"]
