@@ -88,11 +88,28 @@ def main() -> None:
     if synth_from_the_wheel():
         train_from_the_wheel(weights)
     pretrained_from_loopback(h5)
+    gradients_against_the_original(h5)
 
     started = time.perf_counter()
     out = step("selftest")
     print("\n".join("    " + line for line in out.splitlines()))
     check(out.strip().endswith("PASSED"), f"selftest, quick profile ({time.perf_counter() - started:.0f} s)")
+
+
+def gradients_against_the_original(h5: Path) -> None:
+    """``mantranet parity --gradients --train-steps`` against the original code, when a copy of it is at hand."""
+    code = Path(os.environ.get("SMOKE_OFFICIAL_CODE", "official"))
+    if not (code / "modelCore.py").is_file():
+        print(f"  skipped: parity --gradients (no original model code in {code})")
+        return
+    argv = ["parity", str(h5), "image.png", "--crop", "10x12", "--reference", f"official:{code}", "--gradients"]
+    step(*argv, "--train-steps", "1", "--train-mode", "--json", "gradients.json")
+    report = json.loads((HERE / "gradients.json").read_text())
+    first = report["images"][0]["gradients"]
+    check(
+        report["passed"] and report["first_divergent_gradient"] is None and len(first["steps"]) == 1,
+        "parity --gradients --train-steps 1 against the original code passes, JSON names no divergent gradient",
+    )
 
 
 def synth_from_the_wheel() -> bool:

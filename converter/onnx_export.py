@@ -241,18 +241,23 @@ class OnnxModel:
     ``x``: float32 N x 3 x H x W in [-1, 1], as ``ManTraNet`` takes; outputs in ManTraNet's layouts.
     """
 
-    def __init__(self, source: bytes | str | Path, threads: int | None = None) -> None:
+    def __init__(
+        self, source: bytes | str | Path, threads: int | None = None, options: dict[str, object] | None = None
+    ) -> None:
+        """options: ``onnxruntime.SessionOptions`` attributes to set, e.g. ``{"enable_mem_pattern": False}``."""
         ort = _require("onnxruntime")
-        options = ort.SessionOptions()
+        session_options = ort.SessionOptions()
         if threads:
-            options.intra_op_num_threads = threads
+            session_options.intra_op_num_threads = threads
+        for name, value in (options or {}).items():
+            setattr(session_options, name, value)
         self.path = None if isinstance(source, bytes) else Path(source)
         where = "the exported graph" if self.path is None else str(self.path)
         if self.path is not None and not self.path.is_file():
             raise ConversionError(f"{self.path}: no such file")
         try:
             data = source if isinstance(source, bytes) else str(source)
-            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(data, session_options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ONNX Runtime raises its own exception types for unreadable or invalid models
             raise ConversionError(f"{where}: ONNX Runtime cannot load it ({e})") from None
         self.where = where

@@ -82,37 +82,80 @@ def symmetric_pad(x: Tensor, pad: int) -> Tensor:
     return _symmetric_pad_dim(_symmetric_pad_dim(x, pad, -1), pad, -2)
 
 
-def symmetric_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def symmetric_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
     """A stride-1 'valid' convolution of ``symmetric_pad(x, k // 2)``, computed without the padded copy.
 
     The convolution runs channels-last (oneDNN's fast layout) with zero padding inside the kernel; then
     the outermost k//2 rows and columns, the only outputs that see the padding, are recomputed from
     symmetrically padded strips. Same sums, without a full-size padded copy of every activation.
+    relu: apply ReLU to the output (fused into the convolution at inference, see ``conv2d``).
     """
     if recording():
-        return F.conv2d(symmetric_pad(x, weight.shape[-1] // 2), weight, bias)
+        return _plain_conv2d(symmetric_pad(x, weight.shape[-1] // 2), weight, bias, relu)
     if x.shape[0] > 1:  # image by image: oneDNN's batched kernels sum in another order than its single-image ones
-        return torch.cat([_symmetric_conv2d_image(x[i : i + 1], weight, bias) for i in range(x.shape[0])])
-    return _symmetric_conv2d_image(x, weight, bias)
+        return torch.cat([_symmetric_conv2d_image(x[i : i + 1], weight, bias, relu) for i in range(x.shape[0])])
+    return _symmetric_conv2d_image(x, weight, bias, relu)
 
 
-def _symmetric_conv2d_image(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _symmetric_conv2d_image(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
     pad = weight.shape[-1] // 2
     x = x.contiguous(memory_format=torch.channels_last)
     h, w = x.shape[-2:]
     if pad == 0 or min(h, w) <= 4 * pad:  # small inputs: the strips would cover most of the image
-        return F.conv2d(symmetric_pad(x, pad), weight, bias)
-    out = F.conv2d(x, weight, bias, padding=pad)
+        return _plain_conv2d(symmetric_pad(x, pad), weight, bias, relu)
+    out = conv2d(x, weight, bias, pad, relu)
     strip = 2 * pad  # the rows an edge output row reads, once the padding is mirrored in
-    out[..., :pad, :] = F.conv2d(symmetric_pad(x[..., :strip, :], pad), weight, bias)[..., :pad, :]
-    out[..., -pad:, :] = F.conv2d(symmetric_pad(x[..., -strip:, :], pad), weight, bias)[..., -pad:, :]
-    out[..., :, :pad] = F.conv2d(symmetric_pad(x[..., :, :strip], pad), weight, bias)[..., :, :pad]
-    out[..., :, -pad:] = F.conv2d(symmetric_pad(x[..., :, -strip:], pad), weight, bias)[..., :, -pad:]
+    out[..., :pad, :] = _plain_conv2d(symmetric_pad(x[..., :strip, :], pad), weight, bias, relu)[..., :pad, :]
+    out[..., -pad:, :] = _plain_conv2d(symmetric_pad(x[..., -strip:, :], pad), weight, bias, relu)[..., -pad:, :]
+    out[..., :, :pad] = _plain_conv2d(symmetric_pad(x[..., :, :strip], pad), weight, bias, relu)[..., :, :pad]
+    out[..., :, -pad:] = _plain_conv2d(symmetric_pad(x[..., :, -strip:], pad), weight, bias, relu)[..., :, -pad:]
     return out
 
 
-# relu runs in place on the convolution's fresh output: one full-size tensor fewer per layer.
-_ACTIVATIONS = {None: nn.Identity, "relu": lambda: nn.ReLU(inplace=True), "tanh": nn.Tanh}
+def _plain_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
+    """A small convolution as ``F.conv2d`` runs it (PyTorch's own kernels below oneDNN's size threshold)."""
+    out = F.conv2d(x, weight, bias)
+    return F.relu_(out) if relu else out
+
+
+def fused_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype in which oneDNN's fused convolutions (``conv2d``) may compute on ``x``, or None where they may not.
+
+    Inference only: autograd off, not recording, on a CPU with oneDNN enabled, in float32 or in bfloat16 (x's own, or
+    autocast's for a float32 x) where oneDNN has bfloat16 instructions to use (so never under an ISA cap without them).
+    """
+    if torch.is_grad_enabled() or recording() or x.device.type != "cpu" or not torch.backends.mkldnn.enabled:
+        return None
+    dtype = x.dtype
+    if dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return dtype
+    return None
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int = 0, relu: bool = False) -> Tensor:
+    """``F.conv2d`` (stride 1, zero ``padding``), then ReLU when ``relu``.
+
+    At inference on CPU, one oneDNN convolution with ReLU as its post-op (``mkldnn._convolution_pointwise``, the
+    kernel Inductor's CPU path calls), without a second pass over the output: the same sums as ``F.conv2d``, bit for
+    bit, wherever ``F.conv2d`` itself runs oneDNN (all but the smallest inputs, which it gives PyTorch's own kernels;
+    there the two differ by float32 rounding). Under bfloat16 autocast, x, weight and bias are cast as autocast
+    casts them.
+    """
+    dtype = fused_dtype(x) if relu else None
+    if dtype is None:
+        out = F.conv2d(x, weight, bias, padding=padding)
+        return F.relu_(out) if relu else out
+    x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [padding, padding], _ONES, _ONES, 1, "relu", [], "")
+
+
+_ONES = [1, 1]  # stride and dilation of every convolution here
+
+
+# relu is applied inside the convolution (see conv2d); the others run on its fresh output.
+_ACTIVATIONS = {None: nn.Identity, "relu": nn.Identity, "tanh": nn.Tanh}
 
 
 class SymmetricConv2d(nn.Conv2d):
@@ -127,10 +170,11 @@ class SymmetricConv2d(nn.Conv2d):
         activation: str | None = "relu",
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, bias=bias)
+        self.relu = activation == "relu"
         self.act = _ACTIVATIONS[activation]()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(symmetric_conv2d(x, self.weight, self.bias))
+        return self.act(symmetric_conv2d(x, self.weight, self.bias, relu=self.relu))
 
 
 def srm_kernels() -> Tensor:
@@ -189,7 +233,7 @@ class CombinedConv2d(nn.Module):
         return torch.cat([self.regular_kernel, self.srm_kernel.to(self.regular_kernel), self.bayar_kernel])
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu_(symmetric_conv2d(x, self.kernel))
+        return symmetric_conv2d(x, self.kernel, relu=True)
 
 
 class KerasBatchNorm(nn.Module):
@@ -336,14 +380,15 @@ class WindowDeviations(nn.Module):
         super().__init__()
         self.window_sizes = tuple(window_sizes)
 
-    def forward(self, x: Tensor, stats: ImageStatistics | None = None) -> Tensor:
-        mean = (stats or ImageStatistics.of(x)).mean
-        if recording():
+    def forward(self, x: Tensor, stats: ImageStatistics | None = None, xd: Tensor | None = None) -> Tensor:
+        """xd: ``x.to(torch.float64)`` when the caller has made it already (then used as scratch space)."""
+        mean = (stats or ImageStatistics.of(x if xd is None else xd)).mean
+        if xd is None:
             xd = x.to(torch.float64)
+        if recording():
             steps = [*window_means(x, self.window_sizes), mean[:, :, None, None]]
             return torch.stack([(m - xd).to(x.dtype) for m in steps], dim=1)
-        out = _steps_in_layout_of(x, len(self.window_sizes) + 1)
-        xd = x.to(torch.float64)  # differences in float64, rounded once to x's dtype
+        out = _steps_in_layout_of(x, len(self.window_sizes) + 1)  # differences in float64, rounded once to x's dtype
         for step, m in enumerate(window_means(x, self.window_sizes)):
             out[:, step] = m.sub_(xd)
         # xd is a scratch copy to reuse, unless x was float64 already or autograd needs it kept
@@ -387,12 +432,27 @@ class ConvLSTM2d(nn.Module):
         for step in range(t):
             z = z_input[:, step]
             if h is not None:  # the state starts at zero, and so does its convolution
-                z = F.conv2d(h, self.recurrent_kernel, padding=self.padding).add_(z)
+                z = self._recurrent(h, z)
             z_i, z_f, z_c, z_o = z.split(self.hidden, dim=1)
             i = hard_sigmoid_keras2(z_i)
             c = i * torch.tanh(z_c) if c is None else hard_sigmoid_keras2(z_f) * c + i * torch.tanh(z_c)
             h = hard_sigmoid_keras2(z_o) * torch.tanh(c)
         return h
+
+    def _recurrent(self, h: Tensor, z: Tensor) -> Tensor:
+        """``z`` plus the state-to-state convolution of ``h``.
+
+        At float32 inference on CPU, one oneDNN convolution that adds its output into ``z`` in place (a binary
+        post-op; the same sum, bit for bit); ``z`` is a step of this call's own input convolution.
+        """
+        channels_last = torch.channels_last
+        if fused_dtype(h) == torch.float32 == z.dtype and z.is_contiguous(memory_format=channels_last):
+            pads = [self.padding, self.padding]
+            h = h.contiguous(memory_format=channels_last)
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                z, h, self.recurrent_kernel, None, pads, _ONES, _ONES, 1, "add", None, None, [], None
+            )
+        return F.conv2d(h, self.recurrent_kernel, padding=self.padding).add_(z)
 
     def reach(self, step: int, steps: int) -> int:
         """How far the output sees into the input of ``step`` (0-based) of ``steps``: its input convolution,

@@ -133,10 +133,12 @@ class AnomalyDetector(nn.Module):
         self, x: Tensor, stats: ImageStatistics | None = None, logits: bool = False
     ) -> Iterator[tuple[str, Tensor]]:
         """glbStd .. pred from the bnorm output ``x``, which may be a crop of the image ``stats`` describe."""
-        stats = stats or ImageStatistics.of(x)
+        xd = x.to(torch.float64)  # one float64 copy serves the statistics and the window deviations
+        stats = stats or ImageStatistics.of(xd)
         sigma = self.glb_std(x, stats)
         yield "glbStd", sigma
-        dev = self.nested_avg(x, stats)
+        dev = self.nested_avg(x, stats, xd)
+        del xd
         yield "nestedAvgFeatex", dev
         dev = (dev / sigma[:, None]).abs_()
         yield "divStd", dev

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mantranet_torch import layers
 from parity_tests import oracle
 from parity_tests.profiles import examples
-from tests.helpers import to_nhwc
+from tests.helpers import synthetic_model, to_nhwc
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
@@ -181,3 +181,44 @@ def test_conv_lstm_against_float64_equations(seed: int, steps: int, h: int, w: i
     expected = oracle_model.clstm(seq)
     # 294 + 392 term float32 sums per gate, values of order 1-5: measured worst ~2e-6; tanh/clip keep it bounded.
     np.testing.assert_allclose(to_nhwc(got), expected, rtol=0, atol=1e-5)
+
+
+# The inference path's fused oneDNN convolutions against the plain path autograd takes (F.conv2d, then ReLU or
+# add). Inputs of at least 16 x 40 x 40 values, where F.conv2d itself runs oneDNN: there the sums are the same, so
+# equality is exact.
+def test_fused_relu_convolution_equals_conv_then_relu() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 40, 44, generator=gen).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(24, 16, 3, 3, generator=gen) * 0.2, torch.randn(24, generator=gen)
+    plain = F.relu(F.conv2d(x, w, b, padding=1))
+    with torch.inference_mode():
+        assert layers.fused_dtype(x) == torch.float32
+        fused = layers.conv2d(x, w, b, 1, relu=True)
+        assert torch.equal(fused, plain) and (plain == 0).any() and (plain > 0).any()
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return  # no bfloat16 instructions for oneDNN here: the bf16 path stays F.conv2d's
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layers.fused_dtype(x) == torch.bfloat16
+            half = layers.conv2d(x, w, b, 1, relu=True)
+    expected = F.relu(F.conv2d(x.bfloat16(), w.bfloat16(), b.bfloat16(), padding=1))
+    assert half.dtype == torch.bfloat16 and torch.equal(half, expected)
+
+
+def test_fused_paths_only_at_float_inference() -> None:
+    x = torch.zeros(1, 3, 8, 8)
+    assert layers.fused_dtype(x) is None  # autograd on: training takes the plain path
+    with torch.inference_mode():
+        assert layers.fused_dtype(x.double()) is None
+        assert layers.fused_dtype(x) == torch.float32
+
+
+def test_model_stages_equal_between_inference_and_autograd_paths() -> None:
+    # Every named layer of the model, fused (inference mode) against plain (autograd on), bit for bit.
+    model = synthetic_model(4)
+    x = torch.rand(1, 3, 52, 60, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    plain = {name: out.detach() for name, out in model.stages(x)}
+    with torch.inference_mode():
+        fused = dict(model.stages(x))
+    assert list(fused) == list(plain)
+    for name in plain:
+        assert torch.equal(fused[name], plain[name]), name
