@@ -106,13 +106,16 @@ def _symmetric_conv2d_image(x: Tensor, weight: Tensor, bias: Tensor | None, relu
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if pad == 0 or min(h, w) <= 4 * pad or training:
         return _plain_conv2d(symmetric_pad(x, pad), weight, bias, relu)
-    out = conv2d(x, weight, bias, pad, relu)
+    # ReLU inside the convolutions only where they are fused (inference); with autograd on, after the edges are
+    # written: a ReLU's output that the edge writes then modified in place could not be differentiated
+    fused = relu and fused_dtype(x) is not None
+    out = conv2d(x, weight, bias, pad, fused)
     strip = 2 * pad  # the rows an edge output row reads, once the padding is mirrored in
-    out[..., :pad, :] = _plain_conv2d(symmetric_pad(x[..., :strip, :], pad), weight, bias, relu)[..., :pad, :]
-    out[..., -pad:, :] = _plain_conv2d(symmetric_pad(x[..., -strip:, :], pad), weight, bias, relu)[..., -pad:, :]
-    out[..., :, :pad] = _plain_conv2d(symmetric_pad(x[..., :, :strip], pad), weight, bias, relu)[..., :, :pad]
-    out[..., :, -pad:] = _plain_conv2d(symmetric_pad(x[..., :, -strip:], pad), weight, bias, relu)[..., :, -pad:]
-    return out
+    out[..., :pad, :] = _plain_conv2d(symmetric_pad(x[..., :strip, :], pad), weight, bias, fused)[..., :pad, :]
+    out[..., -pad:, :] = _plain_conv2d(symmetric_pad(x[..., -strip:, :], pad), weight, bias, fused)[..., -pad:, :]
+    out[..., :, :pad] = _plain_conv2d(symmetric_pad(x[..., :, :strip], pad), weight, bias, fused)[..., :, :pad]
+    out[..., :, -pad:] = _plain_conv2d(symmetric_pad(x[..., :, -strip:], pad), weight, bias, fused)[..., :, -pad:]
+    return F.relu_(out) if relu and not fused else out
 
 
 def _plain_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
