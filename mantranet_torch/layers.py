@@ -101,10 +101,7 @@ def _symmetric_conv2d_image(x: Tensor, weight: Tensor, bias: Tensor | None, relu
     pad = weight.shape[-1] // 2
     x = x.contiguous(memory_format=torch.channels_last)
     h, w = x.shape[-2:]
-    # small inputs: the strips would cover most of the image; training: the strips are written into the (ReLU's)
-    # output, which autograd keeps for the backward pass
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if pad == 0 or min(h, w) <= 4 * pad or training:
+    if pad == 0 or min(h, w) <= 4 * pad:  # small inputs: the strips would cover most of the image
         return _plain_conv2d(symmetric_pad(x, pad), weight, bias, relu)
     # ReLU inside the convolutions only where they are fused (inference); with autograd on, after the edges are
     # written: a ReLU's output that the edge writes then modified in place could not be differentiated
