@@ -387,8 +387,8 @@ def test_the_html_report_shows_the_gradient_rows(official, tmp_path) -> None:
 
 
 def test_the_model_backpropagates_where_inference_takes_its_edge_strips(weights: WeightStore) -> None:
-    """Images over 4 x the padding take the strip path in inference (edges written into the ReLU's output); a
-    backward pass must take the plain one, with the same forward values and float64's gradient."""
+    """Images over 4 x the padding take the strip path (edges written into the convolution's output before its
+    ReLU): a backward pass goes through it, with inference's forward values and float64's gradient."""
     model = weights.get(RELEASE).model
     x = torch.from_numpy(np.random.default_rng(5).uniform(-1, 1, (1, 3, 14, 16)).astype(np.float32))
     with torch.inference_mode():
