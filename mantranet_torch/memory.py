@@ -164,8 +164,9 @@ def automatic_tile(
 
 # Training: what the backward pass needs kept. Per layer of the feature extractor, autograd keeps the padded input
 # of each convolution (for its weight gradient) and the ReLU's output; the detector keeps its float64 window sums.
-# Calibrated against peak resident memory of real training steps (tests/test_train_memory.py, within 35%).
-TRAINING_SLACK = 1.25  # measured peak over modelled tensor bytes, with headroom
+# Calibrated against peak resident memory of real training steps (tests/test_train.py): a 96 px step of batch 2
+# measured 1.38x the modelled tensor bytes (allocator and temporaries the model does not itemise).
+TRAINING_SLACK = 1.5  # measured peak over modelled tensor bytes, with headroom
 TRAINING_OVERHEAD = 500 * 2**20  # interpreter, torch, the data pipeline and oneDNN's kernels for the step's shapes
 
 
