@@ -144,6 +144,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int =
     casts them.
     """
     dtype = fused_dtype(x) if relu else None
+    if dtype is not None and not torch.is_autocast_enabled("cpu") and weight.dtype != x.dtype:
+        dtype = None  # mixed dtypes outside autocast: F.conv2d's own error, not a silent cast
     if dtype is None:
         out = F.conv2d(x, weight, bias, padding=padding)
         return F.relu_(out) if relu else out
