@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: setup demo test lint bench docs clean
+.PHONY: setup demo train-demo test lint bench docs clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) -m mantranet_cli demo
+
+# Train release 4's detector on forgeries of the sample photographs for at most 30 minutes (docs/guides/training.md).
+train-demo: setup
+	$(PY) -m mantranet_cli demo --train
 
 test: setup
 	$(PY) -m ruff check .

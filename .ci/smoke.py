@@ -85,8 +85,10 @@ def main() -> None:
         all(np.array_equal(back[k], arrays[k].astype(np.float32)) for k in arrays), "export-keras gives the arrays back"
     )
 
-    synth_from_the_wheel()
+    if synth_from_the_wheel():
+        train_from_the_wheel(weights)
     pretrained_from_loopback(h5)
+    gradients_against_the_original(h5)
 
     started = time.perf_counter()
     out = step("selftest")
@@ -94,8 +96,25 @@ def main() -> None:
     check(out.strip().endswith("PASSED"), f"selftest, quick profile ({time.perf_counter() - started:.0f} s)")
 
 
-def synth_from_the_wheel() -> None:
-    """``mantranet synth`` writes a dataset with the train extra installed, else says which extra it needs."""
+def gradients_against_the_original(h5: Path) -> None:
+    """``mantranet parity --gradients --train-steps`` against the original code, when a copy of it is at hand."""
+    code = Path(os.environ.get("SMOKE_OFFICIAL_CODE", "official"))
+    if not (code / "modelCore.py").is_file():
+        print(f"  skipped: parity --gradients (no original model code in {code})")
+        return
+    argv = ["parity", str(h5), "image.png", "--crop", "10x12", "--reference", f"official:{code}", "--gradients"]
+    step(*argv, "--train-steps", "1", "--train-mode", "--json", "gradients.json")
+    report = json.loads((HERE / "gradients.json").read_text())
+    first = report["images"][0]["gradients"]
+    check(
+        report["passed"] and report["first_divergent_gradient"] is None and len(first["steps"]) == 1,
+        "parity --gradients --train-steps 1 against the original code passes, JSON names no divergent gradient",
+    )
+
+
+def synth_from_the_wheel() -> bool:
+    """``mantranet synth`` writes a dataset with the train extra installed, else says which extra it needs.
+    Returns whether the train extra is installed."""
     photos = HERE / "photos"
     photos.mkdir()
     rng = np.random.default_rng(2)
@@ -107,10 +126,22 @@ def synth_from_the_wheel() -> None:
     except ImportError:
         step("synth", "photos", "-o", "synth", "--n", "5", "--size", "48", expect=1)
         check(not (HERE / "synth").exists(), "synth without the train extra: one line, nothing written")
-        return
+        return False
     step("synth", "photos", "-o", "synth", "--n", "5", "--size", "48")
     rows = (HERE / "synth" / "manifest.csv").read_text().splitlines()
     check(len(rows) == 6 and rows[0] == "image,mask,label", "synth wrote a manifest of 5 images")
+    return True
+
+
+def train_from_the_wheel(weights: Path) -> None:
+    """``mantranet train``: one step on the synth dataset, validated on it; detect reads the trained weights."""
+    step("train", "--data", "synth/manifest.csv", "--val", "synth/manifest.csv", "--init", str(weights), "--freeze",
+         "featex", "-o", "run", "--steps", "1", "--batch", "2", "--crop", "32", "--threads", "1")  # fmt: skip
+    record = json.loads((HERE / "run" / "model.safetensors.json").read_text())
+    check(record["training"]["steps"] == 1 and record["training"]["final_metrics"]["images"] == 5,
+          "train wrote model.safetensors with its manifest (1 step, validated on 5 images)")  # fmt: skip
+    report = json.loads(step("detect", "image.png", "-w", "run/model.safetensors", "-o", "trained-masks", "--json"))
+    check(report["written"] == 1, "detect reads the trained model")
 
 
 def pretrained_from_loopback(h5: Path) -> None:

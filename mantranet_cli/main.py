@@ -21,6 +21,7 @@ from . import (
     parity_cmd,
     selftest_cmd,
     synth_cmd,
+    train_cmd,
     weights_cmd,
 )
 from .errors import CommandError
@@ -36,6 +37,7 @@ COMMANDS = (
     detect_cmd,
     evaluate_cmd,
     synth_cmd,
+    train_cmd,
 )
 EXPECTED_ERRORS = (CommandError, ConversionError, WeightFileError)
 

@@ -17,6 +17,7 @@ from mantranet_torch import LAYERS
 from mantranet_torch.files import check_writable_folder, write_bytes_atomic
 from parity_tests.api import DONE, IMAGE, LAYER, START, TRACED, ParityEvent, run_parity, suggest_map
 from parity_tests.errors import ParityInputError
+from parity_tests.gradients import OPTIMIZERS
 from parity_tests.inputs import Crop
 from parity_tests.report import render_table
 from parity_tests.report_page import ReportError, check_target, write_report
@@ -127,6 +128,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="time the --shrink search may take, for all failing images together (default 60)",
     )
+    training = p.add_argument_group("training parity (with --reference official)")
+    training.add_argument(
+        "--gradients",
+        action="store_true",
+        help="also compare the backward pass: the gradient of Keras 2.2's binary cross-entropy against a mask with "
+        "respect to every weight array, the image and each layer's input, walking back from the loss; the first "
+        "layer whose backward pass parts ways is named",
+    )
+    training.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also run K optimiser steps on both sides from the "
+        "same weights and batch (the original's constraints after each) and compare every array after each step",
+    )
+    training.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default="adam", help="Keras 2's Adam or SGD (default adam)"
+    )
+    training.add_argument("--lr", type=float, metavar="LR", help="learning rate (default Keras': adam 1e-3, sgd 0.01)")
+    training.add_argument(
+        "--train-mode", action="store_true", help="bnorm on the batch's statistics, as Keras' fit runs it"
+    )
+    training.add_argument(
+        "--mask",
+        type=Path,
+        metavar="FILE",
+        help="the loss's target: an image whose nonzero pixels are forged, of the "
+        "compared (cropped) size (default: a random mask, --mask-seed)",
+    )
+    training.add_argument("--mask-seed", type=int, default=0, metavar="N", help="seed of the default random mask")
     p.set_defaults(run=run)
 
 
@@ -259,6 +291,13 @@ def run(args: argparse.Namespace) -> int:
             progress=events,
             shrink=args.shrink,
             shrink_budget=args.shrink_budget,
+            gradients=args.gradients,
+            train_steps=args.train_steps,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            train_mode=args.train_mode,
+            mask=args.mask,
+            mask_seed=args.mask_seed,
         )
     except (ParityInputError, ReportError, ConversionError) as e:
         raise CommandError(str(e), BAD_INPUT) from None

@@ -160,3 +160,78 @@ def automatic_tile(
 ) -> int | None:
     """None when the whole image fits in the available memory, else the largest tile that does."""
     return tile_for_memory(model, height, width, int(AVAILABLE_FRACTION * available_memory(device)), precision)
+
+
+# Training: what the backward pass needs kept. Per layer of the feature extractor, autograd keeps the padded input
+# of each convolution (for its weight gradient) and the ReLU's output; the detector keeps its float64 window sums.
+# Calibrated against peak resident memory of real training steps (tests/test_train_memory.py, within 35%).
+TRAINING_SLACK = 1.25  # measured peak over modelled tensor bytes, with headroom
+TRAINING_OVERHEAD = 500 * 2**20  # interpreter, torch, the data pipeline and oneDNN's kernels for the step's shapes
+
+
+@dataclass(frozen=True)
+class TrainingCosts:
+    """Bytes per pixel of one image that a training step keeps at its peak, by part."""
+
+    featex: int  # activations kept for the backward pass (all of them, or the block inputs when checkpointed)
+    detector: int
+    params: int  # the weights, their gradients and the optimiser's two moments, bytes in all
+
+
+def training_costs(
+    model: nn.Module, precision: str = "fp32", checkpointed: bool = False, featex_trained: bool = True
+) -> TrainingCosts:
+    """Modelled per-pixel costs of a training step of ``model`` (see ``training_bytes``)."""
+    width = BFLOAT16_BYTES if precision == "bf16" else FLOAT32_BYTES
+    layers = []
+    for module in model.featex.children():
+        weight = getattr(module, "weight", None)
+        cin = weight.shape[1] if weight is not None else 3  # b1c1 (combined kernels) reads the image
+        cout = weight.shape[0] if weight is not None else module.kernel.shape[0]
+        layers.append((cin, cout))
+    if not featex_trained:  # nothing kept: the largest layer's input and output alive at once
+        featex = max(cin + cout for cin, cout in layers) * width
+    elif checkpointed:  # each layer's input kept, one layer's activations recomputed at a time
+        featex = sum(cout for _, cout in layers) * width + max(2 * (cin + cout) for cin, cout in layers) * width
+    else:
+        featex = sum(cin + cout for cin, cout in layers) * width
+    features = model.detector.outlier_trans.in_channels
+    channels = model.detector.bnorm.moving_mean.numel()
+    steps = model.config.time_steps
+    gates = 4 * max((getattr(m, "hidden", 0) for m in model.detector.children()), default=8)
+    # the float32 features, outlierTrans and bnorm outputs, x and its float64 copy, the float64 integral image
+    # and one window's sums, the T steps, their gradient, the recurrent layer's gates and states per step
+    detector = (features + 2 * channels) * FLOAT32_BYTES + 3 * channels * 8 + 2 * steps * channels * FLOAT32_BYTES
+    detector += steps * 3 * gates * FLOAT32_BYTES
+    params = sum(p.numel() for p in model.parameters()) * FLOAT32_BYTES * 4
+    return TrainingCosts(featex=featex, detector=detector, params=params)
+
+
+def training_bytes(
+    model: nn.Module,
+    crop: int,
+    batch: int,
+    precision: str = "fp32",
+    checkpointed: bool = False,
+    featex_trained: bool = True,
+    overhead: int = TRAINING_OVERHEAD,
+) -> int:
+    """Modelled peak memory of one training step on ``batch`` crops of ``crop`` x ``crop`` pixels."""
+    costs = training_costs(model, precision, checkpointed, featex_trained)
+    pixels = batch * crop * crop
+    return overhead + costs.params + int(TRAINING_SLACK * (costs.featex + costs.detector) * pixels)
+
+
+def training_fit(
+    model: nn.Module, crop: int, batch: int, budget: int, precision: str = "fp32", featex_trained: bool = True
+) -> tuple[int, int]:
+    """The largest (crop, batch) under ``budget`` bytes, with activation checkpointing when it needs it: first
+    the batch at ``crop`` (down to 1), then the crop at batch 1 (in steps of 8 pixels). (0, 0) when none fits."""
+    checkpointed = featex_trained
+    for b in range(batch, 0, -1):
+        if training_bytes(model, crop, b, precision, checkpointed, featex_trained) <= budget:
+            return crop, b
+    for c in range(crop - crop % 8, 7, -8):
+        if training_bytes(model, c, 1, precision, checkpointed, featex_trained) <= budget:
+            return c, 1
+    return 0, 0

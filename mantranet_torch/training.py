@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .layers import KERAS_EPSILON, bayar_constraint
 from .model import ManTraNet
@@ -39,6 +40,26 @@ FIRST5_LAYERS = ("b1c1", "b1c2", "b2c1", "b2c2")
 # the learning rate, so the two differ most in the first steps and wherever v is small.
 KERAS_ADAM_LR = 1e-3
 KERAS_ADAM_BETAS = (0.9, 0.999)
+
+
+def keras_binary_crossentropy(prediction: Tensor, target: Tensor) -> Tensor:
+    """Keras 2.2's ``binary_crossentropy`` on probabilities, averaged over every element, as ``fit`` averages it.
+
+    Keras 2.2 (TensorFlow backend) clips the prediction to ``[KERAS_EPSILON, 1 - KERAS_EPSILON]``, turns it back
+    into a logit ``log(p / (1 - p))`` and takes ``sigmoid_cross_entropy_with_logits`` of that; the gradient is
+    zero where the clip is active. For training from logits, ``binary_cross_entropy_with_logits(model.logits(x))``
+    is the same loss without the clip; never give that function ``model(x)`` (a second sigmoid).
+
+    Args:
+        prediction: probabilities (``model(x)``), any shape.
+        target: the mask, same shape, in [0, 1].
+
+    Returns:
+        The mean loss, a 0-d tensor.
+    """
+    p = prediction.clamp(KERAS_EPSILON, 1 - KERAS_EPSILON)
+    logits = torch.log(p / (1 - p))
+    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
 
 
 def unit_norm(kernel: Tensor, dim: int = 1) -> Tensor:

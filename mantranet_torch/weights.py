@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from .config import ManTraNetConfig
+from .config import GRU, LSTM, ManTraNetConfig
 from .files import file_problem, listing, one_paragraph, os_reason
 from .model import ManTraNet
 
@@ -40,6 +40,7 @@ MODEL_PARTS = ("featex", "detector")
 HDF5, PYTORCH, SAFETENSORS = "HDF5", "PyTorch checkpoint", "safetensors"  # what ``sniff`` tells apart
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0, or 512, 1024, 2048, ... after a user block
 ZIP_MAGIC, PICKLE_PROTOCOL_2 = b"PK\x03\x04", b"\x80\x02"  # torch.save's zip archive, and its legacy format
+RECURRENT_MODULES = {LSTM: "detector.clstm.", GRU: "detector.cgru."}  # state-dict prefix, by config.recurrent
 # A BatchNorm variance (ours, or a Keras dataset path): negative values are refused, no data gives them
 VARIANCE_KEY = re.compile(r"(^|[./])moving_variance(:\d+)?$")
 # torch.load's text around the reason it refused a file: the same for every file, so left out of ours
@@ -338,7 +339,10 @@ def model_from_state_dict(state: dict[str, Tensor], config: ManTraNetConfig, sou
         if k in shapes and tuple(v.shape) != shapes[k]
     ]
     if problems:
-        raise WeightFileError(f"{source}: does not fit ManTraNet {config.to_dict()}: {listing(problems)}")
+        raise WeightFileError(
+            f"{source}: does not fit ManTraNet {config.to_dict()}: {_recurrent_mismatch(state, config)}"
+            f"{listing(problems)}"
+        )
     model = ManTraNet(config)
     try:
         model.load_state_dict(state, strict=True)
@@ -350,6 +354,18 @@ def model_from_state_dict(state: dict[str, Tensor], config: ManTraNetConfig, sou
             WeightCastWarning(f"{source}: weights stored as {', '.join(cast)}, cast to float32"), stacklevel=2
         )
     return model.eval()
+
+
+def _recurrent_mismatch(state: Mapping[str, Tensor], config: ManTraNetConfig) -> str:
+    """Why a state dict of the other detector variant misfits, to say first, where that is the case; else ''."""
+    held = [kind for kind, prefix in RECURRENT_MODULES.items() if any(k.startswith(prefix) for k in state)]
+    if len(held) != 1 or held[0] == config.recurrent:
+        return ""
+    theirs, ours = RECURRENT_MODULES[held[0]].rstrip("."), RECURRENT_MODULES[config.recurrent].rstrip(".")
+    return (
+        f"its recurrent layer is {theirs} (recurrent={held[0]!r}), the config's {ours} "
+        f"(recurrent={config.recurrent!r}); "
+    )
 
 
 def _dumps(obj: object) -> str:

@@ -45,6 +45,7 @@ from .environment import (
     versions,
 )
 from .errors import ParityInputError
+from .gradients import OPTIMIZERS, GradientReport, compare_gradients, gradient_sides, random_mask
 from .inputs import Crop, ImageInput, InputImage, check_memory, host_memory, read_inputs
 from .report import Attributed, ImageParity, ParityRun
 from .runner import Reference, Side, compare_layers
@@ -164,6 +165,13 @@ def run_parity(
     progress: ProgressCallback | None = None,
     shrink: str | Path | None = None,
     shrink_budget: float = 60.0,
+    gradients: bool = False,
+    train_steps: int = 0,
+    optimizer: str = "adam",
+    lr: float | None = None,
+    train_mode: bool = False,
+    mask: str | Path | np.ndarray | None = None,
+    mask_seed: int = 0,
 ) -> ParityRun:
     """Compare the PyTorch model with the TensorFlow reference layer by layer on ``images``.
 
@@ -195,6 +203,17 @@ def run_parity(
             crop, then the simplest pixel content, that still fails at the same first divergent layer is saved
             there as PNG with the command line that reproduces it (``shrink.py``; listed in ``ParityRun.shrunk``).
         shrink_budget: seconds for shrinking, in all.
+        gradients: also compare the backward pass of Keras 2.2's binary cross-entropy against ``mask`` with the
+            original code's (``reference="official"``): every weight array's gradient, the image's and each layer
+            input's, from the loss back (``gradients.py``); each image's ``ImageParity.gradients`` holds it and
+            ``ParityRun.first_divergent_gradient`` names the first row over tolerance.
+        train_steps: K optimiser steps on both sides, the original's constraints after each, every array compared
+            after each step (``ParityRun.first_divergent_step``).
+        optimizer: "adam" or "sgd", as Keras 2 defines them.
+        lr: the learning rate (default Keras': 1e-3 for Adam, 0.01 for SGD).
+        train_mode: bnorm on the batch's statistics, as Keras' ``fit`` runs it.
+        mask: the loss's target: an image file (nonzero pixels forged) or an H x W array, of the compared size.
+        mask_seed: the seed of the random mask used when ``mask`` is None.
 
     Returns:
         The ``ParityRun`` (``passed``, ``first_divergent_layer``, per-image reports, ``to_json()``); a run that
@@ -217,8 +236,10 @@ def run_parity(
     inputs = read_inputs(list(images), crop)
     if check_available_memory:
         check_memory(inputs, host_memory())
+    training = TrainingChoice.check(gradients, train_steps, optimizer, lr, mask)
     paths = [Path(p) for p in torch_weights] if torch_weights else None
     sides = build_sides(Path(weights), choice, variant, paths, candidate, layer_map)
+    backward = None if training is None else gradient_sides(sides)
 
     run = new_run(weights, choice, sides, tolerance, modes)
     notify = progress or (lambda event: None)
@@ -227,6 +248,8 @@ def run_parity(
     with torch_thread_count(torch_threads()):
         for index, image in enumerate(inputs, start=1):
             run.images.append(comparison(image, index, events=True))
+            if backward is not None:
+                run.images[-1].gradients = training.compare(backward, image, mask, mask_seed, train_mode)
         if shrink is not None and not run.passed:
             command = _command_line(weights, choice, torch_weights, candidate, layer_map, variant, modes, atol, rtol)
             deadline = time.monotonic() + shrink_budget
@@ -235,6 +258,73 @@ def run_parity(
                     found = _shrink_one(image, result, comparison, Path(shrink), command, deadline - time.monotonic())
                     run.shrunk.append(found)
     return run
+
+
+@dataclass(frozen=True)
+class TrainingChoice:
+    """What ``--gradients`` / ``--train-steps`` compare, checked before any work."""
+
+    steps: int
+    optimizer: str
+    lr: float | None
+
+    @classmethod
+    def check(cls, gradients: bool, steps: int, optimizer: str, lr: float | None, mask: Any) -> TrainingChoice | None:
+        if not gradients and not steps:
+            return None
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ParityInputError(f"--train-steps {steps}: must be a whole number >= 0")
+        if optimizer not in OPTIMIZERS:
+            raise ParityInputError(f"--optimizer {optimizer}: expected one of {', '.join(OPTIMIZERS)}")
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise ParityInputError(f"--lr {lr}: must be a finite number > 0")
+        if isinstance(mask, (str, Path)) and not Path(mask).is_file():
+            raise ParityInputError(f"--mask {mask}: no such file")
+        return cls(steps, optimizer, lr)
+
+    def compare(self, backward: tuple, image: InputImage, mask: Any, seed: int, train_mode: bool) -> GradientReport:
+        reference, exact, compared, compared64 = backward
+        x = scale_pixels(torch.from_numpy(image.pixels)).numpy()[None]
+        target = read_mask(mask, image, seed)
+        return compare_gradients(
+            reference,
+            compared,
+            x,
+            target,
+            exact=exact,
+            candidate_exact=compared64,
+            training=train_mode,
+            steps=self.steps,
+            optimizer=self.optimizer,
+            lr=self.lr,
+        )
+
+
+def read_mask(mask: str | Path | np.ndarray | None, image: InputImage, seed: int) -> np.ndarray:
+    """The 1 x H x W x 1 float32 target for ``image``: ``mask``'s nonzero pixels (a file or an array, of the image's
+    size), or a random mask seeded by ``seed``.
+
+    Raises:
+        ParityInputError: the mask cannot be read or its size is not the image's.
+    """
+    height, width = image.pixels.shape[:2]
+    if mask is None:
+        return random_mask((1, height, width, 1), seed)
+    if isinstance(mask, (str, Path)):
+        try:
+            with Image.open(mask) as opened:
+                values = np.asarray(opened.convert("L"))
+        except (OSError, ValueError) as e:
+            raise ParityInputError(f"--mask {mask}: cannot read it as an image ({e})") from None
+    else:
+        values = np.asarray(mask)
+    values = values.reshape(values.shape[:2]) if values.ndim == 3 and values.shape[2] == 1 else values
+    if values.shape != (height, width):
+        raise ParityInputError(
+            f"--mask {mask if isinstance(mask, (str, Path)) else 'array'}: {values.shape[1::-1]} pixels, but "
+            f"{image.name} is compared at {width} x {height} (give the mask of the same crop)"
+        )
+    return (values != 0).astype(np.float32)[None, :, :, None]
 
 
 def new_run(

@@ -168,7 +168,7 @@ class Oracle:
         return 1.0 / (1.0 + np.exp(-z))
 
     def stages(self, x: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
-        """Every named layer's output in network order (the names of ``mantranet_torch.LAYERS``), NHWC."""
+        """Every named layer's output in network order (the names of ``mantranet_torch.model.layer_names``), NHWC."""
         x = np.asarray(x, dtype=np.float64)
         x = self.b1c1(x)
         yield "b1c1", x

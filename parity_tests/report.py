@@ -63,10 +63,11 @@ class ImageParity:
     pixels: np.ndarray | None = field(
         default=None, repr=False
     )  # the input (uint8 H x W x 3) for heat maps; not in JSON
+    gradients: Any = None  # gradients.GradientReport, with --gradients / --train-steps
 
     @property
     def passed(self) -> bool:
-        return self.report.passed
+        return self.report.passed and (self.gradients is None or self.gradients.passed)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +79,8 @@ class ImageParity:
             "attribution": vars(self.attributed),
             "seconds": round(self.seconds, 3),
             **self.report.to_dict(),  # passed, first_divergent_layer, first_divergent, layers, ...
+            "passed": self.passed,
+            "gradients": None if self.gradients is None else self.gradients.to_dict(),
         }
 
 
@@ -105,6 +108,21 @@ class ParityRun:
     def first_divergent_layer(self) -> str | None:
         return self.first_divergent()
 
+    @property
+    def first_divergent_gradient(self) -> dict[str, Any] | None:
+        """The first image's first backward row over tolerance (``gradients.GradientReport``), with the image."""
+        for image in self.images:
+            if image.gradients is not None and image.gradients.first_divergent_gradient is not None:
+                return {"image": image.name, **image.gradients.first_divergent_gradient}
+        return None
+
+    @property
+    def first_divergent_step(self) -> dict[str, Any] | None:
+        for image in self.images:
+            if image.gradients is not None and image.gradients.first_divergent_step is not None:
+                return {"image": image.name, **image.gradients.first_divergent_step}
+        return None
+
     def failing_images(self) -> list[str]:
         return [image.name for image in self.images if not image.passed]
 
@@ -127,6 +145,8 @@ class ParityRun:
             "passed": self.passed,
             "first_divergent_layer": self.first_divergent_layer,
             "first_divergent": {mode: self.first_divergent(mode) for mode in self.modes},
+            "first_divergent_gradient": self.first_divergent_gradient,
+            "first_divergent_step": self.first_divergent_step,
             "failing_images": self.failing_images(),
             "modes": self.modes,
             "layers": self.layer_summaries(),
@@ -342,7 +362,16 @@ def verdict(run: ParityRun) -> str:
     if run.passed:
         compared = f"all {len(LAYERS)} layers" if not unmapped else f"all {len(LAYERS) - len(unmapped)} compared layers"
         line = f"PASSED: {compared} within tolerance on {count} ({modes} mode{'s' * (len(run.modes) > 1)})"
+        backward = [image.gradients for image in run.images if image.gradients is not None]
+        if backward:
+            steps = len(backward[0].steps)
+            line += "; gradients" + (f" and {steps} optimiser step{'s' * (steps > 1)}" if steps else "") + " too"
         return line + (f"; unmapped, not compared: {', '.join(unmapped)}" if unmapped else "")
+    backward = run.first_divergent_gradient or run.first_divergent_step
+    if run.first_divergent_layer is None and backward is not None:
+        where = [f"{k} {v}" for k, v in backward.items()]
+        kind = "gradient" if run.first_divergent_gradient else "optimiser step"
+        return f"FAILED: forward pass within tolerance; first divergent {kind}: {', '.join(where)}"
     if run.first_divergent_layer is None:
         return f"FAILED: no layer compared on {count}: every layer is unmapped in the modes run ({modes})"
     per_mode = ", ".join(f"{mode}: {run.first_divergent(mode) or 'none'}" for mode in run.modes)
@@ -365,6 +394,9 @@ def render_table(run: ParityRun) -> str:
         "channel (and time step) of the largest difference. ok*: some elements are over tolerance against the "
         "reference but within it of the float64 value: the reference drifted there, not PyTorch"
     )
+    from .gradients import render_gradients
+
     label = "official" if run.reference.get("kind") == "official" else "ref"
     blocks = [image_table(image, label) for image in run.images]
+    blocks += [f"{image.name}: {render_gradients(image.gradients, label)}" for image in run.images if image.gradients]
     return "\n\n".join([*blocks, legend, verdict(run)])

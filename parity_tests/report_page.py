@@ -301,6 +301,16 @@ def _image_section(index: int, image: ImageParity, files: dict[str, bytes]) -> s
                     "floor); the red mark on the bar is the tolerance.</figcaption></figure>"
                 )
     parts.append(f"<div class='scroll'>{_image_table(image)}</div>")
+    if image.gradients is not None:
+        from .gradients import render_gradients
+
+        parts.append(
+            "<h3>Gradients and optimiser steps</h3><p>Each row: a layer's backward pass, walking back from the loss; "
+            "columns f64, local, f32: max |torch - reference| over the gradient's scale in the float64 builds, the "
+            "layer alone at the reference's inputs (float32), and float32 as in use (reported); see the training "
+            "parity guide.</p>"
+        )
+        parts.append(f"<div class='scroll'><pre>{_e(render_gradients(image.gradients, 'official'))}</pre></div>")
     return "\n".join(parts)
 
 

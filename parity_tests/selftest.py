@@ -24,8 +24,14 @@ from pathlib import Path
 
 # The property-based parity suite: layers and the whole model against the reference and float64, the engine.
 # test_parity_cmd.py, test_api.py and test_official.py test the commands and files around it, and run in CI.
-QUICK = ("test_layer_parity.py", "test_end_to_end.py", "test_engine.py", "test_float64_attribution.py")
-THOROUGH = (*QUICK, "test_reference.py", "test_mutations.py", "test_gru_parity.py")
+QUICK = (
+    "test_layer_parity.py",
+    "test_end_to_end.py",
+    "test_engine.py",
+    "test_float64_attribution.py",
+    "test_gradient_properties.py",  # the backward pass of each custom piece
+)
+THOROUGH = (*QUICK, "test_reference.py", "test_mutations.py", "test_gru_parity.py", "test_gradients.py")
 PROFILES = {False: "ci", True: "explore"}  # parity_tests/profiles.py: derandomized / many more examples
 REQUIRED = {"tensorflow": "tensorflow", "tf_keras": "tf_keras", "pytest": "pytest", "hypothesis": "hypothesis"}
 INSTALL_HINT = "pip install 'mantranet-torch[reference]'"

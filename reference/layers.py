@@ -18,6 +18,7 @@ MIN_STD_VALUE = 1e-5  # GlobalStd2D(min_std_val=1e-5) ...
 STD_FLOOR = MIN_STD_VALUE / 10.0  # ... whose clamp is max(std, min_std_val / 10 + min_std)
 HARD_SIGMOID_SLOPE = 0.2  # Keras 2: clip(0.2 x + 0.5, 0, 1); Keras 3's 'hard_sigmoid' is x / 6 + 0.5
 HARD_SIGMOID_OFFSET = 0.5
+KERAS_EPSILON = 1e-7  # keras.backend.epsilon(): the clip of Keras 2's binary cross-entropy
 SRM_KERNEL_SIZE = 5
 LSTM_FILTERS = 8
 LSTM_KERNEL = 7
@@ -28,6 +29,19 @@ Activation = Callable[[tf.Tensor], tf.Tensor]
 def hard_sigmoid_keras2(x: tf.Tensor) -> tf.Tensor:
     """Keras 2's hard sigmoid, ``clip(0.2 x + 0.5, 0, 1)``: the official cLSTM's recurrent activation."""
     return tf.clip_by_value(HARD_SIGMOID_SLOPE * x + HARD_SIGMOID_OFFSET, 0.0, 1.0)
+
+
+def keras_binary_crossentropy(prediction: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+    """Keras 2.2's ``binary_crossentropy`` (TensorFlow backend) on probabilities, averaged over every element.
+
+    The prediction is clipped to ``[epsilon, 1 - epsilon]``, turned back into a logit ``log(p / (1 - p))``, and
+    given to ``sigmoid_cross_entropy_with_logits``. (tf_keras instead reads the logits off a sigmoid op when it
+    can see one, which Keras 2.2 never did.)
+    """
+    epsilon = tf.constant(KERAS_EPSILON, prediction.dtype)
+    p = tf.clip_by_value(prediction, epsilon, 1 - epsilon)
+    logits = tf.math.log(p / (1 - p))
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(target, p.dtype), logits=logits))
 
 
 def symmetric_indices(size: int, pad: int) -> np.ndarray:

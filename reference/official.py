@@ -8,11 +8,12 @@ What it takes to run it here is this compatibility layer:
 - its Keras 2.2 import paths (``keras.layers.convolutional._Conv``, ``keras.legacy.interfaces``,
   ``keras.engine.InputSpec``, ``keras.backend``, ...) resolve to their ``tf_keras`` equivalents, for that file
   alone (its own ``__import__``; nothing is put in ``sys.modules``, so Keras 3 stays importable beside it);
-- two TensorFlow 1 graph behaviours are restored on its ``CombinedConv2D`` (b1c1): the SRM kernel stays an
+- three TensorFlow 1 graph behaviours are restored: on its ``CombinedConv2D`` (b1c1), the SRM kernel stays an
   untracked constant (TF1 never saved it; eager TF2 would track it as a 27th weight and ``load_weights`` fails
   with "expects 27 weights, saved 26"), and the combined kernel is rebuilt from the layer's weights at each call
   (TF1 rebuilt it in the graph; eager TF2 keeps the concatenation of the initial weights, so loaded weights would
-  be ignored).
+  be ignored); its ``BayarConstraint`` is given the updated value as a tensor, as Keras 2.2's optimisers gave
+  it (tf_keras' give the variable, on which its ``w *= ...`` fails).
 
 ``OfficialModel`` then builds the release's model with the official ``create_model``, loads the official-layout
 weight file with Keras' own ``load_weights``, and taps the 21 named layers (Featex's output is its L2 layer).
@@ -155,6 +156,21 @@ def _restore_tf1_graph_behaviours(module: types.ModuleType) -> None:
     layer_class._build_SRM_kernel = srm_kernel_constant
     layer_class.call = call_with_current_kernel
 
+    constraint_class = module.BayarConstraint
+    official_constrain = constraint_class.__call__
+
+    def constrain_value(self: Any, w: Any) -> tf.Tensor:
+        # Keras 2.2's optimisers gave a constraint the updated value (a graph tensor), which its in-place
+        # arithmetic then rebinds; tf_keras gives the variable itself, which refuses `*=`. Its mask, made in
+        # float32, follows the weight's dtype (a float64 build).
+        w = tf.convert_to_tensor(w)
+        if self.mask is None:
+            self._initialize_mask(w)
+        self.mask = tf.cast(self.mask, w.dtype)
+        return official_constrain(self, w)
+
+    constraint_class.__call__ = constrain_value
+
 
 def load_official_code(code: CodeCopy) -> types.ModuleType:
     """The official ``modelCore.py`` executed as it is, its Keras 2 imports resolved under tf_keras, with the two
@@ -194,7 +210,7 @@ def official_arguments(variant: int) -> tuple[int, list[int]]:
 
 
 @contextlib.contextmanager
-def _floatx(dtype: str) -> Iterator[None]:
+def keras_floatx(dtype: str) -> Iterator[None]:
     import tf_keras
 
     previous = tf_keras.backend.floatx()
@@ -277,7 +293,7 @@ class OfficialModel:
         featex_type, windows = official_arguments(self.variant)
         import tf_keras
 
-        with _floatx(dtype), _quiet():
+        with keras_floatx(dtype), _quiet():
             try:
                 self.model = module.create_model(featex_type, False, windows)
                 if weights_of is not None:
@@ -333,12 +349,29 @@ class OfficialModel:
 
     def layer(self, name: str, *inputs: np.ndarray) -> np.ndarray:
         """One named layer of the official model on its own inputs (NHWC; those of ``runner.LAYER_INPUTS``)."""
+        return self.call_layer(name, *(tf.constant(np.asarray(a, dtype=self.dtype)) for a in inputs)).numpy()
+
+    def call_layer(self, name: str, *inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """One named layer of the official model called on tensors (what a ``tf.GradientTape`` records).
+
+        ``training``: bnorm on the batch's statistics, its moving averages updated (as in ``fit``).
+        """
         if name not in self._layers:
             raise KeyError(f"no layer named {name!r}")
-        args = [tf.constant(np.asarray(a, dtype=self.dtype)) for a in inputs]
         if name == "divStd":
-            deviations, sigma = args
-            return self._layers[name]([deviations, self._layers[EXPAND_TIME](sigma)]).numpy()
+            deviations, sigma = inputs
+            return self._layers[name]([deviations, self._layers[EXPAND_TIME](sigma)])
         if name == "bnorm":
-            return self._layers[name](args[0], training=False).numpy()
-        return self._layers[name](*args).numpy()
+            return self._layers[name](inputs[0], training=training)
+        return self._layers[name](*inputs)
+
+    def variables(self) -> dict[str, tf.Variable]:
+        """Each of the file's Keras arrays (``arrays``' paths) to the official model's variable that holds it."""
+        found = {}
+        for path in self.arrays:
+            layer, weight = path.split("/")[1], path.rsplit("/", 1)[1]
+            matches = [v for v in self._layers[layer].weights if v.name.rsplit("/", 1)[-1] == weight]
+            if len(matches) != 1:
+                raise OfficialCodeError(f"{self.code.path}: layer {layer} has no single weight named {weight}")
+            found[path] = matches[0]
+        return found

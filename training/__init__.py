@@ -1,9 +1,12 @@
-"""Training ManTraNet: the data it learns from.
+"""Training ManTraNet: the data it learns from, and the engine that trains it.
 
 ``training.synthetic``: forgeries made on demand from authentic photographs (copy-move, splice, removal,
 enhancement; polygon, Bezier and blob masks), seeded per sample, and ``write_synthetic`` (``mantranet synth``).
 ``training.data``: the PyTorch side: random native-resolution crops of a dataset ``evaluate`` reads, or of
 synthetic forgeries, as a map-style ``Dataset``, with an ``EpochSampler`` that shards and resumes.
+``training.engine``: ``train(TrainConfig) -> TrainingRun`` (``mantranet train``), with ``training.config``,
+``training.checkpoint``, ``training.validate``, ``training.memory``, ``training.distributed`` and
+``training.report``.
 
 Names are imported on first use (``from training import CropDataset``): ``import training`` stays light.
 """
@@ -23,6 +26,10 @@ _EXPORTS = {
     "Recipe": "synthetic",
     "SyntheticForgeries": "synthetic",
     "write_synthetic": "synthetic",
+    "TrainConfig": "config",
+    "TrainError": "config",
+    "TrainingRun": "engine",
+    "train": "engine",
 }
 
 __all__ = sorted(_EXPORTS)
