@@ -103,16 +103,15 @@ def _symmetric_conv2d_image(x: Tensor, weight: Tensor, bias: Tensor | None, relu
     h, w = x.shape[-2:]
     if pad == 0 or min(h, w) <= 4 * pad:  # small inputs: the strips would cover most of the image
         return _plain_conv2d(symmetric_pad(x, pad), weight, bias, relu)
-    # ReLU inside the convolutions only where they are fused (inference); with autograd on, after the edges are
-    # written: a ReLU's output that the edge writes then modified in place could not be differentiated
-    fused = relu and fused_dtype(x) is not None
-    out = conv2d(x, weight, bias, pad, fused)
+    # Fused: ReLU inside each convolution. Otherwise once at the end: autograd keeps ReLU's output, unwritten after.
+    fuse = relu and _fused_relu_dtype(x, weight) is not None
+    out = conv2d(x, weight, bias, pad, fuse)
     strip = 2 * pad  # the rows an edge output row reads, once the padding is mirrored in
-    out[..., :pad, :] = _plain_conv2d(symmetric_pad(x[..., :strip, :], pad), weight, bias, fused)[..., :pad, :]
-    out[..., -pad:, :] = _plain_conv2d(symmetric_pad(x[..., -strip:, :], pad), weight, bias, fused)[..., -pad:, :]
-    out[..., :, :pad] = _plain_conv2d(symmetric_pad(x[..., :, :strip], pad), weight, bias, fused)[..., :, :pad]
-    out[..., :, -pad:] = _plain_conv2d(symmetric_pad(x[..., :, -strip:], pad), weight, bias, fused)[..., :, -pad:]
-    return F.relu_(out) if relu and not fused else out
+    out[..., :pad, :] = _plain_conv2d(symmetric_pad(x[..., :strip, :], pad), weight, bias, fuse)[..., :pad, :]
+    out[..., -pad:, :] = _plain_conv2d(symmetric_pad(x[..., -strip:, :], pad), weight, bias, fuse)[..., -pad:, :]
+    out[..., :, :pad] = _plain_conv2d(symmetric_pad(x[..., :, :strip], pad), weight, bias, fuse)[..., :, :pad]
+    out[..., :, -pad:] = _plain_conv2d(symmetric_pad(x[..., :, -strip:], pad), weight, bias, fuse)[..., :, -pad:]
+    return F.relu_(out) if relu and not fuse else out
 
 
 def _plain_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
@@ -146,12 +145,20 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int =
     there the two differ by float32 rounding). Under bfloat16 autocast, x, weight and bias are cast as autocast
     casts them.
     """
-    dtype = fused_dtype(x) if relu else None
+    dtype = _fused_relu_dtype(x, weight) if relu else None
     if dtype is None:
         out = F.conv2d(x, weight, bias, padding=padding)
         return F.relu_(out) if relu else out
     x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [padding, padding], _ONES, _ONES, 1, "relu", [], "")
+
+
+def _fused_relu_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """``fused_dtype(x)``, but None for mixed dtypes outside autocast: F.conv2d's own error, not a silent cast."""
+    dtype = fused_dtype(x)
+    if dtype is not None and not torch.is_autocast_enabled("cpu") and weight.dtype != x.dtype:
+        return None
+    return dtype
 
 
 _ONES = [1, 1]  # stride and dilation of every convolution here
