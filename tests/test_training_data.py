@@ -299,12 +299,14 @@ def test_a_corrupt_image_and_a_wrong_size_mask_are_skipped_and_named(dataset, ph
     whole = (photos / "photo0.png").read_bytes()
     broken.write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels do not
     Image.new("L", (50, 40)).save(tmp_path / "small_mask.png")
+    again = tmp_path / "photo2_again.png"  # another file: a manifest lists each image once
+    again.write_bytes((photos / "photo2.png").read_bytes())
     with dataset.open("a") as f:
-        f.write(f"{broken},,0\n{photos / 'photo2.png'},small_mask.png,1\n")
+        f.write(f"{broken},,0\n{again},small_mask.png,1\n")
     data = CropDataset(dataset, crop=32, seed=0)
     skips = Skips.of(data)  # the wrong size is seen from the headers when the dataset opens
     assert skips.lines() == [
-        f"{photos / 'photo2.png'}: {tmp_path / 'small_mask.png'}: the mask is 50 x 40 but its image is 200 x 140 "
+        f"{again}: {tmp_path / 'small_mask.png'}: the mask is 50 x 40 but its image is 200 x 140 "
         "(width x height); resize_masks (--resize-masks) resizes masks by nearest neighbour"
     ]
     assert len(data) == 5
