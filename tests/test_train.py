@@ -386,7 +386,8 @@ print(peak - before, (costs.featex + costs.detector) * batch * crop * crop)
 def test_training_memory_model_against_measured_peaks(checkpointed) -> None:
     """The modelled activation bytes of a step against the peak resident memory it adds (VmHWM, reset before the
     step, in a fresh process): never below what is measured once TRAINING_SLACK is applied, and at most 1.6x it.
-    Measured on the development machine: the step adds 1.38x the unslacked model (96 px crops, batch 2, activations kept)."""
+    Measured on the development machine: the step adds 1.38x the unslacked model (96 px crops, batch 2,
+    activations kept)."""
     from mantranet_torch.memory import TRAINING_SLACK
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
