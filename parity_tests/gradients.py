@@ -457,20 +457,11 @@ STEP64_GROWTH = 10.0
 STEP64_STATISTICS_SCALE_ATOL = 1e-7
 
 
-@dataclass
-class GradientRow:
-    """One layer's backward pass (or the loss's): its input and weight gradients compared, per mode.
+class _Judged:
+    """What a gradient row and an optimiser step share: entries per mode, some modes judged."""
 
-    ``float64``: both sides rebuilt in float64, each on its own forward and backward values (cumulative, as in
-    use): judged. ``local``: float32, each side's backward pass of this layer alone at the reference's own
-    inputs and output gradient, so its error is the layer's own (arbitrated by the reference's float64 build
-    at those inputs): judged. ``float32``: float32 cumulative, as a float32 training step sees it: reported with
-    each side's distance from float64; judged only when no float64 build is given.
-    """
-
-    layer: str
-    modes: dict[str, list[Entry]] = field(default_factory=dict)
-    judged: tuple[str, ...] = (FLOAT64, LOCAL_F32)
+    modes: dict[str, list[Entry]]
+    judged: tuple[str, ...]
 
     @property
     def passed(self) -> bool:
@@ -484,6 +475,22 @@ class GradientRow:
                     return mode, entry.name
         return None
 
+
+@dataclass
+class GradientRow(_Judged):
+    """One layer's backward pass (or the loss's): its input and weight gradients compared, per mode.
+
+    ``float64``: both sides rebuilt in float64, each on its own forward and backward values (cumulative, as in
+    use): judged. ``local``: float32, each side's backward pass of this layer alone at the reference's own
+    inputs and output gradient, so its error is the layer's own (arbitrated by the reference's float64 build
+    at those inputs): judged. ``float32``: float32 cumulative, as a float32 training step sees it: reported with
+    each side's distance from float64; judged only when no float64 build is given.
+    """
+
+    layer: str
+    modes: dict[str, list[Entry]] = field(default_factory=dict)
+    judged: tuple[str, ...] = (FLOAT64, LOCAL_F32)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "layer": self.layer,
@@ -494,7 +501,7 @@ class GradientRow:
 
 
 @dataclass
-class StepResult:
+class StepResult(_Judged):
     """Every Keras array after one optimiser step, per mode (``float64`` judged; ``float32`` reported)."""
 
     step: int
@@ -502,17 +509,6 @@ class StepResult:
     torch_loss: float
     modes: dict[str, list[Entry]] = field(default_factory=dict)
     judged: tuple[str, ...] = (FLOAT64,)
-
-    @property
-    def passed(self) -> bool:
-        return all(e.comparison.passed for mode in self.judged for e in self.modes.get(mode, []))
-
-    def failing(self) -> tuple[str, str] | None:
-        for mode in self.judged:
-            for entry in self.modes.get(mode, []):
-                if not entry.comparison.passed:
-                    return mode, entry.name
-        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {
