@@ -268,13 +268,19 @@ class KerasBatchNorm(nn.Module):
         if not self.training:
             inv_std = torch.rsqrt(self.moving_variance + BN_EPSILON)
             return (x - self.moving_mean[:, None, None]) * inv_std[:, None, None]
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        var, mean, count = self.batch_moments(x)
         with torch.no_grad():
-            count = x.numel() // x.shape[1]
             unbiased = var * (count / max(count - 1, 1))
             self.moving_mean.mul_(self.momentum).add_(mean.to(self.moving_mean), alpha=1 - self.momentum)
             self.moving_variance.mul_(self.momentum).add_(unbiased.to(self.moving_variance), alpha=1 - self.momentum)
-        return (x - mean[:, None, None]) * torch.rsqrt(var + BN_EPSILON)[:, None, None]
+        inv_std = torch.rsqrt(var + BN_EPSILON).to(x.dtype)
+        return (x - mean.to(x.dtype)[:, None, None]) * inv_std[:, None, None]
+
+    def batch_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
+        """The training batch's per-channel population variance and mean over N, H, W, and how many values each
+        covers (a distributed subclass gathers them over its process group)."""
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        return var, mean, x.numel() // x.shape[1]
 
     def extra_repr(self) -> str:
         return f"{self.moving_mean.numel()}, momentum={self.momentum}, epsilon={BN_EPSILON}"

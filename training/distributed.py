@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mantranet_torch import ManTraNet
-from mantranet_torch.layers import BN_EPSILON, KerasBatchNorm
+from mantranet_torch.layers import KerasBatchNorm
 
 from .config import TrainConfig, TrainError
 
@@ -25,9 +25,9 @@ from .config import TrainConfig, TrainError
 class SyncKerasBatchNorm(KerasBatchNorm):
     """``KerasBatchNorm`` whose training-mode statistics are those of the batch across the process group."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
-            return super().forward(x)
+    def batch_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().batch_moments(x)
         from torch.distributed.nn.functional import all_reduce  # the all-reduce autograd differentiates through
 
         wide = x.to(torch.float64)
@@ -36,32 +36,27 @@ class SyncKerasBatchNorm(KerasBatchNorm):
         channels, n = x.shape[1], sums[-1]
         mean = sums[:channels] / n
         var = (sums[channels : 2 * channels] / n - mean.square()).clamp_min(0)
-        with torch.no_grad():
-            unbiased = var * (n / (n - 1).clamp_min(1))
-            self.moving_mean.mul_(self.momentum).add_(mean.to(self.moving_mean), alpha=1 - self.momentum)
-            self.moving_variance.mul_(self.momentum).add_(unbiased.to(self.moving_variance), alpha=1 - self.momentum)
-        mean, inv_std = mean.to(x.dtype), torch.rsqrt(var + BN_EPSILON).to(x.dtype)
-        return (x - mean[:, None, None]) * inv_std[:, None, None]
+        return var, mean, int(n.item())
+
+
+def _swap_batch_norm(model: ManTraNet, kind: type[KerasBatchNorm]) -> None:
+    old = model.detector.bnorm
+    if type(old) is kind:
+        return
+    new = kind(old.moving_mean.numel(), old.momentum).to(old.moving_mean.device)
+    new.load_state_dict(old.state_dict())
+    new.train(old.training)
+    model.detector.bnorm = new
 
 
 def sync_batch_norm(model: ManTraNet) -> None:
     """Swap bnorm for ``SyncKerasBatchNorm`` in place (same buffers, same state-dict keys)."""
-    old = model.detector.bnorm
-    new = SyncKerasBatchNorm(old.moving_mean.numel(), old.momentum).to(old.moving_mean.device)
-    new.load_state_dict(old.state_dict())
-    new.train(old.training)
-    model.detector.bnorm = new
+    _swap_batch_norm(model, SyncKerasBatchNorm)
 
 
 def plain_batch_norm(model: ManTraNet) -> None:
     """Back to ``KerasBatchNorm`` (before writing a model others load)."""
-    old = model.detector.bnorm
-    if type(old) is KerasBatchNorm:
-        return
-    new = KerasBatchNorm(old.moving_mean.numel(), old.momentum).to(old.moving_mean.device)
-    new.load_state_dict(old.state_dict())
-    new.train(old.training)
-    model.detector.bnorm = new
+    _swap_batch_norm(model, KerasBatchNorm)
 
 
 def train_ray(config: TrainConfig, progress=None, address: str | None = None):
