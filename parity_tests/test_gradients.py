@@ -284,19 +284,22 @@ def official(weights: WeightStore):
     return w, OfficialGradients(w.official), OfficialGradients(w.official64)
 
 
-def test_gradients_and_adam_steps_pass_against_the_original_code(official) -> None:
+def _against_the_original(official, **options):
+    """Our float32 and float64 models against the original code's, on the test image and a seeded mask."""
     w, ref, ref64 = official
-    x, mask = _image(), random_mask((*SHAPE, 1))
-    report = compare_gradients(
+    return compare_gradients(
         ref,
         TorchGradients(w.model),
-        x,
-        mask,
+        _image(),
+        random_mask((*SHAPE, 1)),
         exact=ref64,
         candidate_exact=TorchGradients(w.model, dtype=torch.float64),
-        training=True,
-        steps=2,
+        **options,
     )
+
+
+def test_gradients_and_adam_steps_pass_against_the_original_code(official) -> None:
+    report = _against_the_original(official, training=True, steps=2)
     assert report.passed, (report.first_divergent_gradient, report.first_divergent_step)
     # float64 builds agree far below their tolerance (measured 3e-14 of scale), float32 local within 1e-5
     assert report.worst(FLOAT64)["ratio"] < 1e-11
@@ -329,17 +332,8 @@ def _official_keras3_backward(official_model) -> Iterator[None]:
 
 
 def test_the_original_code_with_a_wrong_backward_is_named_at_cLSTM(official) -> None:
-    w, ref, ref64 = official
-    x, mask = _image(), random_mask((*SHAPE, 1))
-    with _official_keras3_backward(w.official):
-        report = compare_gradients(
-            ref,
-            TorchGradients(w.model),
-            x,
-            mask,
-            exact=ref64,
-            candidate_exact=TorchGradients(w.model, dtype=torch.float64),
-        )
+    with _official_keras3_backward(official[0].official):
+        report = _against_the_original(official)
     assert report.passed  # PyTorch is within tolerance of the float64 value wherever the reference is not
     drift = report.first_reference_drift
     assert drift is not None and drift["layer"] == "cLSTM" and drift["mode"] == LOCAL_F32, drift
